@@ -1,0 +1,138 @@
+"""Tensors <-> raw little-endian bytes, and validated declarations of what a section will carry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from paramsel.v1 import tensor_pb2
+from paramsel.wire.dtypes import dtype_from_proto, dtype_to_proto, itemsize
+from paramsel.wire.errors import WireError
+
+DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
+# Framing adds a few bytes per chunk; 3 MiB of data keeps every message under gRPC's 4 MiB default.
+MAX_CHUNK_SIZE_BYTES = 3 << 20
+MAX_NAME_LENGTH = 4096
+_MAX_BYTES = (1 << 63) - 1
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name:
+        raise WireError(f"{what}: tensor name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise WireError(f"{what}: tensor name is longer than {MAX_NAME_LENGTH} characters")
+
+
+def _check_shape(shape: tuple[int, ...], what: str) -> int:
+    """numel of a declared shape; negative dimensions and sizes past int64 are refused."""
+    for dim in shape:
+        if dim < 0:
+            raise WireError(f"{what}: negative dimension {dim} in shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel * 8 > _MAX_BYTES:
+        raise WireError(f"{what}: shape {list(shape)} has {numel} elements, which overflows int64 byte counts")
+    return numel
+
+
+@dataclass(frozen=True)
+class DenseDecl:
+    """A declared dense tensor: its data is ``nbytes`` bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def to_proto(self) -> tensor_pb2.TensorSpec:
+        return tensor_pb2.TensorSpec(name=self.name, dtype=dtype_to_proto(self.dtype), shape=list(self.shape))
+
+
+@dataclass(frozen=True)
+class SparseDecl:
+    """A declared sparse COO tensor: ``nnz`` values, then ``positions_nbytes`` bytes of positions."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nnz: int
+    position_encoding: int
+    positions_nbytes: int
+
+    @property
+    def values_nbytes(self) -> int:
+        return self.nnz * itemsize(self.dtype)
+
+    def to_proto(self) -> tensor_pb2.SparseTensorSpec:
+        return tensor_pb2.SparseTensorSpec(
+            name=self.name,
+            dtype=dtype_to_proto(self.dtype),
+            shape=list(self.shape),
+            nnz=self.nnz,
+            position_encoding=tensor_pb2.PositionEncoding.ValueType(self.position_encoding),
+            positions_size_bytes=self.positions_nbytes,
+        )
+
+
+def dense_decl(spec: tensor_pb2.TensorSpec, *, what: str) -> DenseDecl:
+    """Validates a TensorSpec; ``what`` says where it came from, for the error message."""
+    where = f"{what} '{spec.name}'" if spec.name else what
+    _check_name(spec.name, what)
+    dtype = dtype_from_proto(spec.dtype, what=where)
+    shape = tuple(int(d) for d in spec.shape)
+    _check_shape(shape, where)
+    return DenseDecl(spec.name, dtype, shape)
+
+
+def expected_positions_nbytes(encoding: int, nnz: int, ndim: int) -> int:
+    """Bytes the positions of ``nnz`` values take in ``encoding``."""
+    if encoding == tensor_pb2.POSITION_ENCODING_COO_INT64:
+        return nnz * ndim * 8
+    if encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64:
+        return nnz * 8
+    raise WireError(f"unknown position encoding {encoding}")
+
+
+def sparse_decl(spec: tensor_pb2.SparseTensorSpec, *, what: str) -> SparseDecl:
+    """Validates a SparseTensorSpec, including that its byte counts match nnz, dtype and shape."""
+    where = f"{what} '{spec.name}'" if spec.name else what
+    _check_name(spec.name, what)
+    dtype = dtype_from_proto(spec.dtype, what=where)
+    shape = tuple(int(d) for d in spec.shape)
+    _check_shape(shape, where)
+    if spec.nnz < 0:
+        raise WireError(f"{where}: nnz is negative ({spec.nnz})")
+    encoding = spec.position_encoding or tensor_pb2.POSITION_ENCODING_COO_INT64
+    try:
+        expected = expected_positions_nbytes(encoding, spec.nnz, len(shape))
+    except WireError as err:
+        raise WireError(f"{where}: {err}") from None
+    if spec.positions_size_bytes != expected:
+        raise WireError(
+            f"{where}: positions_size_bytes is {spec.positions_size_bytes} but {spec.nnz} positions of a "
+            f"{len(shape)}-d tensor take {expected} bytes in {tensor_pb2.PositionEncoding.Name(encoding)}"
+        )
+    return SparseDecl(spec.name, dtype, shape, int(spec.nnz), encoding, expected)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as little-endian row-major bytes, without a copy when already contiguous."""
+    if tensor.layout != torch.strided:
+        raise WireError(f"{tensor.layout} tensors cannot be sent; call .to_dense() first")
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_from_bytes(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing ``data`` (a 1-D uint8 tensor of exactly the right size)."""
+    if data.numel() == 0:
+        return torch.empty(shape, dtype=dtype)
+    return data.view(dtype).reshape(shape)

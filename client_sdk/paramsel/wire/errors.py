@@ -1,0 +1,9 @@
+"""Errors for frames that do not follow the contract in proto/paramsel/v1."""
+
+
+class WireError(ValueError):
+    """A frame is malformed: the server answers INVALID_ARGUMENT with this message."""
+
+
+class WireLimitError(WireError):
+    """A call declares more than the receiver accepts: the server answers RESOURCE_EXHAUSTED."""

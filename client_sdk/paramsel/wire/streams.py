@@ -1,0 +1,203 @@
+"""Whole streams of frames, both directions: write a call's frames, read them back validated.
+
+A stream is one first frame (``start`` in requests, ``header`` in responses), then layouts and
+manifests, then the chunks of every declared section, each section in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paramsel.v1 import tensor_pb2
+from paramsel.wire.codec import DenseDecl, SparseDecl, dense_decl, sparse_decl, tensor_bytes, tensor_from_bytes
+from paramsel.wire.errors import WireError
+from paramsel.wire.positions import decode_positions, encode_positions
+from paramsel.wire.sections import Inbound, chunk_frames, section_name, spec_batches
+
+
+@dataclass(frozen=True)
+class SparseData:
+    """A received sparse tensor: its declaration, values and flat int64 positions."""
+
+    decl: SparseDecl
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class Received:
+    """Everything one stream carried, decoded."""
+
+    first: Any
+    layout: list[DenseDecl] = field(default_factory=list)
+    dense: dict[int, list[tuple[DenseDecl, torch.Tensor]]] = field(default_factory=dict)
+    sparse: dict[int, list[SparseData]] = field(default_factory=dict)
+
+    def state(self, section: int) -> dict[str, torch.Tensor] | None:
+        """The named tensors of a dense section in declaration order; None when it was not sent."""
+        if section not in self.dense:
+            return None
+        return {decl.name: tensor for decl, tensor in self.dense[section]}
+
+
+class _Names:
+    """Rejects a name declared twice in one section (unless told that names may repeat)."""
+
+    def __init__(self, unique: bool) -> None:
+        self._unique = unique
+        self._seen: dict[str, set[str]] = {}
+
+    def add(self, where: str, name: str) -> None:
+        if not self._unique:
+            return
+        seen = self._seen.setdefault(where, set())
+        if name in seen:
+            raise WireError(f"{where}: tensor '{name}' is declared twice")
+        seen.add(name)
+
+
+def read_frames(
+    frames: Iterable[Any],
+    *,
+    first: str,
+    dense_sections: frozenset[int] = frozenset(),
+    sparse_sections: frozenset[int] = frozenset(),
+    max_bytes: int,
+    unique_names: bool = True,
+) -> Received:
+    """Reads a whole stream whose first frame is the oneof member ``first``."""
+    inbound = Inbound(allowed=dense_sections | sparse_sections, max_bytes=max_bytes)
+    names = _Names(unique_names)
+    received: Received | None = None
+    dense_decls: dict[int, list[tuple[DenseDecl, int]]] = {}
+    sparse_decls: dict[int, list[tuple[SparseDecl, int, int]]] = {}
+    for index, frame in enumerate(frames):
+        kind = frame.WhichOneof("frame")
+        if kind is None:
+            raise WireError(f"frame {index} is empty: none of its 'frame' fields is set")
+        if received is None:
+            if kind != first:
+                raise WireError(f"frame {index} is '{kind}', but the first frame must be '{first}'")
+            received = Received(first=getattr(frame, kind))
+            continue
+        if kind == first:
+            raise WireError(f"frame {index} is a second '{first}'; a stream has exactly one")
+        if kind == "chunk":
+            inbound.feed(frame.chunk)
+            continue
+        if inbound.feeding:
+            raise WireError(f"frame {index} is '{kind}' after the first chunk; declarations must come first")
+        if kind == "layout":
+            for spec in frame.layout.tensors:
+                decl = dense_decl(spec, what="layout")
+                names.add("layout", decl.name)
+                received.layout.append(decl)
+        elif kind == "tensors":
+            section = frame.tensors.section
+            where = section_name(section)
+            if section not in dense_sections:
+                raise WireError(f"tensors manifest: {where} is not accepted here")
+            for spec in frame.tensors.tensors:
+                decl = dense_decl(spec, what=where)
+                names.add(where, decl.name)
+                dense_decls.setdefault(section, []).append((decl, inbound.declare(section, decl.nbytes)))
+        elif kind == "sparse_tensors":
+            section = frame.sparse_tensors.section
+            where = section_name(section)
+            if section not in sparse_sections:
+                raise WireError(f"sparse_tensors manifest: {where} is not accepted here")
+            for spec in frame.sparse_tensors.tensors:
+                sdecl = sparse_decl(spec, what=where)
+                names.add(where, sdecl.name)
+                values = inbound.declare(section, sdecl.values_nbytes)
+                positions = inbound.declare(section, sdecl.positions_nbytes)
+                sparse_decls.setdefault(section, []).append((sdecl, values, positions))
+        else:
+            raise WireError(f"frame {index}: '{kind}' is not accepted in this stream")
+    if received is None:
+        raise WireError(f"the stream is empty; its first frame must be '{first}'")
+    segments = inbound.finish()
+    for section, dense_list in dense_decls.items():
+        received.dense[section] = [
+            (decl, tensor_from_bytes(segments[section][seg], decl.dtype, decl.shape)) for decl, seg in dense_list
+        ]
+    for section, sparse_list in sparse_decls.items():
+        where = section_name(section)
+        received.sparse[section] = [
+            SparseData(
+                decl,
+                tensor_from_bytes(segments[section][v], decl.dtype, (decl.nnz,)),
+                decode_positions(
+                    segments[section][p], decl.nnz, decl.shape, decl.position_encoding, what=f"{where} '{decl.name}'"
+                ),
+            )
+            for decl, v, p in sparse_list
+        ]
+    return received
+
+
+@dataclass(frozen=True)
+class SparseOut:
+    """A sparse tensor to send: flat int64 positions (or, for COO_INT64, (nnz, ndim) coordinates)."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+def write_frames(
+    message: type[Any],
+    first: tuple[str, Any],
+    *,
+    chunk_size: int,
+    layout: Sequence[tuple[str, torch.Tensor]] = (),
+    dense: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]]]] = (),
+    sparse: Sequence[tuple[int, Sequence[SparseOut], int]] = (),
+) -> Iterator[Any]:
+    """The frames of a stream of ``message``: first frame, declarations, then every section's chunks.
+
+    ``dense`` is (section, named tensors); ``sparse`` is (section, tensors, position encoding); a
+    section appears once. Declarations are built now, so that a tensor that cannot be sent raises
+    :class:`WireError` here rather than inside gRPC's request thread; the chunks are cut lazily.
+    Manifests are split so that no frame carries more than about ``chunk_size`` bytes.
+    """
+    frames = [message(**{first[0]: first[1]})]
+    layout_specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in layout]
+    frames += [message(layout=tensor_pb2.StateLayout(tensors=b)) for b in spec_batches(layout_specs, chunk_size)]
+    segments: list[tuple[int, list[memoryview]]] = []
+    for section, named in dense:
+        specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in named]
+        frames += [
+            message(tensors=tensor_pb2.TensorManifest(section=section, tensors=b))  # type: ignore[arg-type]
+            for b in spec_batches(specs, chunk_size)
+        ]
+        segments.append((section, [tensor_bytes(t) for _, t in named]))
+    for section, tensors, encoding in sparse:
+        encoded = [(t, encode_positions(t.positions, t.shape, encoding)) for t in tensors]
+        sparse_specs = [
+            SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), encoding, len(pos)).to_proto()
+            for t, pos in encoded
+        ]
+        frames += [
+            message(sparse_tensors=tensor_pb2.SparseManifest(section=section, tensors=b))  # type: ignore[arg-type]
+            for b in spec_batches(sparse_specs, chunk_size)
+        ]
+        data: list[memoryview] = []
+        for t, pos in encoded:
+            data += [tensor_bytes(t.values), pos]
+        segments.append((section, data))
+    return _emit(message, frames, segments, chunk_size)
+
+
+def _emit(
+    message: type[Any], frames: list[Any], segments: list[tuple[int, list[memoryview]]], chunk_size: int
+) -> Iterator[Any]:
+    yield from frames
+    for section, data in segments:
+        for chunk in chunk_frames(section, data, chunk_size):
+            yield message(chunk=chunk)
