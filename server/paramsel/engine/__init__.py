@@ -1,0 +1,36 @@
+"""paramsel's pure computation engine: FL4Health 0.4.2's parameter selection on name -> tensor maps.
+
+It imports only torch, numpy and the standard library; the gRPC servicer decodes requests into these
+calls and maps :class:`EngineError` subclasses to status codes.
+"""
+
+from .errors import EngineError, FailedPrecondition, InvalidArgument
+from .fedpm import sample_fedpm_masks
+from .layers import LayerResult, drift_norms, select_layers_by_percentage, select_layers_by_threshold
+from .pull import PullMode, pull_fedpm, pull_layers, pull_sparse
+from .scores import ScoreFunction, score_tensors
+from .state import State, TensorSpec, check_same_layout
+from .topk import SparseTensor, TopKResult, select_top_k
+
+__all__ = [
+    "EngineError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LayerResult",
+    "PullMode",
+    "ScoreFunction",
+    "SparseTensor",
+    "State",
+    "TensorSpec",
+    "TopKResult",
+    "check_same_layout",
+    "drift_norms",
+    "pull_fedpm",
+    "pull_layers",
+    "pull_sparse",
+    "sample_fedpm_masks",
+    "score_tensors",
+    "select_layers_by_percentage",
+    "select_layers_by_threshold",
+    "select_top_k",
+]

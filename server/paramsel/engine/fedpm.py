@@ -1,0 +1,48 @@
+"""FedPM: send a Bernoulli mask sampled from each score tensor, as FL4Health's
+``select_scores_and_sample_masks`` does, but from a seeded generator so that a run can be repeated."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgument
+from .layers import LayerResult
+from .state import State, require_not_bool
+
+_SCORE_SUFFIXES = ("weight_scores", "bias_scores")
+
+
+def is_fedpm_score(name: str) -> bool:
+    """True for ``weight_scores`` / ``bias_scores`` entries, whether top-level or inside a module."""
+    return name.rsplit(".", 1)[-1] in _SCORE_SUFFIXES
+
+
+def sample_fedpm_masks(current: State, *, seed: int) -> LayerResult:
+    """For each score tensor, in state order, an int64 0/1 mask drawn from Bernoulli(sigmoid(score)).
+
+    The draws come from one PCG64 stream seeded with ``seed`` and consumed in state order, so the same
+    state and seed give the same masks. A model without score tensors gives an empty result.
+    """
+    try:
+        rng = np.random.Generator(np.random.PCG64(operator.index(seed)))
+    except (TypeError, ValueError) as err:  # PCG64 refuses negative seeds
+        raise InvalidArgument(f"seed must be a non-negative integer, got {seed!r}") from err
+    names: list[str] = []
+    masks: list[torch.Tensor] = []
+    with torch.no_grad():
+        for name, tensor in current.items():
+            if not is_fedpm_score(name):
+                continue
+            require_not_bool(name, tensor)
+            probability = torch.sigmoid(tensor.detach()).double().numpy()
+            if probability.size and math.isnan(float(probability.min())):
+                raise InvalidArgument(f"score tensor {name!r} has a NaN score; no mask can be sampled")
+            # u < p with u uniform on [0, 1) is 1 with probability p, and exactly 0 / 1 at p = 0 / 1.
+            draws = np.asarray(rng.random(probability.shape) < probability)
+            names.append(name)
+            masks.append(torch.from_numpy(draws.astype(np.int64)))
+    return LayerResult(names, masks, {})

@@ -1,0 +1,119 @@
+"""The k-th largest of many score tensors, as one value of their promoted dtype, in O(N).
+
+FL4Health reads the threshold as ``torch.cat(flat scores).sort(descending=True)[k - 1].item()``. The
+same value is found here without the sort and, for large N, without even concatenating: a small
+sample brackets the k-th largest in a band [lo, hi]; one pass counts the entries above hi and collects
+those inside the band, and the answer is then the right order statistic of the (small) band. The
+sample only decides how fast this is, never the answer: when the band misses, a full partition
+decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgument
+
+# Below this many entries a plain partition of everything is already fast.
+_SAMPLING_MIN_ENTRIES = 1 << 20
+_SAMPLE_SIZE = 1 << 16
+# Sample ranks scatter by at most sqrt(m)/2 (one standard deviation); 8 of those on each side make a
+# miss a freak event while keeping the band near 1/32 of the entries.
+_BAND_HALF_WIDTH = 4 * math.isqrt(_SAMPLE_SIZE)
+
+
+def promoted_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype ``torch.cat`` gives these tensors."""
+    try:
+        return functools.reduce(torch.promote_types, (score.dtype for score in scores))
+    except RuntimeError as err:
+        raise InvalidArgument(f"the model's score dtypes cannot be combined: {err}") from err
+
+
+def kth_largest(scores: Sequence[torch.Tensor], k: int) -> int | float:
+    """The k-th largest entry (1-based, ties counted) of all ``scores`` taken as one promoted tensor."""
+    promoted = promoted_dtype(scores)
+    total = sum(score.numel() for score in scores)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is outside [1, {total}]")
+    # The comparisons below must happen in the promoted dtype, as they would inside torch.cat's output.
+    promoted_scores = [score.reshape(-1).to(promoted) for score in scores]
+    value = None
+    if total >= _SAMPLING_MIN_ENTRIES:
+        value = _kth_by_band(promoted_scores, total, k)
+    if value is None:
+        value = _kth_by_partition(torch.cat(promoted_scores), k)
+    return _as_python_number(value)
+
+
+def _kth_by_band(scores: Sequence[torch.Tensor], total: int, k: int) -> torch.Tensor | None:
+    descending = _sample(scores, total).sort(descending=True).values
+    size = descending.numel()
+    rank = k * size / total  # where the answer sits among the sorted sample, give or take
+    upper = math.floor(rank) - _BAND_HALF_WIDTH
+    lower = math.ceil(rank) + _BAND_HALF_WIDTH
+    # A bound past the end of the sample is no bound: the band reaches to that end of the scores.
+    hi = descending[upper] if upper >= 0 else None
+    lo = descending[lower] if lower < size else None
+    # Scores split into: above hi | equal to hi | strictly between | equal to lo | below lo. Ties at the
+    # bounds are only counted, so a large mass of equal scores (unchanged weights all scoring 0, say)
+    # is never collected and partitioned; when lo == hi nothing is strictly between.
+    distinct = hi is None or lo is None or bool(lo < hi)
+    above = at_hi = at_lo = 0
+    between: list[torch.Tensor] = []
+    for score in scores:
+        keep = None
+        if hi is not None:
+            above += int(torch.count_nonzero(score > hi))
+            at_hi += int(torch.count_nonzero(score == hi))
+            keep = score < hi
+        if lo is not None and distinct:
+            at_lo += int(torch.count_nonzero(score == lo))
+            keep = score > lo if keep is None else keep.logical_and_(score > lo)
+        if distinct:
+            between.append(score if keep is None else score[keep])
+    if k <= above:
+        return None
+    if hi is not None and k <= above + at_hi:
+        return hi.reshape(1)
+    band = torch.cat(between) if between else descending[:0]
+    if k <= above + at_hi + band.numel():
+        return _kth_by_partition(band, k - above - at_hi)
+    if lo is not None and k <= above + at_hi + band.numel() + at_lo:
+        return lo.reshape(1)
+    return None
+
+
+def _sample(scores: Sequence[torch.Tensor], total: int) -> torch.Tensor:
+    # Fixed seed: the same request takes the same path, which keeps timings reproducible.
+    rng = np.random.Generator(np.random.PCG64(0x5EED))
+    parts = []
+    for score in scores:
+        count = math.ceil(_SAMPLE_SIZE * score.numel() / total)
+        if score.numel() and count:
+            picks = torch.from_numpy(rng.integers(0, score.numel(), count, dtype=np.int64))
+            parts.append(score.index_select(0, picks))
+    return torch.cat(parts)
+
+
+def _kth_by_partition(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of ``flat`` as a 1-element tensor; ``flat`` is reordered in place."""
+    # numpy has no bfloat16 or float8; every such value is exact in float32 and widening keeps the
+    # order, so the k-th largest comes back unchanged when narrowed again.
+    narrow = flat.dtype.is_floating_point and flat.dtype.itemsize < 4
+    array = (flat.to(torch.float32) if narrow else flat).numpy()
+    rank = array.size - k  # ascending index of the k-th largest
+    array.partition(rank)
+    return torch.from_numpy(array[rank : rank + 1]).to(flat.dtype)
+
+
+def _as_python_number(value: torch.Tensor) -> int | float:
+    number = value.item()
+    if isinstance(number, complex):  # unreachable: scores are real even for complex tensors
+        raise InvalidArgument("complex scores have no order")
+    return number

@@ -1,0 +1,152 @@
+"""Applying payloads that come back from the aggregator to a model's declared layout.
+
+Every pull returns ``{name: tensor}`` in the model's dtype and shape, in payload order, leaving its
+inputs untouched; loading the tensors into the model (strictly, as FL4Health does) is the caller's
+business.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidArgument
+from .state import State, TensorSpec
+from .topk import SparseTensor
+
+
+class PullMode(enum.Enum):
+    """How a sparse payload is applied to a tensor."""
+
+    REPLACE = "replace"
+    """FL4Health's pull: the tensor becomes the densified COO tensor, coordinates not sent become 0."""
+    SCATTER = "scatter"
+    """Opt-in: only the sent coordinates are written; the rest keep the current model's values."""
+
+
+def pull_sparse(
+    model: Sequence[TensorSpec],
+    payload: Sequence[SparseTensor],
+    *,
+    mode: PullMode = PullMode.REPLACE,
+    base: State | None = None,
+) -> dict[str, torch.Tensor]:
+    """Densify each sparse tensor; duplicate positions are summed, as ``to_dense()`` sums them.
+
+    ``base`` (the current model's tensors) is required by SCATTER and ignored by REPLACE.
+    """
+    specs = _specs_for(model, [(item.name, item.shape) for item in payload])
+    pulled: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for item in payload:
+            spec = specs[item.name]
+            positions = _checked_positions(item, _numel(spec.shape))
+            if mode is PullMode.REPLACE:
+                dense = torch.zeros(_numel(spec.shape), dtype=item.values.dtype)
+                dense.index_put_((positions,), item.values.detach(), accumulate=True)
+                pulled[item.name] = dense.reshape(spec.shape).to(spec.dtype)
+            else:
+                pulled[item.name] = _scatter(spec, _base_tensor(base, spec), item.values.detach(), positions)
+    return pulled
+
+
+def pull_layers(
+    model: Sequence[TensorSpec], payload: Sequence[tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Each named tensor is replaced by the payload tensor, cast to the model's dtype.
+
+    When the dtype already matches, the result is the payload tensor itself (no copy).
+    """
+    specs = _specs_for(model, [(name, tuple(tensor.shape)) for name, tensor in payload])
+    return {name: tensor.detach().to(specs[name].dtype) for name, tensor in payload}
+
+
+def pull_fedpm(
+    model: Sequence[TensorSpec], payload: Sequence[tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Each named score tensor becomes the inverse sigmoid of the aggregated mask probability.
+
+    Computed as ``-torch.log(1 / x - 1)`` on the payload tensor, as FL4Health does (integer x divides
+    to float32; probabilities 0 and 1 give -inf and +inf), then cast to the model's dtype.
+    """
+    specs = _specs_for(model, [(name, tuple(tensor.shape)) for name, tensor in payload])
+    with torch.no_grad():
+        return {name: (-torch.log(1 / x.detach() - 1)).to(specs[name].dtype) for name, x in payload}
+
+
+def _specs_for(
+    model: Sequence[TensorSpec], entries: Sequence[tuple[str, tuple[int, ...]]]
+) -> dict[str, TensorSpec]:
+    """Check payload names and shapes against the model; return the model's specs by name."""
+    specs = {spec.name: spec for spec in model}
+    seen: set[str] = set()
+    for name, shape in entries:
+        if name in seen:
+            raise InvalidArgument(f"payload names tensor {name!r} more than once")
+        seen.add(name)
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidArgument(f"payload names tensor {name!r} that the model does not have")
+        if tuple(shape) != tuple(spec.shape):
+            raise InvalidArgument(
+                f"payload tensor {name!r} has shape {tuple(shape)}, "
+                f"but the model's tensor has shape {tuple(spec.shape)}"
+            )
+    return specs
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _checked_positions(item: SparseTensor, numel: int) -> torch.Tensor:
+    values, positions = item.values, item.positions
+    if values.dim() != 1 or positions.dim() != 1:
+        raise InvalidArgument(f"sparse tensor {item.name!r}: values and positions must be 1-D")
+    if values.numel() != positions.numel():
+        raise InvalidArgument(
+            f"sparse tensor {item.name!r} has {values.numel()} values but {positions.numel()} positions"
+        )
+    if positions.dtype.is_floating_point or positions.is_complex() or positions.dtype == torch.bool:
+        raise InvalidArgument(
+            f"sparse tensor {item.name!r}: positions must be integers, not {positions.dtype}"
+        )
+    positions = positions.detach().to(torch.int64)
+    if positions.numel():
+        low, high = torch.aminmax(positions)
+        bad = int(low) if int(low) < 0 else int(high) if int(high) >= numel else None
+        if bad is not None:
+            raise InvalidArgument(
+                f"sparse tensor {item.name!r} has position {bad}, "
+                f"outside [0, {numel}) for its shape {tuple(item.shape)}"
+            )
+    return positions
+
+
+def _base_tensor(base: State | None, spec: TensorSpec) -> torch.Tensor:
+    tensor = None if base is None else base.get(spec.name)
+    if tensor is None:
+        raise InvalidArgument(f"a scatter pull needs the current value of tensor {spec.name!r} in base")
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise InvalidArgument(
+            f"base tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+            f"but the model declares {spec.dtype} {spec.shape}"
+        )
+    return tensor.detach()
+
+
+def _scatter(
+    spec: TensorSpec, base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    flat = base.reshape(-1).clone()
+    if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+        # Repeated positions: sum them in the values' dtype first, as REPLACE's densify would.
+        positions, inverse = torch.unique(positions, return_inverse=True)
+        values = torch.zeros(positions.numel(), dtype=values.dtype).index_add_(0, inverse, values)
+    flat[positions] = values.to(spec.dtype)
+    return flat.reshape(spec.shape)

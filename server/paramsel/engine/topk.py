@@ -1,0 +1,108 @@
+"""Top-k selection of individual entries, as FL4Health's SparseCooParameterExchanger selects them.
+
+FL4Health sorts all N scores to read off the k-th largest; the same value is found in O(N) (see
+``kth.py``), which is what makes 50M-entry models cheap. Everything else (the per-tensor comparison,
+which entries are sent) uses the very torch ops FL4Health uses, so the selection is identical, ties
+and rounding included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgument
+from .kth import kth_largest
+from .scores import ScoreFunction, score_tensors
+from .state import State, require_fraction, require_nonempty
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """The sent entries of one model tensor, in flat row-major coordinates."""
+
+    name: str
+    """The state-dict key of the tensor."""
+    shape: tuple[int, ...]
+    """The full (dense) shape of the tensor."""
+    values: torch.Tensor
+    """1-D, in the tensor's dtype, in row-major order."""
+    positions: torch.Tensor
+    """1-D int64 flat row-major positions; strictly increasing when produced by a selection."""
+
+
+@dataclass(frozen=True)
+class TopKResult:
+    """What a top-k selection sends, and the figures that explain it."""
+
+    tensors: list[SparseTensor]
+    """In state order; only tensors with at least one sent entry."""
+    total_entries: int
+    """N: the entries of every state tensor, 0-d and empty ones included."""
+    k: int
+    """``ceil(N * sparsity_level)``."""
+    threshold: float
+    """The k-th largest score; a Python int when every score is integral, as ``Tensor.item()`` gives."""
+    selected_entries: int
+    """Entries whose score is >= threshold over the whole state, including those that are not sent."""
+
+
+def select_top_k(
+    current: State, initial: State | None, *, sparsity_level: float, score_function: ScoreFunction
+) -> TopKResult:
+    """Select the entries whose score is at least the k-th largest; see DESIGN.md "Semantics"."""
+    require_fraction("sparsity_level", sparsity_level)
+    require_nonempty(current)
+    scores = score_tensors(score_function, current, initial)
+    for name, score in scores.items():
+        _reject_non_finite(name, score)
+    total = sum(score.numel() for score in scores.values())
+    if total == 0:
+        raise InvalidArgument("every tensor of the model state is empty: there are no entries to select")
+    k = math.ceil(total * sparsity_level)
+    threshold = kth_largest(list(scores.values()), k)
+
+    sent: list[SparseTensor] = []
+    selected_entries = 0
+    with torch.no_grad():
+        for name, tensor in current.items():
+            # A Python scalar on the right makes torch round it to the tensor's dtype (float16, say)
+            # or compare integers in the default float dtype, exactly as FL4Health's comparison does.
+            mask = scores.pop(name) >= threshold
+            positions = np.flatnonzero(mask.reshape(-1).numpy())
+            selected_entries += positions.size
+            if tensor.dim() == 0 or positions.size == 0:
+                continue
+            sparse = _sent_entries(name, tensor.detach(), positions)
+            if sparse is not None:
+                sent.append(sparse)
+    return TopKResult(sent, total, k, threshold, selected_entries)
+
+
+def _reject_non_finite(name: str, score: torch.Tensor) -> None:
+    if score.numel() == 0 or not (score.is_floating_point() or score.is_complex()):
+        return
+    # One pass, no mask: min and max both turn NaN when any entry is NaN, and are infinite
+    # exactly when some entry is.
+    low, high = torch.aminmax(score)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        raise InvalidArgument(f"tensor {name!r} has a NaN or infinite score; no threshold can be taken")
+
+
+def _sent_entries(
+    name: str, tensor: torch.Tensor, selected: np.ndarray[tuple[int], np.dtype[np.intp]]
+) -> SparseTensor | None:
+    positions = torch.from_numpy(selected.astype(np.int64, copy=False))
+    values = tensor.reshape(-1).index_select(0, positions)
+    # FL4Health masks unselected entries to zero and sends the non-zeros, so a selected zero
+    # (or -0.0) is dropped; checking only the selected values keeps this O(k), not O(N).
+    nonzero = values != 0
+    if not bool(nonzero.all()):
+        positions = positions[nonzero]
+        values = values[nonzero]
+        if positions.numel() == 0:
+            return None
+    return SparseTensor(name, tuple(tensor.shape), values, positions)
