@@ -32,7 +32,9 @@ def _check_shape(shape: tuple[int, ...], what: str) -> int:
             raise WireError(f"{what}: negative dimension {dim} in shape {list(shape)}")
     numel = math.prod(shape)
     if numel * 8 > _MAX_BYTES:
-        raise WireError(f"{what}: shape {list(shape)} has {numel} elements, which overflows int64 byte counts")
+        raise WireError(
+            f"{what}: shape {list(shape)} has {numel} elements, which overflows int64 byte counts"
+        )
     return numel
 
 
@@ -128,7 +130,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.layout != torch.strided:
         raise WireError(f"{tensor.layout} tensors cannot be sent; call .to_dense() first")
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def tensor_from_bytes(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

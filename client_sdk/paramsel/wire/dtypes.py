@@ -32,7 +32,9 @@ def dtype_from_proto(value: int, *, what: str) -> torch.dtype:
     try:
         return DTYPES[value]
     except KeyError:
-        raise WireError(f"{what}: unknown dtype {value} (expected one of DATA_TYPE_FLOAT32 ... BOOL)") from None
+        raise WireError(
+            f"{what}: unknown dtype {value} (expected one of DATA_TYPE_FLOAT32 ... BOOL)"
+        ) from None
 
 
 def dtype_to_proto(dtype: torch.dtype) -> tensor_pb2.DataType.ValueType:

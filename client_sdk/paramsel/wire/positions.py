@@ -25,10 +25,13 @@ def coo_to_flat(coords: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.
         for axis, dim in enumerate(shape):
             if low[axis] < 0 or high[axis] >= dim:
                 bad = int(low[axis]) if low[axis] < 0 else int(high[axis])
-                raise WireError(f"{what}: coordinate {bad} on axis {axis} is out of range for shape {list(shape)}")
+                raise WireError(
+                    f"{what}: coordinate {bad} on axis {axis} is out of range for shape {list(shape)}"
+                )
     if not shape:
         return np.zeros(coords.shape[0], dtype=np.int64)
-    return np.ravel_multi_index(tuple(coords.T), shape).astype(np.int64, copy=False)
+    flat: np.ndarray = np.ravel_multi_index(tuple(coords.T), shape).astype(np.int64, copy=False)
+    return flat
 
 
 def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) -> memoryview:
@@ -37,15 +40,15 @@ def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) 
     For COO_INT64, ``flat`` may also be an (nnz, ndim) coordinate array already in COO form; it is sent
     as it is, so that the receiver checks each coordinate against the shape.
     """
-    if encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64:
-        array = flat.to(torch.int64).contiguous().numpy()
-    elif encoding == tensor_pb2.POSITION_ENCODING_COO_INT64 and flat.dim() == 2:
+    if encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64 or (
+        encoding == tensor_pb2.POSITION_ENCODING_COO_INT64 and flat.dim() == 2
+    ):
         array = flat.to(torch.int64).contiguous().numpy()
     elif encoding == tensor_pb2.POSITION_ENCODING_COO_INT64:
         array = np.ascontiguousarray(flat_to_coo(flat.to(torch.int64), shape))
     else:
         raise WireError(f"unknown position encoding {encoding}")
-    return memoryview(array.view(np.uint8).reshape(-1)).cast("B")
+    return memoryview(array.view(np.uint8).reshape(-1)).cast("B")  # type: ignore[arg-type]
 
 
 def decode_positions(

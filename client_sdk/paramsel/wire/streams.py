@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from paramsel.v1 import tensor_pb2
-from paramsel.wire.codec import DenseDecl, SparseDecl, dense_decl, sparse_decl, tensor_bytes, tensor_from_bytes
+from paramsel.wire.codec import (
+    DenseDecl,
+    SparseDecl,
+    dense_decl,
+    sparse_decl,
+    tensor_bytes,
+    tensor_from_bytes,
+)
 from paramsel.wire.errors import WireError
 from paramsel.wire.positions import decode_positions, encode_positions
 from paramsel.wire.sections import Inbound, chunk_frames, section_name, spec_batches
@@ -123,7 +130,8 @@ def read_frames(
     segments = inbound.finish()
     for section, dense_list in dense_decls.items():
         received.dense[section] = [
-            (decl, tensor_from_bytes(segments[section][seg], decl.dtype, decl.shape)) for decl, seg in dense_list
+            (decl, tensor_from_bytes(segments[section][seg], decl.dtype, decl.shape))
+            for decl, seg in dense_list
         ]
     for section, sparse_list in sparse_decls.items():
         where = section_name(section)
@@ -132,7 +140,11 @@ def read_frames(
                 decl,
                 tensor_from_bytes(segments[section][v], decl.dtype, (decl.nnz,)),
                 decode_positions(
-                    segments[section][p], decl.nnz, decl.shape, decl.position_encoding, what=f"{where} '{decl.name}'"
+                    segments[section][p],
+                    decl.nnz,
+                    decl.shape,
+                    decl.position_encoding,
+                    what=f"{where} '{decl.name}'",
                 ),
             )
             for decl, v, p in sparse_list
@@ -168,7 +180,9 @@ def write_frames(
     """
     frames = [message(**{first[0]: first[1]})]
     layout_specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in layout]
-    frames += [message(layout=tensor_pb2.StateLayout(tensors=b)) for b in spec_batches(layout_specs, chunk_size)]
+    frames += [
+        message(layout=tensor_pb2.StateLayout(tensors=b)) for b in spec_batches(layout_specs, chunk_size)
+    ]
     segments: list[tuple[int, list[memoryview]]] = []
     for section, named in dense:
         specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in named]

@@ -1,0 +1,87 @@
+"""Criterion messages -> engine calls. The only place that knows both the proto enums and the engine's."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from paramsel import engine
+from paramsel.v1 import criteria_pb2, service_pb2
+from paramsel.wire import WireError
+
+SCORE_FUNCTIONS: dict[int, engine.ScoreFunction] = {
+    criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE: engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE,
+    criteria_pb2.SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE: engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
+    criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE: engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
+    criteria_pb2.SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE: engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
+    criteria_pb2.SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE: engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
+    criteria_pb2.SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE: engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a criterion produced, with the kind the response header announces."""
+
+    kind: service_pb2.SelectionKind.ValueType
+    top_k: engine.TopKResult | None = None
+    layers: engine.LayerResult | None = None
+    seed: int = 0
+    total_entries: int = 0
+
+
+def _flag(message: Any, name: str) -> bool:
+    """An ``optional bool`` that defaults to true, as FL4Health's keyword arguments do."""
+    return bool(getattr(message, name)) if message.HasField(name) else True
+
+
+def run_criterion(
+    criterion: criteria_pb2.Criterion, model: dict[str, torch.Tensor], initial: dict[str, torch.Tensor] | None
+) -> Selection:
+    kind = criterion.WhichOneof("kind")
+    if kind == "top_k":
+        top_k = criterion.top_k
+        if top_k.score_function not in SCORE_FUNCTIONS:
+            raise WireError(
+                f"criterion.top_k.score_function: unknown value {top_k.score_function} "
+                "(expected SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE ... SMALLEST_INCREASE_IN_MAGNITUDE)"
+            )
+        result = engine.select_top_k(
+            model,
+            initial,
+            sparsity_level=top_k.sparsity_level,
+            score_function=SCORE_FUNCTIONS[top_k.score_function],
+        )
+        return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_COO, top_k=result)
+    if kind == "drift_threshold":
+        c = criterion.drift_threshold
+        layers = engine.select_layers_by_threshold(
+            model,
+            initial,
+            norm_threshold=c.norm_threshold,
+            normalize=_flag(c, "normalize"),
+            select_drift_more=_flag(c, "select_drift_more"),
+        )
+        return Selection(kind=service_pb2.SELECTION_KIND_LAYERS, layers=layers, total_entries=len(model))
+    if kind == "drift_percentage":
+        p = criterion.drift_percentage
+        layers = engine.select_layers_by_percentage(
+            model,
+            initial,
+            exchange_percentage=p.exchange_percentage,
+            normalize=_flag(p, "normalize"),
+            select_drift_more=_flag(p, "select_drift_more"),
+        )
+        return Selection(kind=service_pb2.SELECTION_KIND_LAYERS, layers=layers, total_entries=len(model))
+    if kind == "fed_pm":
+        seed = criterion.fed_pm.seed if criterion.fed_pm.HasField("seed") else secrets.randbits(63)
+        masks = engine.sample_fedpm_masks(model, seed=seed)
+        return Selection(
+            kind=service_pb2.SELECTION_KIND_FEDPM_MASKS, layers=masks, seed=seed, total_entries=len(model)
+        )
+    raise WireError(
+        "criterion: none is set (expected one of top_k, drift_threshold, drift_percentage, fed_pm)"
+    )

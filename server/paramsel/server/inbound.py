@@ -1,0 +1,91 @@
+"""Request streams -> engine inputs: framing is checked by the wire codecs, the rest here. No computing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from paramsel import engine
+from paramsel.v1 import tensor_pb2
+from paramsel.wire import DenseDecl, WireError
+from paramsel.wire.streams import Received, read_frames
+
+MODEL = tensor_pb2.SECTION_MODEL
+INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
+PAYLOAD = tensor_pb2.SECTION_PAYLOAD
+BASE = tensor_pb2.SECTION_BASE
+
+
+def read_models(frames: Iterable[Any], *, max_bytes: int) -> Received:
+    """A Select or Push request: the current model and, optionally, the initial model."""
+    received = read_frames(
+        frames, first="start", dense_sections=frozenset({MODEL, INITIAL}), max_bytes=max_bytes
+    )
+    if not received.state(MODEL):
+        raise WireError("no model was sent: declare the model's tensors in a SECTION_MODEL manifest")
+    return received
+
+
+def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
+    """A Pull request: the model's layout, the payload and, in scatter mode, the base tensors."""
+    received = read_frames(
+        frames,
+        first="start",
+        dense_sections=frozenset({PAYLOAD, BASE}),
+        sparse_sections=frozenset({PAYLOAD}),
+        max_bytes=max_bytes,
+    )
+    if not received.layout:
+        raise WireError("no layout was sent: declare the model's state in 'layout' frames")
+    return received
+
+
+def model_specs(received: Received) -> list[engine.TensorSpec]:
+    return [engine.TensorSpec(name=d.name, dtype=d.dtype, shape=d.shape) for d in received.layout]
+
+
+def position_encoding(value: int) -> int:
+    """The encoding a Select asked for; unset means COO_INT64."""
+    if value == tensor_pb2.POSITION_ENCODING_UNSPECIFIED:
+        return tensor_pb2.POSITION_ENCODING_COO_INT64
+    if value not in tensor_pb2.PositionEncoding.values():
+        raise WireError(f"start.position_encoding: unknown value {value}")
+    return value
+
+
+def sparse_payload(received: Received) -> list[engine.SparseTensor]:
+    if PAYLOAD in received.dense:
+        raise WireError("PAYLOAD_KIND_SPARSE_COO takes a sparse_tensors manifest, not a tensors manifest")
+    return [
+        engine.SparseTensor(name=s.decl.name, shape=s.decl.shape, values=s.values, positions=s.positions)
+        for s in received.sparse.get(PAYLOAD, [])
+    ]
+
+
+def dense_payload(received: Received) -> list[tuple[str, torch.Tensor]]:
+    if PAYLOAD in received.sparse:
+        raise WireError("whole-tensor payloads take a tensors manifest, not a sparse_tensors manifest")
+    if BASE in received.dense:
+        raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER")
+    return [(decl.name, tensor) for decl, tensor in received.dense.get(PAYLOAD, [])]
+
+
+def base_state(received: Received, mode: engine.PullMode) -> dict[str, torch.Tensor] | None:
+    """Scatter mode's current values, each checked against the layout's dtype and shape."""
+    if mode is not engine.PullMode.SCATTER:
+        if BASE in received.dense:
+            raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER")
+        return None
+    layout: dict[str, DenseDecl] = {d.name: d for d in received.layout}
+    for decl, _ in received.dense.get(BASE, []):
+        expected = layout.get(decl.name)
+        if expected is None:
+            raise WireError(f"SECTION_BASE '{decl.name}': the layout has no tensor of that name")
+        if (decl.dtype, decl.shape) != (expected.dtype, expected.shape):
+            raise WireError(
+                f"SECTION_BASE '{decl.name}': {decl.dtype} {list(decl.shape)} disagrees with the layout's "
+                f"{expected.dtype} {list(expected.shape)}"
+            )
+    return received.state(BASE) or {}

@@ -1,0 +1,92 @@
+"""Engine results -> response streams: a header, manifests, then chunks of SECTION_RESULT."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from paramsel.server.criteria import Selection
+from paramsel.v1 import service_pb2, tensor_pb2
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire.positions import flat_to_coo
+from paramsel.wire.streams import SparseOut, write_frames
+
+RESULT = tensor_pb2.SECTION_RESULT
+
+
+def chunk_size(requested: int, default: int = DEFAULT_CHUNK_SIZE_BYTES) -> int:
+    """The response chunk size a call asked for (0: the server default)."""
+    if requested < 0 or requested > MAX_CHUNK_SIZE_BYTES:
+        raise WireError(f"response_chunk_size_bytes must be in [0, {MAX_CHUNK_SIZE_BYTES}], got {requested}")
+    return requested or default
+
+
+def selection_header(selection: Selection) -> service_pb2.SelectionHeader:
+    if selection.top_k is not None:
+        r = selection.top_k
+        return service_pb2.SelectionHeader(
+            kind=selection.kind,
+            top_k=service_pb2.TopKSummary(
+                total_entries=r.total_entries,
+                k=r.k,
+                threshold=float(r.threshold),
+                selected_entries=r.selected_entries,
+                sent_entries=sum(t.values.numel() for t in r.tensors),
+            ),
+        )
+    assert selection.layers is not None
+    layers = selection.layers
+    return service_pb2.SelectionHeader(
+        kind=selection.kind,
+        layers=service_pb2.LayerSummary(
+            total_layers=selection.total_entries,
+            drifts=[layers.drifts[name] for name in layers.names if name in layers.drifts],
+            seed=selection.seed,
+        ),
+    )
+
+
+def select_frames(selection: Selection, encoding: int, size: int) -> Iterator[service_pb2.SelectResponse]:
+    """Select's response: typed sparse tensors, or whole tensors."""
+    header = ("header", selection_header(selection))
+    if selection.top_k is not None:
+        sparse = [SparseOut(t.name, t.shape, t.values, t.positions) for t in selection.top_k.tensors]
+        yield from write_frames(
+            service_pb2.SelectResponse, header, chunk_size=size, sparse=[(RESULT, sparse, encoding)]
+        )
+        return
+    assert selection.layers is not None
+    named = list(zip(selection.layers.names, selection.layers.tensors, strict=True))
+    yield from write_frames(service_pb2.SelectResponse, header, chunk_size=size, dense=[(RESULT, named)])
+
+
+def packed_arrays(selection: Selection) -> list[tuple[str, torch.Tensor]]:
+    """FL4Health's packed list, without its final names array: each array named after its tensor."""
+    if selection.top_k is not None:
+        tensors = selection.top_k.tensors
+        values = [(t.name, t.values) for t in tensors]
+        indices = [(t.name, torch.from_numpy(flat_to_coo(t.positions, t.shape))) for t in tensors]
+        shapes = [(t.name, torch.tensor(list(t.shape), dtype=torch.int64)) for t in tensors]
+        return values + indices + shapes
+    assert selection.layers is not None
+    return list(zip(selection.layers.names, selection.layers.tensors, strict=True))
+
+
+def push_frames(selection: Selection, size: int) -> Iterator[service_pb2.PushResponse]:
+    """Push's response. Names repeat (values, indices and shapes of one tensor), so they are not unique."""
+    yield from write_frames(
+        service_pb2.PushResponse,
+        ("header", selection_header(selection)),
+        chunk_size=size,
+        dense=[(RESULT, packed_arrays(selection))],
+    )
+
+
+def pull_frames(changed: dict[str, torch.Tensor], size: int) -> Iterator[service_pb2.PullResponse]:
+    yield from write_frames(
+        service_pb2.PullResponse,
+        ("header", service_pb2.PullHeader(changed_tensors=len(changed))),
+        chunk_size=size,
+        dense=[(RESULT, list(changed.items()))],
+    )

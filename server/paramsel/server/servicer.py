@@ -1,0 +1,90 @@
+"""ParameterSelectionService: decode the stream, call the engine, encode the answer. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from paramsel import engine
+from paramsel.server import inbound, outbound
+from paramsel.server.config import ServerConfig
+from paramsel.server.criteria import run_criterion
+from paramsel.server.status import statuses
+from paramsel.v1 import service_pb2, service_pb2_grpc
+from paramsel.wire import WireError
+from paramsel.wire.streams import Received
+
+_PULL_MODES = {
+    service_pb2.PULL_MODE_UNSPECIFIED: engine.PullMode.REPLACE,
+    service_pb2.PULL_MODE_REPLACE: engine.PullMode.REPLACE,
+    service_pb2.PULL_MODE_SCATTER: engine.PullMode.SCATTER,
+}
+
+
+def _model(received: Received) -> dict[str, torch.Tensor]:
+    model = received.state(inbound.MODEL)
+    assert model is not None  # read_models refuses a request without one
+    return model
+
+
+class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServicer):
+    """The paramsel.v1 service over :mod:`paramsel.engine`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+
+    def Select(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.SelectResponse]:
+        with statuses(context, "Select"):
+            received = inbound.read_models(request_iterator, max_bytes=self._config.max_call_bytes)
+            start: service_pb2.SelectStart = received.first
+            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+            encoding = inbound.position_encoding(start.position_encoding)
+            selection = run_criterion(start.criterion, _model(received), received.state(inbound.INITIAL))
+            yield from outbound.select_frames(selection, encoding, size)
+
+    def Push(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.PushResponse]:
+        with statuses(context, "Push"):
+            received = inbound.read_models(request_iterator, max_bytes=self._config.max_call_bytes)
+            start: service_pb2.PushStart = received.first
+            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+            selection = run_criterion(start.criterion, _model(received), received.state(inbound.INITIAL))
+            yield from outbound.push_frames(selection, size)
+
+    def Pull(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[service_pb2.PullRequest], context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.PullResponse]:
+        with statuses(context, "Pull"):
+            received = inbound.read_pull(request_iterator, max_bytes=self._config.max_call_bytes)
+            start: service_pb2.PullStart = received.first
+            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+            if start.mode not in _PULL_MODES:
+                raise WireError(
+                    f"start.mode: unknown value {start.mode} (expected PULL_MODE_REPLACE or _SCATTER)"
+                )
+            mode = _PULL_MODES[start.mode]
+            model = inbound.model_specs(received)
+            kind = start.payload_kind
+            if kind == service_pb2.PAYLOAD_KIND_SPARSE_COO:
+                changed = engine.pull_sparse(
+                    model,
+                    inbound.sparse_payload(received),
+                    mode=mode,
+                    base=inbound.base_state(received, mode),
+                )
+            elif kind in (service_pb2.PAYLOAD_KIND_LAYERS, service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES):
+                if mode is engine.PullMode.SCATTER:
+                    raise WireError("start.mode: PULL_MODE_SCATTER applies to PAYLOAD_KIND_SPARSE_COO only")
+                pull = engine.pull_layers if kind == service_pb2.PAYLOAD_KIND_LAYERS else engine.pull_fedpm
+                changed = pull(model, inbound.dense_payload(received))
+            else:
+                raise WireError(
+                    f"start.payload_kind: unknown value {kind} "
+                    "(expected PAYLOAD_KIND_SPARSE_COO, _LAYERS or _FEDPM_PROBABILITIES)"
+                )
+            yield from outbound.pull_frames(changed, size)

@@ -1,0 +1,47 @@
+"""The one table from domain errors to gRPC status codes, and the guard that applies it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from paramsel import engine
+from paramsel.wire import WireError, WireLimitError
+
+log = logging.getLogger("paramsel.server")
+
+# Most specific first: WireLimitError is a WireError.
+STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (WireLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WireError, grpc.StatusCode.INVALID_ARGUMENT),
+    (engine.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (engine.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_of(error: Exception) -> grpc.StatusCode | None:
+    """The status a domain error maps to; None for anything else (a bug)."""
+    for kind, code in STATUS_OF:
+        if isinstance(error, kind):
+            return code
+    return None
+
+
+@contextmanager
+def statuses(context: grpc.ServicerContext, method: str) -> Iterator[None]:
+    """Turns domain errors raised inside into their status; anything unexpected becomes INTERNAL, logged."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, grpc.RpcError) or not context.is_active():
+            raise  # the client went away or the call was already aborted: nothing to answer
+        code = status_of(error)
+        if code is not None:
+            context.abort(code, str(error))
+        incident = uuid.uuid4().hex[:12]
+        log.exception("%s failed unexpectedly (incident %s)", method, incident)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (incident {incident})")
