@@ -1,0 +1,46 @@
+"""paramsel's drop-in client: FL4Health's parameter exchangers, served by a paramsel server.
+
+Swap the imports of an FL4Health client::
+
+    from paramsel.client import SparseCooParameterExchanger, largest_magnitude_change_scores
+
+and keep the rest. Calls go to ``target=`` if given, else to ``$PARAMSEL_TARGET``, else to a server
+embedded in this process (started on first use). Failures raise :class:`ParamselError`.
+"""
+
+from paramsel.client._client import Client, PushResult, SelectResult
+from paramsel.client._criteria import (
+    LayerSelectionFunction,
+    LayerSelectionFunctionConstructor,
+    largest_final_magnitude_scores,
+    largest_increase_in_magnitude_scores,
+    largest_magnitude_change_scores,
+    select_scores_and_sample_masks,
+    smallest_final_magnitude_scores,
+    smallest_increase_in_magnitude_scores,
+    smallest_magnitude_change_scores,
+)
+from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._exchangers import DynamicLayerExchanger, FedPmExchanger, SparseCooParameterExchanger
+from paramsel.client._target import ENV_TARGET
+
+__all__ = [
+    "ENV_TARGET",
+    "Client",
+    "DynamicLayerExchanger",
+    "FedPmExchanger",
+    "LayerSelectionFunction",
+    "LayerSelectionFunctionConstructor",
+    "ParamselError",
+    "PushResult",
+    "SelectResult",
+    "SparseCooParameterExchanger",
+    "StatusCode",
+    "largest_final_magnitude_scores",
+    "largest_increase_in_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "select_scores_and_sample_masks",
+    "smallest_final_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+    "smallest_magnitude_change_scores",
+]

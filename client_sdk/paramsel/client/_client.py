@@ -1,0 +1,170 @@
+"""The three rpcs as Python calls: tensors in, tensors out, ParamselError on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._target import channel_for, resolve_target
+from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
+
+RESULT = frozenset({tensor_pb2.SECTION_RESULT})
+# The client accepts whatever the server sends back; the server bounds what it computes.
+_MAX_RESPONSE_BYTES = 1 << 62
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SelectResult:
+    """A Select answer: the header (kind and figures) and the sparse or whole tensors."""
+
+    header: service_pb2.SelectionHeader
+    sparse: list[SparseData]
+    tensors: list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """A Push answer: the header and FL4Health's packed arrays, each named after its tensor."""
+
+    header: service_pb2.SelectionHeader
+    arrays: list[tuple[str, torch.Tensor]]
+
+
+def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor] | None) -> list[Any]:
+    sections = [(tensor_pb2.SECTION_MODEL, list(model.items()))]
+    if initial is not None:
+        sections.append((tensor_pb2.SECTION_INITIAL_MODEL, list(initial.items())))
+    return sections
+
+
+class Client:
+    """Calls one paramsel server. Thread-safe; cheap to create (channels are shared per target)."""
+
+    def __init__(
+        self, *, target: str | None = None, chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
+    ) -> None:
+        self._target = target
+        self._chunk_size = chunk_size_bytes
+
+    def _stub(self) -> service_pb2_grpc.ParameterSelectionServiceStub:
+        return service_pb2_grpc.ParameterSelectionServiceStub(channel_for(resolve_target(self._target)))
+
+    def _call(
+        self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T]
+    ) -> T:
+        try:
+            return read(rpc(frames))
+        except grpc.RpcError as error:
+            raise ParamselError.from_rpc_error(error) from None
+        except WireError as error:
+            # Raised while encoding our own request (e.g. an unsupported dtype) or reading a bad answer.
+            raise ParamselError(StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def select(
+        self,
+        criterion: criteria_pb2.Criterion,
+        model: Mapping[str, torch.Tensor],
+        initial: Mapping[str, torch.Tensor] | None = None,
+        *,
+        position_encoding: int = tensor_pb2.POSITION_ENCODING_FLAT_INT64,
+    ) -> SelectResult:
+        start = service_pb2.SelectStart(
+            criterion=criterion,
+            position_encoding=position_encoding,  # type: ignore[arg-type]
+            response_chunk_size_bytes=self._chunk_size,
+        )
+        frames = write_frames(
+            service_pb2.SelectRequest,
+            ("start", start),
+            chunk_size=self._chunk_size,
+            dense=_models(model, initial),
+        )
+
+        def read(responses: Any) -> SelectResult:
+            got = read_frames(
+                responses,
+                first="header",
+                dense_sections=RESULT,
+                sparse_sections=RESULT,
+                max_bytes=_MAX_RESPONSE_BYTES,
+            )
+            return SelectResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
+
+        return self._call(self._stub().Select, frames, read)
+
+    def push(
+        self,
+        criterion: criteria_pb2.Criterion,
+        model: Mapping[str, torch.Tensor],
+        initial: Mapping[str, torch.Tensor] | None = None,
+    ) -> PushResult:
+        start = service_pb2.PushStart(criterion=criterion, response_chunk_size_bytes=self._chunk_size)
+        frames = write_frames(
+            service_pb2.PushRequest,
+            ("start", start),
+            chunk_size=self._chunk_size,
+            dense=_models(model, initial),
+        )
+
+        def read(responses: Any) -> PushResult:
+            got = read_frames(
+                responses,
+                first="header",
+                dense_sections=RESULT,
+                max_bytes=_MAX_RESPONSE_BYTES,
+                unique_names=False,
+            )
+            return PushResult(got.first, _named(got))
+
+        return self._call(self._stub().Push, frames, read)
+
+    def pull(
+        self,
+        payload_kind: int,
+        layout: Mapping[str, torch.Tensor],
+        *,
+        sparse: Sequence[SparseOut] = (),
+        tensors: Sequence[tuple[str, torch.Tensor]] = (),
+        mode: int = service_pb2.PULL_MODE_REPLACE,
+        base: Sequence[tuple[str, torch.Tensor]] = (),
+    ) -> dict[str, torch.Tensor]:
+        """Applies a payload to a model whose state is ``layout``; returns the tensors that changed."""
+        start = service_pb2.PullStart(
+            payload_kind=payload_kind,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            response_chunk_size_bytes=self._chunk_size,
+        )
+        dense: list[tuple[int, Sequence[tuple[str, torch.Tensor]]]] = []
+        if tensors:
+            dense.append((tensor_pb2.SECTION_PAYLOAD, tensors))
+        if base:
+            dense.append((tensor_pb2.SECTION_BASE, base))
+        sparse_sections = (
+            [(tensor_pb2.SECTION_PAYLOAD, sparse, tensor_pb2.POSITION_ENCODING_COO_INT64)] if sparse else []
+        )
+        frames = write_frames(
+            service_pb2.PullRequest,
+            ("start", start),
+            chunk_size=self._chunk_size,
+            layout=list(layout.items()),
+            dense=dense,
+            sparse=sparse_sections,
+        )
+
+        def read(responses: Any) -> dict[str, torch.Tensor]:
+            got = read_frames(responses, first="header", dense_sections=RESULT, max_bytes=_MAX_RESPONSE_BYTES)
+            return dict(_named(got))
+
+        return self._call(self._stub().Pull, frames, read)
+
+
+def _named(got: Received) -> list[tuple[str, torch.Tensor]]:
+    return [(decl.name, tensor) for decl, tensor in got.dense.get(tensor_pb2.SECTION_RESULT, [])]

@@ -1,0 +1,205 @@
+"""FL4Health's selection criteria under their own names, carried out by the paramsel service.
+
+The six score functions compute their scores locally when called (as FL4Health's do); passed to
+:class:`SparseCooParameterExchanger`, they only name the criterion the server applies. The layer
+selection functions and ``select_scores_and_sample_masks`` call the service when called.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramsel import engine
+from paramsel.client._client import Client
+from paramsel.client._state import NDArrays, state_of, to_numpy
+from paramsel.v1 import criteria_pb2
+
+_SCORE_PROTO: dict[engine.ScoreFunction, int] = {
+    engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE,
+    engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE,
+    engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE: criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE,
+    engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE: criteria_pb2.SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE,
+    engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE,
+    engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE,
+}
+
+
+def _scores(
+    kind: engine.ScoreFunction, model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    return engine.score_tensors(kind, state_of(model), state_of(initial_model) if initial_model else None)
+
+
+def largest_final_magnitude_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """|w| for every state entry."""
+    return _scores(engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE, model, initial_model)
+
+
+def smallest_final_magnitude_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """-|w| for every state entry."""
+    return _scores(engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE, model, initial_model)
+
+
+def largest_magnitude_change_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """|w - w0| for every state entry; needs the initial model."""
+    return _scores(engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE, model, initial_model)
+
+
+def smallest_magnitude_change_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """-|w - w0| for every state entry; needs the initial model."""
+    return _scores(engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE, model, initial_model)
+
+
+def largest_increase_in_magnitude_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """|w| - |w0| for every state entry; needs the initial model."""
+    return _scores(engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model)
+
+
+def smallest_increase_in_magnitude_scores(
+    model: nn.Module, initial_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """-(|w| - |w0|) for every state entry; needs the initial model."""
+    return _scores(engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model)
+
+
+# FL4Health's own functions have the same names, so they are recognised too.
+SCORE_FUNCTION_BY_NAME: dict[str, engine.ScoreFunction] = {
+    f"{kind.value}_scores": kind for kind in engine.ScoreFunction
+}
+
+
+def score_criterion(score_gen_function: Any, sparsity_level: float) -> criteria_pb2.Criterion:
+    """The top-k criterion for one of the six score functions (ours or FL4Health's)."""
+    kind = SCORE_FUNCTION_BY_NAME.get(getattr(score_gen_function, "__name__", ""))
+    if kind is None:
+        names = ", ".join(SCORE_FUNCTION_BY_NAME)
+        raise TypeError(
+            f"paramsel serves FL4Health's six score functions ({names}); got {score_gen_function!r}"
+        )
+    return criteria_pb2.Criterion(
+        top_k=criteria_pb2.TopKCriterion(
+            sparsity_level=sparsity_level,
+            score_function=_SCORE_PROTO[kind],  # type: ignore[arg-type]
+        )
+    )
+
+
+class LayerSelectionFunction:
+    """A layer selection function, callable as FL4Health's: ``(model, initial_model) -> (arrays, names)``."""
+
+    def __init__(self, criterion: criteria_pb2.Criterion, *, target: str | None = None) -> None:
+        self.criterion = criterion
+        self.target = target
+
+    def __call__(
+        self, model: nn.Module, initial_model: nn.Module | None = None
+    ) -> tuple[NDArrays, list[str]]:
+        return select_layers(self.criterion, model, initial_model, Client(target=self.target))
+
+    def __repr__(self) -> str:
+        return f"LayerSelectionFunction({self.criterion.WhichOneof('kind')})"
+
+
+def select_layers(
+    criterion: criteria_pb2.Criterion, model: nn.Module, initial_model: nn.Module | None, client: Client
+) -> tuple[NDArrays, list[str]]:
+    result = client.select(criterion, state_of(model), state_of(initial_model) if initial_model else None)
+    return [to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors]
+
+
+class LayerSelectionFunctionConstructor:
+    """Builds layer selection functions, as FL4Health's class of the same name does.
+
+    ``0 < exchange_percentage <= 1`` and ``norm_threshold > 0`` are required (ValueError otherwise).
+    """
+
+    def __init__(
+        self,
+        norm_threshold: float,
+        exchange_percentage: float,
+        normalize: bool = True,
+        select_drift_more: bool = True,
+        *,
+        target: str | None = None,
+    ) -> None:
+        if not 0 < exchange_percentage <= 1:
+            raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
+        if not (norm_threshold > 0 and math.isfinite(norm_threshold)):
+            raise ValueError(f"norm_threshold must be a finite number > 0, got {norm_threshold}")
+        self.norm_threshold = norm_threshold
+        self.exchange_percentage = exchange_percentage
+        self.normalize = normalize
+        self.select_drift_more = select_drift_more
+        self.target = target
+
+    def select_by_threshold(self) -> LayerSelectionFunction:
+        return LayerSelectionFunction(
+            criteria_pb2.Criterion(
+                drift_threshold=criteria_pb2.DriftThresholdCriterion(
+                    norm_threshold=self.norm_threshold,
+                    normalize=self.normalize,
+                    select_drift_more=self.select_drift_more,
+                )
+            ),
+            target=self.target,
+        )
+
+    def select_by_percentage(self) -> LayerSelectionFunction:
+        return LayerSelectionFunction(
+            criteria_pb2.Criterion(
+                drift_percentage=criteria_pb2.DriftPercentageCriterion(
+                    exchange_percentage=self.exchange_percentage,
+                    normalize=self.normalize,
+                    select_drift_more=self.select_drift_more,
+                )
+            ),
+            target=self.target,
+        )
+
+
+def fedpm_criterion(seed: int | None = None) -> criteria_pb2.Criterion:
+    fed_pm = criteria_pb2.FedPmCriterion() if seed is None else criteria_pb2.FedPmCriterion(seed=seed)
+    return criteria_pb2.Criterion(fed_pm=fed_pm)
+
+
+select_scores_and_sample_masks = LayerSelectionFunction(fedpm_criterion())
+"""FedPM's selection: every ``weight_scores`` / ``bias_scores`` tensor as a Bernoulli(sigmoid) mask."""
+
+
+def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion, str | None]:
+    """The criterion of a layer selection function: ours, or one FL4Health's constructor built."""
+    if isinstance(function, LayerSelectionFunction):
+        return function.criterion, function.target
+    inner = function.func if isinstance(function, functools.partial) else function
+    name = getattr(inner, "__name__", "")
+    if name == "select_scores_and_sample_masks":
+        return fedpm_criterion(), None
+    if isinstance(function, functools.partial) and len(function.args) == 3:
+        value, normalize, more = function.args
+        if name == "select_layers_by_threshold":
+            return LayerSelectionFunctionConstructor(
+                value, 1.0, normalize, more
+            ).select_by_threshold().criterion, None
+        if name == "select_layers_by_percentage":
+            return LayerSelectionFunctionConstructor(
+                1.0, value, normalize, more
+            ).select_by_percentage().criterion, None
+    raise TypeError(
+        "paramsel serves the layer selection functions of LayerSelectionFunctionConstructor and "
+        f"select_scores_and_sample_masks; got {function!r}"
+    )

@@ -1,0 +1,179 @@
+"""Drop-in replacements for FL4Health's parameter exchangers: same names, signatures and packed lists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from paramsel.client._client import Client
+from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
+from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
+from paramsel.v1 import service_pb2
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES
+from paramsel.wire.positions import flat_to_coo
+from paramsel.wire.streams import SparseOut
+
+Config = dict[str, Any]
+SparseInfo = tuple[NDArrays, NDArrays, list[str]]
+_PULL_MODES = {"replace": service_pb2.PULL_MODE_REPLACE, "scatter": service_pb2.PULL_MODE_SCATTER}
+
+
+class SparseCooParameterExchanger:
+    """Top-k parameters by a score, packed as sparse COO (FL4Health's class of the same name).
+
+    ``pull_mode="scatter"`` writes only the received coordinates and keeps the rest of each tensor;
+    the default ``"replace"`` is FL4Health's (unsent coordinates become 0).
+    """
+
+    def __init__(
+        self,
+        sparsity_level: float,
+        score_gen_function: Callable[..., Any],
+        *,
+        target: str | None = None,
+        pull_mode: str = "replace",
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+    ) -> None:
+        if not 0 < sparsity_level <= 1:
+            raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
+        if pull_mode not in _PULL_MODES:
+            raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
+        self.sparsity_level = sparsity_level
+        self.score_gen_function = score_gen_function
+        self.criterion = score_criterion(score_gen_function, sparsity_level)
+        self.pull_mode = pull_mode
+        self.client = Client(target=target, chunk_size_bytes=chunk_size_bytes)
+
+    def generate_parameter_scores(self, model: nn.Module, initial_model: nn.Module | None) -> dict[str, Any]:
+        """The scores of every state entry, computed locally by the score function."""
+        return dict(self.score_gen_function(model, initial_model))
+
+    def select_parameters(
+        self, model: nn.Module, initial_model: nn.Module | None = None
+    ) -> tuple[NDArrays, SparseInfo]:
+        """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
+        result = self.client.select(
+            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
+        )
+        values = [to_numpy(s.values) for s in result.sparse]
+        indices = [flat_to_coo(s.positions, s.decl.shape) for s in result.sparse]
+        shapes = [np.array(list(s.decl.shape), dtype=np.int64) for s in result.sparse]
+        return values, (indices, shapes, [s.decl.name for s in result.sparse])
+
+    def push_parameters(
+        self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
+    ) -> NDArrays:
+        """[values..., indices..., shapes..., names], FL4Health's packed list."""
+        result = self.client.push(
+            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
+        )
+        arrays = [to_numpy(t) for _, t in result.arrays]
+        n = len(arrays) // 3
+        return [*arrays, np.array([name for name, _ in result.arrays[:n]])]
+
+    def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
+        """Replaces each named tensor by its densified COO tensor (or scatters into it) and loads strictly."""
+        values, (indices, shapes, names) = self.unpack_parameters(parameters)
+        sparse = [
+            SparseOut(
+                name, tuple(int(d) for d in shape), to_tensor(v), to_tensor(np.asarray(i, dtype=np.int64))
+            )
+            for v, i, shape, name in zip(values, indices, shapes, names, strict=True)
+        ]
+        state = state_of(model)
+        base = (
+            [(s.name, state[s.name]) for s in sparse if s.name in state]
+            if self.pull_mode == "scatter"
+            else []
+        )
+        changed = self.client.pull(
+            service_pb2.PAYLOAD_KIND_SPARSE_COO,
+            state,
+            sparse=sparse,
+            mode=_PULL_MODES[self.pull_mode],
+            base=base,
+        )
+        load_changed(model, changed)
+
+    def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
+        indices, shapes, names = additional_parameters
+        return [*model_weights, *indices, *shapes, np.array(names)]
+
+    def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, SparseInfo]:
+        if len(packed_parameters) % 3 != 1:
+            raise ValueError(
+                f"a sparse COO packed list has 3n + 1 arrays (values, indices, shapes, names); "
+                f"got {len(packed_parameters)}"
+            )
+        n = (len(packed_parameters) - 1) // 3
+        names = [str(name) for name in np.asarray(packed_parameters[-1]).tolist()]
+        return packed_parameters[:n], (packed_parameters[n : 2 * n], packed_parameters[2 * n : 3 * n], names)
+
+
+class DynamicLayerExchanger:
+    """Whole layers picked by a layer selection function (FL4Health's class of the same name)."""
+
+    _payload_kind = service_pb2.PAYLOAD_KIND_LAYERS
+
+    def __init__(
+        self,
+        layer_selection_function: Callable[..., Any],
+        *,
+        target: str | None = None,
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+    ) -> None:
+        self.layer_selection_function = layer_selection_function
+        self.criterion, own_target = layer_criterion(layer_selection_function)
+        self.client = Client(target=target or own_target, chunk_size_bytes=chunk_size_bytes)
+
+    def select_parameters(
+        self, model: nn.Module, initial_model: nn.Module | None = None
+    ) -> tuple[NDArrays, list[str]]:
+        return select_layers(self.criterion, model, initial_model, self.client)
+
+    def push_parameters(
+        self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
+    ) -> NDArrays:
+        """[arrays..., names], FL4Health's packed list."""
+        result = self.client.push(
+            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
+        )
+        return [*(to_numpy(t) for _, t in result.arrays), np.array([name for name, _ in result.arrays])]
+
+    def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
+        arrays, names = self.unpack_parameters(parameters)
+        tensors = [(name, to_tensor(a)) for name, a in zip(names, arrays, strict=True)]
+        load_changed(model, self.client.pull(self._payload_kind, state_of(model), tensors=tensors))
+
+    def pack_parameters(self, model_weights: NDArrays, additional_parameters: list[str]) -> NDArrays:
+        return [*model_weights, np.array(additional_parameters)]
+
+    def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, list[str]]:
+        if not packed_parameters:
+            raise ValueError("a layer packed list ends with the names array; got an empty list")
+        names = [str(name) for name in np.asarray(packed_parameters[-1]).tolist()]
+        return packed_parameters[:-1], names
+
+
+class FedPmExchanger(DynamicLayerExchanger):
+    """FedPM: sends sampled masks of the score tensors; pulls probabilities back through the inverse sigmoid.
+
+    ``seed`` makes the mask sampling repeatable (FL4Health's sampling is unseeded, as is the default).
+    """
+
+    _payload_kind = service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        target: str | None = None,
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+    ) -> None:
+        from paramsel.client._criteria import select_scores_and_sample_masks
+
+        super().__init__(select_scores_and_sample_masks, target=target, chunk_size_bytes=chunk_size_bytes)
+        self.criterion = fedpm_criterion(seed)
