@@ -1,0 +1,32 @@
+"""The public surface of paramsel.client is a promise: changing it must be deliberate."""
+
+from __future__ import annotations
+
+import paramsel.client
+
+
+def test_public_exports_are_pinned() -> None:
+    assert sorted(paramsel.client.__all__) == [
+        "Client",
+        "DynamicLayerExchanger",
+        "ENV_TARGET",
+        "FedPmExchanger",
+        "LayerSelectionFunction",
+        "LayerSelectionFunctionConstructor",
+        "ParamselError",
+        "PushResult",
+        "SelectResult",
+        "SparseCooParameterExchanger",
+        "StatusCode",
+        "largest_final_magnitude_scores",
+        "largest_increase_in_magnitude_scores",
+        "largest_magnitude_change_scores",
+        "select_scores_and_sample_masks",
+        "smallest_final_magnitude_scores",
+        "smallest_increase_in_magnitude_scores",
+        "smallest_magnitude_change_scores",
+    ]
+    for name in paramsel.client.__all__:
+        value = getattr(paramsel.client, name)
+        if callable(value):
+            assert value.__doc__, f"{name} has no docstring"

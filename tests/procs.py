@@ -1,0 +1,34 @@
+"""Starting ``paramsel serve`` as a real process for tests, on a port it picks itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
+
+
+@contextmanager
+def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Runs ``paramsel serve --port 0`` and yields the process and its ``host:port``; SIGTERMs it after."""
+    cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = _ANNOUNCE.search(line)
+            if match:
+                yield proc, f"{match.group(1)}:{match.group(2)}"
+                break
+        else:
+            raise AssertionError(f"paramsel serve exited with {proc.wait()} before announcing its port")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
