@@ -1,0 +1,43 @@
+# One entry point for every task. Each target sets up what it needs first (the .venv stamp).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+SOURCES := server client_sdk tests examples
+
+.PHONY: setup proto check-proto lint format test demo serve ci clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+proto: setup  ## regenerate gen/python from proto/
+	PYTHON=$(PY) scripts/gen_proto.sh
+
+check-proto: setup  ## fail when gen/python is stale
+	PYTHON=$(PY) scripts/check_stubs.sh
+
+lint: setup  ## buf lint, ruff, mypy
+	.venv/bin/buf lint
+	.venv/bin/ruff check $(SOURCES)
+	.venv/bin/ruff format --check $(SOURCES)
+	.venv/bin/mypy
+
+format: setup
+	.venv/bin/ruff check --fix $(SOURCES)
+	.venv/bin/ruff format $(SOURCES)
+
+test: setup  ## the whole test suite
+	$(PY) -m pytest
+
+demo: setup  ## the main job: a federated example client against a separately started server
+	scripts/demo.sh
+
+serve: setup
+	.venv/bin/paramsel serve
+
+ci: check-proto lint test
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
