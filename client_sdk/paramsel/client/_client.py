@@ -57,9 +57,7 @@ class Client:
     def _stub(self) -> service_pb2_grpc.ParameterSelectionServiceStub:
         return service_pb2_grpc.ParameterSelectionServiceStub(channel_for(resolve_target(self._target)))
 
-    def _call(
-        self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T]
-    ) -> T:
+    def _call(self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T]) -> T:
         try:
             return read(rpc(frames))
         except grpc.RpcError as error:
