@@ -12,7 +12,7 @@ import torch
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._target import channel_for, resolve_target
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
 
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
@@ -51,6 +51,10 @@ class Client:
     def __init__(
         self, *, target: str | None = None, chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     ) -> None:
+        if not 0 < chunk_size_bytes <= MAX_CHUNK_SIZE_BYTES:
+            raise ValueError(
+                f"chunk_size_bytes must be in (0, {MAX_CHUNK_SIZE_BYTES}], got {chunk_size_bytes}"
+            )
         self._target = target
         self._chunk_size = chunk_size_bytes
 

@@ -31,7 +31,9 @@ def _check_shape(shape: tuple[int, ...], what: str) -> int:
         if dim < 0:
             raise WireError(f"{what}: negative dimension {dim} in shape {list(shape)}")
     numel = math.prod(shape)
-    if numel * 8 > _MAX_BYTES:
+    # The outermost stride counts empty dimensions as 1, so it can overflow even when numel is 0.
+    outer_stride = math.prod(max(dim, 1) for dim in shape[1:])
+    if max(numel, outer_stride) * 8 > _MAX_BYTES:
         raise WireError(
             f"{what}: shape {list(shape)} has {numel} elements, which overflows int64 byte counts"
         )

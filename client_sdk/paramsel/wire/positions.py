@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -13,6 +15,9 @@ def flat_to_coo(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     """(nnz, ndim) int64 coordinates of flat row-major positions (FL4Health's index layout)."""
     if not shape:
         return np.zeros((flat.numel(), 0), dtype=np.int64)
+    numel = math.prod(shape)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel):
+        raise WireError(f"position out of range for a tensor of shape {list(shape)} ({numel} elements)")
     coords = np.unravel_index(flat.numpy(), shape)
     return np.stack(coords, axis=1).astype(np.int64, copy=False)
 

@@ -10,6 +10,7 @@ import torch
 from google.protobuf.message import Message
 
 from paramsel.v1 import tensor_pb2
+from paramsel.wire.codec import MAX_CHUNK_SIZE_BYTES
 from paramsel.wire.errors import WireError, WireLimitError
 
 M = TypeVar("M", bound=Message)
@@ -127,8 +128,14 @@ class Inbound:
         return {section: s.finish() for section, s in self._sections.items()}
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE_BYTES:
+        raise WireError(f"chunk size must be in (0, {MAX_CHUNK_SIZE_BYTES}] bytes, got {chunk_size}")
+
+
 def chunk_frames(section: int, segments: Iterable[memoryview], chunk_size: int) -> Iterator[tensor_pb2.Chunk]:
     """Chunks of at most ``chunk_size`` bytes carrying the concatenation of ``segments``."""
+    check_chunk_size(chunk_size)
     pieces: list[memoryview] = []
     filled = 0
     offset = 0

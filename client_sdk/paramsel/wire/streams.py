@@ -23,7 +23,7 @@ from paramsel.wire.codec import (
 )
 from paramsel.wire.errors import WireError
 from paramsel.wire.positions import decode_positions, encode_positions
-from paramsel.wire.sections import Inbound, chunk_frames, section_name, spec_batches
+from paramsel.wire.sections import Inbound, check_chunk_size, chunk_frames, section_name, spec_batches
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,7 @@ def read_frames(
     if received is None:
         raise WireError(f"the stream is empty; its first frame must be '{first}'")
     segments = inbound.finish()
+    _check_bools(segments, dense_decls, sparse_decls)
     for section, dense_list in dense_decls.items():
         received.dense[section] = [
             (decl, tensor_from_bytes(segments[section][seg], decl.dtype, decl.shape))
@@ -150,6 +151,23 @@ def read_frames(
             for decl, v, p in sparse_list
         ]
     return received
+
+
+def _check_bools(
+    segments: dict[int, list[torch.Tensor]],
+    dense_decls: dict[int, list[tuple[DenseDecl, int]]],
+    sparse_decls: dict[int, list[tuple[SparseDecl, int, int]]],
+) -> None:
+    """A bool is one byte holding 0 or 1; anything else would make a tensor torch cannot reason about."""
+    bools = [
+        (s, d.name, seg) for s, decls in dense_decls.items() for d, seg in decls if d.dtype == torch.bool
+    ]
+    bools += [
+        (s, d.name, v) for s, decls in sparse_decls.items() for d, v, _ in decls if d.dtype == torch.bool
+    ]
+    for section, name, seg in bools:
+        if bool((segments[section][seg] > 1).any()):
+            raise WireError(f"{section_name(section)} '{name}': bool bytes must be 0 or 1")
 
 
 @dataclass(frozen=True)
@@ -178,6 +196,7 @@ def write_frames(
     :class:`WireError` here rather than inside gRPC's request thread; the chunks are cut lazily.
     Manifests are split so that no frame carries more than about ``chunk_size`` bytes.
     """
+    check_chunk_size(chunk_size)
     frames = [message(**{first[0]: first[1]})]
     layout_specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in layout]
     frames += [

@@ -173,8 +173,10 @@ Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015
 
 @_typing.final
 class SparseTensorSpec(_message.Message):
-    """Declares one sparse tensor in COO form. Its data is the values (nnz x itemsize(dtype) bytes, in
-    row-major order of their positions) followed by the encoded positions (positions_size_bytes bytes).
+    """Declares one sparse tensor in COO form. Its data is the values (nnz x itemsize(dtype) bytes, one per
+    position, in the same order) followed by the encoded positions (positions_size_bytes bytes). The
+    server's selections list positions in increasing row-major order; a Pull payload may list them in any
+    order, and values given for the same position more than once are summed (as FL4Health's pull does).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
