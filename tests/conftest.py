@@ -6,10 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramsel.server import ServerConfig, create_server
-from paramsel.server.app import SERVICE_NAME, RunningServer
+from paramsel.server.app import RunningServer
 from paramsel.v1 import service_pb2_grpc
 
 
@@ -29,11 +28,3 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel: grpc.Channel) -> service_pb2_grpc.ParameterSelectionServiceStub:
     return service_pb2_grpc.ParameterSelectionServiceStub(channel)
-
-
-def assert_serving(channel: grpc.Channel) -> None:
-    """The server still answers its health check for the paramsel service."""
-    reply = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
-    )
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import grpc
 import pytest
-from procs import serve_process
+from support import serve_process
 
 from paramsel.client import ParamselError, StatusCode, _target
 

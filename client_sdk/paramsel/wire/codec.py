@@ -131,6 +131,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as little-endian row-major bytes, without a copy when already contiguous."""
     if tensor.layout != torch.strided:
         raise WireError(f"{tensor.layout} tensors cannot be sent; call .to_dense() first")
+    if tensor.numel() == 0:
+        return memoryview(b"")  # an empty tensor may carry strides (e.g. 0) that no byte view accepts
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 

@@ -100,8 +100,9 @@ class ParameterSelectionServiceServicer(object):
 
     def Pull(self, request_iterator, context):
         """Applies a payload received from the aggregator to a model and returns the tensors that changed.
+        Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
         Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
-        lacks, has positions out of range, or a shape or dtype the model disagrees with.
+        lacks, has positions out of range, or a shape the model disagrees with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,8 +58,9 @@ class ParameterSelectionServiceStub:
     """
     Pull: _grpc.StreamStreamMultiCallable[_service_pb2.PullRequest, _service_pb2.PullResponse]
     """Applies a payload received from the aggregator to a model and returns the tensors that changed.
+    Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
-    lacks, has positions out of range, or a shape or dtype the model disagrees with.
+    lacks, has positions out of range, or a shape the model disagrees with.
     """
 
 @_typing.type_check_only
@@ -92,8 +93,9 @@ class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
     """
     Pull: _aio.StreamStreamMultiCallable[_service_pb2.PullRequest, _service_pb2.PullResponse]  # type: ignore[assignment]
     """Applies a payload received from the aggregator to a model and returns the tensors that changed.
+    Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
-    lacks, has positions out of range, or a shape or dtype the model disagrees with.
+    lacks, has positions out of range, or a shape the model disagrees with.
     """
 
 class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -141,8 +143,9 @@ class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_service_pb2.PullResponse], _abc.AsyncIterator[_service_pb2.PullResponse]]:
         """Applies a payload received from the aggregator to a model and returns the tensors that changed.
+        Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
         Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
-        lacks, has positions out of range, or a shape or dtype the model disagrees with.
+        lacks, has positions out of range, or a shape the model disagrees with.
         """
 
 def add_ParameterSelectionServiceServicer_to_server(servicer: ParameterSelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

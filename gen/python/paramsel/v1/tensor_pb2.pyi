@@ -319,7 +319,9 @@ class Chunk(_message.Message):
     offset_bytes: _builtins.int
     """Offset of data[0] within the section; equals the number of bytes already received for it."""
     data: _builtins.bytes
-    """The bytes; non-empty, at most the configured chunk size (1 MiB by default)."""
+    """The bytes; non-empty. Senders cut at their chunk size (1 MiB by default); receivers take any size
+    that fits gRPC's message limit (4 MiB by default).
+    """
     def __init__(
         self,
         *,

@@ -1,4 +1,4 @@
-"""Starting ``paramsel serve`` as a real process for tests, on a port it picks itself."""
+"""Test helpers: ``paramsel serve`` as a real process on a port it picks, and the health probe."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from paramsel.server.app import SERVICE_NAME
 
 _ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
 
@@ -32,3 +37,10 @@ def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def assert_serving(channel: grpc.Channel) -> None:
+    """The server still answers its health check for the paramsel service."""
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
