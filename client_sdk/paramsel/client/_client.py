@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from tqdm.auto import tqdm
 
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._target import channel_for, resolve_target
@@ -16,6 +17,8 @@ from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireEr
 from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
 
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
+# Uploads this large show a progress bar on a terminal.
+PROGRESS_MIN_BYTES = 64 << 20
 # The client accepts whatever the server sends back; the server bounds what it computes.
 _MAX_RESPONSE_BYTES = 1 << 62
 T = TypeVar("T")
@@ -61,7 +64,11 @@ class Client:
     def _stub(self) -> service_pb2_grpc.ParameterSelectionServiceStub:
         return service_pb2_grpc.ParameterSelectionServiceStub(channel_for(resolve_target(self._target)))
 
-    def _call(self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T]) -> T:
+    def _call(
+        self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T], *, upload_bytes: int
+    ) -> T:
+        if upload_bytes >= PROGRESS_MIN_BYTES:
+            frames = _with_progress(frames, upload_bytes)
         try:
             return read(rpc(frames))
         except grpc.RpcError as error:
@@ -100,7 +107,7 @@ class Client:
             )
             return SelectResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
 
-        return self._call(self._stub().Select, frames, read)
+        return self._call(self._stub().Select, frames, read, upload_bytes=_nbytes(model, initial))
 
     def push(
         self,
@@ -126,7 +133,7 @@ class Client:
             )
             return PushResult(got.first, _named(got))
 
-        return self._call(self._stub().Push, frames, read)
+        return self._call(self._stub().Push, frames, read, upload_bytes=_nbytes(model, initial))
 
     def pull(
         self,
@@ -165,7 +172,27 @@ class Client:
             got = read_frames(responses, first="header", dense_sections=RESULT, max_bytes=_MAX_RESPONSE_BYTES)
             return dict(_named(got))
 
-        return self._call(self._stub().Pull, frames, read)
+        return self._call(
+            self._stub().Pull,
+            frames,
+            read,
+            upload_bytes=sum(t.values.nbytes for t in sparse) + _nbytes(dict(tensors)),
+        )
+
+
+def _nbytes(*states: Mapping[str, torch.Tensor] | None) -> int:
+    return sum(t.nbytes for state in states if state for t in state.values())
+
+
+def _with_progress(frames: Iterator[Any], total: int) -> Iterator[Any]:
+    """Shows upload progress on a terminal (tqdm stays silent when stderr is not one)."""
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="paramsel upload", disable=None, leave=False
+    ) as bar:
+        for frame in frames:
+            if frame.WhichOneof("frame") == "chunk":
+                bar.update(len(frame.chunk.data))
+            yield frame
 
 
 def _named(got: Received) -> list[tuple[str, torch.Tensor]]:
