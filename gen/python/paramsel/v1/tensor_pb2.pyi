@@ -125,6 +125,18 @@ class _PositionEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Posi
     """FL4Health's layout: an (nnz, ndim) array of int64 coordinates, row-major, little-endian."""
     POSITION_ENCODING_FLAT_INT64: _PositionEncoding.ValueType  # 2
     """nnz int64 flat row-major positions (coordinate dot strides), little-endian."""
+    POSITION_ENCODING_BITMAP: _PositionEncoding.ValueType  # 3
+    """A bitmap over all numel positions: ceil(numel / 8) bytes, bit p (byte p / 8, bit p % 8 counting
+    from the least significant) set when position p is sent. Values follow in increasing position.
+    """
+    POSITION_ENCODING_ELIAS_FANO: _PositionEncoding.ValueType  # 4
+    """Elias-Fano code of the strictly increasing flat positions p_0 < ... < p_{n-1} < U = numel, with
+    L = floor(log2(U / n)) low bits (0 when U < 2n): first the low bits, n fields of L bits, packed
+    least significant bit first into ceil(n L / 8) bytes; then the high parts as a bitmap of
+    ceil((n + ((U - 1) >> L) + 1) / 8) bytes in which bit (p_i >> L) + i is set. No bytes when n = 0.
+    """
+    POSITION_ENCODING_COMPACT: _PositionEncoding.ValueType  # 5
+    """Request only (SelectStart): per tensor, whichever of BITMAP and ELIAS_FANO is smaller."""
 
 class PositionEncoding(_PositionEncoding, metaclass=_PositionEncodingEnumTypeWrapper):
     """How the positions of a sparse tensor's values are written."""
@@ -135,6 +147,18 @@ POSITION_ENCODING_COO_INT64: PositionEncoding.ValueType  # 1
 """FL4Health's layout: an (nnz, ndim) array of int64 coordinates, row-major, little-endian."""
 POSITION_ENCODING_FLAT_INT64: PositionEncoding.ValueType  # 2
 """nnz int64 flat row-major positions (coordinate dot strides), little-endian."""
+POSITION_ENCODING_BITMAP: PositionEncoding.ValueType  # 3
+"""A bitmap over all numel positions: ceil(numel / 8) bytes, bit p (byte p / 8, bit p % 8 counting
+from the least significant) set when position p is sent. Values follow in increasing position.
+"""
+POSITION_ENCODING_ELIAS_FANO: PositionEncoding.ValueType  # 4
+"""Elias-Fano code of the strictly increasing flat positions p_0 < ... < p_{n-1} < U = numel, with
+L = floor(log2(U / n)) low bits (0 when U < 2n): first the low bits, n fields of L bits, packed
+least significant bit first into ceil(n L / 8) bytes; then the high parts as a bitmap of
+ceil((n + ((U - 1) >> L) + 1) / 8) bytes in which bit (p_i >> L) + i is set. No bytes when n = 0.
+"""
+POSITION_ENCODING_COMPACT: PositionEncoding.ValueType  # 5
+"""Request only (SelectStart): per tensor, whichever of BITMAP and ELIAS_FANO is smaller."""
 Global___PositionEncoding: _TypeAlias = PositionEncoding  # noqa: Y015
 
 @_typing.final
