@@ -14,9 +14,12 @@ from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._target import channel_for, resolve_target
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire.digest import model_digest
 from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
 
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
+# The ErrorInfo reason of a server that does not hold the initial model a call names by digest.
+INITIAL_MODEL_NOT_HELD = "INITIAL_MODEL_NOT_HELD"
 # Uploads this large show a progress bar on a terminal.
 PROGRESS_MIN_BYTES = 64 << 20
 # The client accepts whatever the server sends back; the server bounds what it computes.
@@ -77,6 +80,23 @@ class Client:
             # Raised while encoding our own request (e.g. an unsupported dtype) or reading a bad answer.
             raise ParamselError(StatusCode.INVALID_ARGUMENT, str(error)) from None
 
+    def _reusing(
+        self,
+        call: Callable[[Mapping[str, torch.Tensor] | None, bytes | None], T],
+        initial: Mapping[str, torch.Tensor] | None,
+        reuse_initial: bool,
+    ) -> T:
+        """Names the initial model by digest first and uploads it only if the server lacks it."""
+        if initial is None or not reuse_initial:
+            return call(initial, None)
+        digest = model_digest(initial.items())
+        try:
+            return call(None, digest)
+        except ParamselError as error:
+            if error.reason != INITIAL_MODEL_NOT_HELD:
+                raise
+        return call(initial, digest)
+
     def select(
         self,
         criterion: criteria_pb2.Criterion,
@@ -84,56 +104,75 @@ class Client:
         initial: Mapping[str, torch.Tensor] | None = None,
         *,
         position_encoding: int = tensor_pb2.POSITION_ENCODING_FLAT_INT64,
+        value_dtype: int = tensor_pb2.DATA_TYPE_UNSPECIFIED,
+        reuse_initial: bool = True,
     ) -> SelectResult:
-        start = service_pb2.SelectStart(
-            criterion=criterion,
-            position_encoding=position_encoding,  # type: ignore[arg-type]
-            response_chunk_size_bytes=self._chunk_size,
-        )
-        frames = write_frames(
-            service_pb2.SelectRequest,
-            ("start", start),
-            chunk_size=self._chunk_size,
-            dense=_models(model, initial),
-        )
+        """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it."""
 
-        def read(responses: Any) -> SelectResult:
-            got = read_frames(
-                responses,
-                first="header",
-                dense_sections=RESULT,
-                sparse_sections=RESULT,
-                max_bytes=_MAX_RESPONSE_BYTES,
+        def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> SelectResult:
+            start = service_pb2.SelectStart(
+                criterion=criterion,
+                position_encoding=position_encoding,  # type: ignore[arg-type]
+                response_chunk_size_bytes=self._chunk_size,
+                value_dtype=value_dtype,  # type: ignore[arg-type]
             )
-            return SelectResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
+            if digest is not None:
+                start.initial_model_digest.sha256 = digest
+            frames = write_frames(
+                service_pb2.SelectRequest,
+                ("start", start),
+                chunk_size=self._chunk_size,
+                dense=_models(model, initial),
+            )
 
-        return self._call(self._stub().Select, frames, read, upload_bytes=_nbytes(model, initial))
+            def read(responses: Any) -> SelectResult:
+                got = read_frames(
+                    responses,
+                    first="header",
+                    dense_sections=RESULT,
+                    sparse_sections=RESULT,
+                    max_bytes=_MAX_RESPONSE_BYTES,
+                )
+                return SelectResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
+
+            return self._call(self._stub().Select, frames, read, upload_bytes=_nbytes(model, initial))
+
+        return self._reusing(call, initial, reuse_initial)
 
     def push(
         self,
         criterion: criteria_pb2.Criterion,
         model: Mapping[str, torch.Tensor],
         initial: Mapping[str, torch.Tensor] | None = None,
+        *,
+        reuse_initial: bool = True,
     ) -> PushResult:
-        start = service_pb2.PushStart(criterion=criterion, response_chunk_size_bytes=self._chunk_size)
-        frames = write_frames(
-            service_pb2.PushRequest,
-            ("start", start),
-            chunk_size=self._chunk_size,
-            dense=_models(model, initial),
-        )
+        """FL4Health's packed list; with ``reuse_initial`` the initial model travels only if needed."""
 
-        def read(responses: Any) -> PushResult:
-            got = read_frames(
-                responses,
-                first="header",
-                dense_sections=RESULT,
-                max_bytes=_MAX_RESPONSE_BYTES,
-                unique_names=False,
+        def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
+            start = service_pb2.PushStart(criterion=criterion, response_chunk_size_bytes=self._chunk_size)
+            if digest is not None:
+                start.initial_model_digest.sha256 = digest
+            frames = write_frames(
+                service_pb2.PushRequest,
+                ("start", start),
+                chunk_size=self._chunk_size,
+                dense=_models(model, initial),
             )
-            return PushResult(got.first, _named(got))
 
-        return self._call(self._stub().Push, frames, read, upload_bytes=_nbytes(model, initial))
+            def read(responses: Any) -> PushResult:
+                got = read_frames(
+                    responses,
+                    first="header",
+                    dense_sections=RESULT,
+                    max_bytes=_MAX_RESPONSE_BYTES,
+                    unique_names=False,
+                )
+                return PushResult(got.first, _named(got))
+
+            return self._call(self._stub().Push, frames, read, upload_bytes=_nbytes(model, initial))
+
+        return self._reusing(call, initial, reuse_initial)
 
     def pull(
         self,

@@ -83,7 +83,9 @@ SCORE_FUNCTION_BY_NAME: dict[str, engine.ScoreFunction] = {
 }
 
 
-def score_criterion(score_gen_function: Any, sparsity_level: float) -> criteria_pb2.Criterion:
+def score_criterion(
+    score_gen_function: Any, sparsity_level: float, *, exact_k: bool = False
+) -> criteria_pb2.Criterion:
     """The top-k criterion for one of the six score functions (ours or FL4Health's)."""
     kind = SCORE_FUNCTION_BY_NAME.get(getattr(score_gen_function, "__name__", ""))
     if kind is None:
@@ -95,6 +97,7 @@ def score_criterion(score_gen_function: Any, sparsity_level: float) -> criteria_
         top_k=criteria_pb2.TopKCriterion(
             sparsity_level=sparsity_level,
             score_function=_SCORE_PROTO[kind],  # type: ignore[arg-type]
+            exact_k=exact_k,
         )
     )
 

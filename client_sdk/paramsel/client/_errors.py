@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 class StatusCode(enum.IntEnum):
@@ -32,13 +34,31 @@ class StatusCode(enum.IntEnum):
 class ParamselError(Exception):
     """A call to the paramsel service failed: ``status`` says how, ``message`` says what."""
 
-    def __init__(self, status: StatusCode, message: str) -> None:
+    def __init__(self, status: StatusCode, message: str, reason: str | None = None) -> None:
         super().__init__(f"{status.name}: {message}")
         self.status = status
+        """How the call failed."""
         self.message = message
+        """What the server (or the SDK) said was wrong."""
+        self.reason = reason
+        """A machine-readable reason (google.rpc.ErrorInfo) when the server gave one."""
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ParamselError:
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(StatusCode(code.value[0]), details or "")
+        if not isinstance(error, grpc.Call):
+            return cls(StatusCode.UNKNOWN, str(error))
+        return cls(StatusCode(error.code().value[0]), error.details() or "", _reason(error))
+
+
+def _reason(call: grpc.Call) -> str | None:
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # inconsistent rich status: ignore the details, keep code and message
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return None

@@ -24,8 +24,13 @@ _PULL_MODES = {"replace": service_pb2.PULL_MODE_REPLACE, "scatter": service_pb2.
 class SparseCooParameterExchanger:
     """Top-k parameters by a score, packed as sparse COO (FL4Health's class of the same name).
 
-    ``pull_mode="scatter"`` writes only the received coordinates and keeps the rest of each tensor;
-    the default ``"replace"`` is FL4Health's (unsent coordinates become 0).
+    Options beyond FL4Health, none of which changes the default behaviour:
+
+    - ``exact_k=True`` selects exactly k entries, ties at the threshold broken by state position;
+    - ``pull_mode="scatter"`` writes only the received coordinates and keeps the rest of each tensor
+      (the default ``"replace"`` is FL4Health's: unsent coordinates become 0);
+    - ``reuse_initial_model=False`` uploads the initial model on every push instead of naming it by
+      digest and uploading it only when the server does not hold it.
     """
 
     def __init__(
@@ -34,7 +39,9 @@ class SparseCooParameterExchanger:
         score_gen_function: Callable[..., Any],
         *,
         target: str | None = None,
+        exact_k: bool = False,
         pull_mode: str = "replace",
+        reuse_initial_model: bool = True,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         if not 0 < sparsity_level <= 1:
@@ -43,8 +50,9 @@ class SparseCooParameterExchanger:
             raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
         self.sparsity_level = sparsity_level
         self.score_gen_function = score_gen_function
-        self.criterion = score_criterion(score_gen_function, sparsity_level)
+        self.criterion = score_criterion(score_gen_function, sparsity_level, exact_k=exact_k)
         self.pull_mode = pull_mode
+        self.reuse_initial_model = reuse_initial_model
         self.client = Client(target=target, chunk_size_bytes=chunk_size_bytes)
 
     def generate_parameter_scores(self, model: nn.Module, initial_model: nn.Module | None) -> dict[str, Any]:
@@ -56,7 +64,10 @@ class SparseCooParameterExchanger:
     ) -> tuple[NDArrays, SparseInfo]:
         """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
         result = self.client.select(
-            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
+            self.criterion,
+            state_of(model),
+            state_of(initial_model) if initial_model else None,
+            reuse_initial=self.reuse_initial_model,
         )
         values = [to_numpy(s.values) for s in result.sparse]
         indices = [flat_to_coo(s.positions, s.decl.shape) for s in result.sparse]
@@ -68,7 +79,10 @@ class SparseCooParameterExchanger:
     ) -> NDArrays:
         """[values..., indices..., shapes..., names], FL4Health's packed list."""
         result = self.client.push(
-            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
+            self.criterion,
+            state_of(model),
+            state_of(initial_model) if initial_model else None,
+            reuse_initial=self.reuse_initial_model,
         )
         arrays = [to_numpy(t) for _, t in result.arrays]
         n = len(arrays) // 3

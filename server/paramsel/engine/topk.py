@@ -51,9 +51,18 @@ class TopKResult:
 
 
 def select_top_k(
-    current: State, initial: State | None, *, sparsity_level: float, score_function: ScoreFunction
+    current: State,
+    initial: State | None,
+    *,
+    sparsity_level: float,
+    score_function: ScoreFunction,
+    exact_k: bool = False,
 ) -> TopKResult:
-    """Select the entries whose score is at least the k-th largest; see DESIGN.md "Semantics"."""
+    """Select the entries whose score is at least the k-th largest; see DESIGN.md "Semantics".
+
+    ``exact_k`` (beyond FL4Health) selects exactly k: of the entries tied at the threshold, only the
+    earliest in the state (state order, then row-major) are taken, as many as k leaves room for.
+    """
     require_fraction("sparsity_level", sparsity_level)
     require_nonempty(current)
     scores = score_tensors(score_function, current, initial)
@@ -68,11 +77,16 @@ def select_top_k(
     sent: list[SparseTensor] = []
     selected_entries = 0
     with torch.no_grad():
+        # Room left for tied entries under exact_k: k minus everything strictly above the threshold.
+        room = k - sum(int((score > threshold).sum()) for score in scores.values()) if exact_k else 0
         for name, tensor in current.items():
             # A Python scalar on the right makes torch round it to the tensor's dtype (float16, say)
             # or compare integers in the default float dtype, exactly as FL4Health's comparison does.
-            mask = scores.pop(name) >= threshold
-            positions = np.flatnonzero(mask.reshape(-1).numpy())
+            score = scores.pop(name)
+            if exact_k:
+                positions, room = _exactly(score, threshold, room)
+            else:
+                positions = np.flatnonzero((score >= threshold).reshape(-1).numpy())
             selected_entries += positions.size
             if tensor.dim() == 0 or positions.size == 0:
                 continue
@@ -80,6 +94,18 @@ def select_top_k(
             if sparse is not None:
                 sent.append(sparse)
     return TopKResult(sent, total, k, threshold, selected_entries)
+
+
+def _exactly(
+    score: torch.Tensor, threshold: float, room: int
+) -> tuple[np.ndarray[tuple[int], np.dtype[np.intp]], int]:
+    """Positions above the threshold plus the first ``room`` tied ones; returns the room left."""
+    flat = score.reshape(-1)
+    above = np.flatnonzero((flat > threshold).numpy())
+    if room <= 0:
+        return above, room
+    ties = np.flatnonzero((flat == threshold).numpy())[:room]
+    return np.union1d(above, ties), room - ties.size
 
 
 def _reject_non_finite(name: str, score: torch.Tensor) -> None:

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.grace_seconds,
         help="drain time on SIGTERM (default %(default)s)",
     )
+    s.add_argument(
+        "--model-cache-bytes",
+        type=int,
+        default=defaults.model_cache_bytes,
+        help="initial models kept by digest for reuse; 0 keeps none (default %(default)s)",
+    )
     s.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return parser
 
@@ -55,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_call_bytes=args.max_call_bytes,
             max_workers=args.max_workers,
             grace_seconds=args.grace_seconds,
+            model_cache_bytes=args.model_cache_bytes,
         )
         serve(config)
     return 0

@@ -29,10 +29,13 @@ class ServerConfig:
     grace_seconds: float = 10.0
     """How long ``stop`` lets in-flight calls finish."""
 
+    model_cache_bytes: int = 2 << 30
+    """Initial models kept by digest for reuse (least recently used out first); 0 keeps none."""
+
     def __post_init__(self) -> None:
         if not 0 < self.chunk_size_bytes <= MAX_CHUNK_SIZE_BYTES:
             raise ValueError(f"chunk_size_bytes must be in (0, {MAX_CHUNK_SIZE_BYTES}]")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_call_bytes <= 0 or self.max_workers <= 0:
-            raise ValueError("max_call_bytes and max_workers must be positive")
+        if self.max_call_bytes <= 0 or self.max_workers <= 0 or self.model_cache_bytes < 0:
+            raise ValueError("max_call_bytes and max_workers must be positive, model_cache_bytes >= 0")

@@ -54,6 +54,7 @@ def run_criterion(
             initial,
             sparsity_level=top_k.sparsity_level,
             score_function=SCORE_FUNCTIONS[top_k.score_function],
+            exact_k=top_k.exact_k,
         )
         return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_COO, top_k=result)
     if kind == "drift_threshold":

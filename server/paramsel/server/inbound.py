@@ -89,3 +89,19 @@ def base_state(received: Received, mode: engine.PullMode) -> dict[str, torch.Ten
                 f"{expected.dtype} {list(expected.shape)}"
             )
     return received.state(BASE) or {}
+
+
+# Lossy value dtypes a Select may ask for.
+_VALUE_DTYPES: dict[int, torch.dtype] = {
+    tensor_pb2.DATA_TYPE_FLOAT16: torch.float16,
+    tensor_pb2.DATA_TYPE_BFLOAT16: torch.bfloat16,
+}
+
+
+def value_dtype(value: int) -> torch.dtype | None:
+    """The dtype float values are sent in; None keeps each tensor's own."""
+    if value == tensor_pb2.DATA_TYPE_UNSPECIFIED:
+        return None
+    if value not in _VALUE_DTYPES:
+        raise WireError(f"start.value_dtype: {value} is not DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16")
+    return _VALUE_DTYPES[value]

@@ -47,17 +47,29 @@ def selection_header(selection: Selection) -> service_pb2.SelectionHeader:
     )
 
 
-def select_frames(selection: Selection, encoding: int, size: int) -> Iterator[service_pb2.SelectResponse]:
-    """Select's response: typed sparse tensors, or whole tensors."""
+def _as(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return values.to(dtype) if dtype is not None and values.is_floating_point() else values
+
+
+def select_frames(
+    selection: Selection, encoding: int, size: int, value_dtype: torch.dtype | None = None
+) -> Iterator[service_pb2.SelectResponse]:
+    """Select's response: typed sparse tensors, or whole tensors (values cast to ``value_dtype``)."""
     header = ("header", selection_header(selection))
     if selection.top_k is not None:
-        sparse = [SparseOut(t.name, t.shape, t.values, t.positions) for t in selection.top_k.tensors]
+        sparse = [
+            SparseOut(t.name, t.shape, _as(t.values, value_dtype), t.positions)
+            for t in selection.top_k.tensors
+        ]
         yield from write_frames(
             service_pb2.SelectResponse, header, chunk_size=size, sparse=[(RESULT, sparse, encoding)]
         )
         return
     assert selection.layers is not None
-    named = list(zip(selection.layers.names, selection.layers.tensors, strict=True))
+    named = [
+        (n, _as(t, value_dtype))
+        for n, t in zip(selection.layers.names, selection.layers.tensors, strict=True)
+    ]
     yield from write_frames(service_pb2.SelectResponse, header, chunk_size=size, dense=[(RESULT, named)])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import torch
@@ -11,6 +12,7 @@ from paramsel import engine
 from paramsel.server import inbound, outbound
 from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import run_criterion
+from paramsel.server.models import ModelStore, check_held_early, resolve_initial
 from paramsel.server.status import statuses
 from paramsel.v1 import service_pb2, service_pb2_grpc
 from paramsel.wire import WireError
@@ -34,26 +36,36 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
 
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
+        self._models = ModelStore(config.model_cache_bytes)
+
+    def _read_models(self, frames: Iterator[Any]) -> Received:
+        return inbound.read_models(
+            check_held_early(frames, self._models), max_bytes=self._config.max_call_bytes
+        )
+
+    def _initial(self, start: Any, received: Received) -> dict[str, torch.Tensor] | None:
+        return resolve_initial(start, received.state(inbound.INITIAL), self._models)
 
     def Select(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.SelectResponse]:
         with statuses(context, "Select"):
-            received = inbound.read_models(request_iterator, max_bytes=self._config.max_call_bytes)
+            received = self._read_models(request_iterator)
             start: service_pb2.SelectStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
             encoding = inbound.position_encoding(start.position_encoding)
-            selection = run_criterion(start.criterion, _model(received), received.state(inbound.INITIAL))
-            yield from outbound.select_frames(selection, encoding, size)
+            value_dtype = inbound.value_dtype(start.value_dtype)
+            selection = run_criterion(start.criterion, _model(received), self._initial(start, received))
+            yield from outbound.select_frames(selection, encoding, size, value_dtype)
 
     def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PushResponse]:
         with statuses(context, "Push"):
-            received = inbound.read_models(request_iterator, max_bytes=self._config.max_call_bytes)
+            received = self._read_models(request_iterator)
             start: service_pb2.PushStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
-            selection = run_criterion(start.criterion, _model(received), received.state(inbound.INITIAL))
+            selection = run_criterion(start.criterion, _model(received), self._initial(start, received))
             yield from outbound.push_frames(selection, size)
 
     def Pull(  # noqa: N802 - gRPC method name

@@ -8,8 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from paramsel import engine
+from paramsel.server.models import ModelNotHeldError
 from paramsel.wire import WireError, WireLimitError
 
 log = logging.getLogger("paramsel.server")
@@ -20,7 +24,9 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (WireError, grpc.StatusCode.INVALID_ARGUMENT),
     (engine.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (engine.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelNotHeldError, grpc.StatusCode.FAILED_PRECONDITION),
 )
+DOMAIN = "paramsel.v1"
 
 
 def status_of(error: Exception) -> grpc.StatusCode | None:
@@ -41,7 +47,14 @@ def statuses(context: grpc.ServicerContext, method: str) -> Iterator[None]:
             raise  # the client went away or the call was already aborted: nothing to answer
         code = status_of(error)
         if code is not None:
-            context.abort(code, str(error))
+            reason = getattr(error, "reason", None)
+            if reason is None:
+                context.abort(code, str(error))
+            # A machine-readable reason lets clients act (e.g. re-send the initial model).
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+            status = status_pb2.Status(code=code.value[0], message=str(error), details=[detail])
+            context.abort_with_status(rpc_status.to_status(status))
         incident = uuid.uuid4().hex[:12]
         log.exception("%s failed unexpectedly (incident %s)", method, incident)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (incident {incident})")

@@ -70,19 +70,25 @@ class TopKCriterion(_message.Message):
 
     SPARSITY_LEVEL_FIELD_NUMBER: _builtins.int
     SCORE_FUNCTION_FIELD_NUMBER: _builtins.int
+    EXACT_K_FIELD_NUMBER: _builtins.int
     sparsity_level: _builtins.float
     """Fraction of entries to select, in (0, 1]."""
     score_function: Global___ScoreFunction.ValueType
     """How entries are scored."""
+    exact_k: _builtins.bool
+    """Beyond FL4Health, opt-in: select exactly k entries; of the entries tied at the threshold, those
+    earliest in the state (state order, then row-major) are taken. False keeps FL4Health's rule.
+    """
     def __init__(
         self,
         *,
         sparsity_level: _builtins.float = ...,
         score_function: Global___ScoreFunction.ValueType = ...,
+        exact_k: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["score_function", b"score_function", "sparsity_level", b"sparsity_level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_k", b"exact_k", "score_function", b"score_function", "sparsity_level", b"sparsity_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,45 +26,45 @@ from paramsel.v1 import criteria_pb2 as paramsel_dot_v1_dot_criteria__pb2
 from paramsel.v1 import tensor_pb2 as paramsel_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramsel/v1/service.proto\x12\x0bparamsel.v1\x1a\x1aparamsel/v1/criteria.proto\x1a\x18paramsel/v1/tensor.proto\"\x95\x01\n\x0bSelectStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12\x38\n\x11position_encoding\x18\x02 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\"\x98\x01\n\rSelectRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.paramsel.v1.SelectStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"r\n\x0bTopKSummary\x12\x15\n\rtotal_entries\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x03\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10selected_entries\x18\x04 \x01(\x03\x12\x14\n\x0csent_entries\x18\x05 \x01(\x03\"B\n\x0cLayerSummary\x12\x14\n\x0ctotal_layers\x18\x01 \x01(\x03\x12\x0e\n\x06\x64rifts\x18\x02 \x03(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9e\x01\n\x0fSelectionHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.paramsel.v1.SelectionKind\x12)\n\x05top_k\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.TopKSummaryH\x00\x12+\n\x06layers\x18\x03 \x01(\x0b\x32\x19.paramsel.v1.LayerSummaryH\x00\x42\t\n\x07summary\"\xd5\x01\n\x0eSelectResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"Y\n\tPushStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12!\n\x19response_chunk_size_bytes\x18\x02 \x01(\x03\"\x94\x01\n\x0bPushRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PushStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x9c\x01\n\x0cPushResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x83\x01\n\tPullStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.PullMode\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\"\xf7\x01\n\x0bPullRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PullStartH\x00\x12*\n\x06layout\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.StateLayoutH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"%\n\nPullHeader\x12\x17\n\x0f\x63hanged_tensors\x18\x01 \x01(\x03\"\x97\x01\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramsel.v1.PullHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame*\x89\x01\n\rSelectionKind\x12\x1e\n\x1aSELECTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19SELECTION_KIND_SPARSE_COO\x10\x01\x12\x19\n\x15SELECTION_KIND_LAYERS\x10\x02\x12\x1e\n\x1aSELECTION_KIND_FEDPM_MASKS\x10\x03*S\n\x08PullMode\x12\x19\n\x15PULL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_MODE_REPLACE\x10\x01\x12\x15\n\x11PULL_MODE_SCATTER\x10\x02*\x87\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_KIND_SPARSE_COO\x10\x01\x12\x17\n\x13PAYLOAD_KIND_LAYERS\x10\x02\x12$\n PAYLOAD_KIND_FEDPM_PROBABILITIES\x10\x03\x32\xe4\x01\n\x19ParameterSelectionService\x12\x45\n\x06Select\x12\x1a.paramsel.v1.SelectRequest\x1a\x1b.paramsel.v1.SelectResponse(\x01\x30\x01\x12?\n\x04Push\x12\x18.paramsel.v1.PushRequest\x1a\x19.paramsel.v1.PushResponse(\x01\x30\x01\x12?\n\x04Pull\x12\x18.paramsel.v1.PullRequest\x1a\x19.paramsel.v1.PullResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramsel/v1/service.proto\x12\x0bparamsel.v1\x1a\x1aparamsel/v1/criteria.proto\x1a\x18paramsel/v1/tensor.proto\"\xf9\x01\n\x0bSelectStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12\x38\n\x11position_encoding\x18\x02 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x04 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.paramsel.v1.DataType\"\x98\x01\n\rSelectRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.paramsel.v1.SelectStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"r\n\x0bTopKSummary\x12\x15\n\rtotal_entries\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x03\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10selected_entries\x18\x04 \x01(\x03\x12\x14\n\x0csent_entries\x18\x05 \x01(\x03\"B\n\x0cLayerSummary\x12\x14\n\x0ctotal_layers\x18\x01 \x01(\x03\x12\x0e\n\x06\x64rifts\x18\x02 \x03(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9e\x01\n\x0fSelectionHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.paramsel.v1.SelectionKind\x12)\n\x05top_k\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.TopKSummaryH\x00\x12+\n\x06layers\x18\x03 \x01(\x0b\x32\x19.paramsel.v1.LayerSummaryH\x00\x42\t\n\x07summary\"\xd5\x01\n\x0eSelectResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x91\x01\n\tPushStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12!\n\x19response_chunk_size_bytes\x18\x02 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x03 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\"\x94\x01\n\x0bPushRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PushStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x9c\x01\n\x0cPushResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x83\x01\n\tPullStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.PullMode\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\"\xf7\x01\n\x0bPullRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PullStartH\x00\x12*\n\x06layout\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.StateLayoutH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"%\n\nPullHeader\x12\x17\n\x0f\x63hanged_tensors\x18\x01 \x01(\x03\"\x97\x01\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramsel.v1.PullHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame*\x89\x01\n\rSelectionKind\x12\x1e\n\x1aSELECTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19SELECTION_KIND_SPARSE_COO\x10\x01\x12\x19\n\x15SELECTION_KIND_LAYERS\x10\x02\x12\x1e\n\x1aSELECTION_KIND_FEDPM_MASKS\x10\x03*S\n\x08PullMode\x12\x19\n\x15PULL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_MODE_REPLACE\x10\x01\x12\x15\n\x11PULL_MODE_SCATTER\x10\x02*\x87\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_KIND_SPARSE_COO\x10\x01\x12\x17\n\x13PAYLOAD_KIND_LAYERS\x10\x02\x12$\n PAYLOAD_KIND_FEDPM_PROBABILITIES\x10\x03\x32\xe4\x01\n\x19ParameterSelectionService\x12\x45\n\x06Select\x12\x1a.paramsel.v1.SelectRequest\x1a\x1b.paramsel.v1.SelectResponse(\x01\x30\x01\x12?\n\x04Push\x12\x18.paramsel.v1.PushRequest\x1a\x19.paramsel.v1.PushResponse(\x01\x30\x01\x12?\n\x04Pull\x12\x18.paramsel.v1.PullRequest\x1a\x19.paramsel.v1.PullResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramsel.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SELECTIONKIND']._serialized_start=1943
-  _globals['_SELECTIONKIND']._serialized_end=2080
-  _globals['_PULLMODE']._serialized_start=2082
-  _globals['_PULLMODE']._serialized_end=2165
-  _globals['_PAYLOADKIND']._serialized_start=2168
-  _globals['_PAYLOADKIND']._serialized_end=2303
+  _globals['_SELECTIONKIND']._serialized_start=2100
+  _globals['_SELECTIONKIND']._serialized_end=2237
+  _globals['_PULLMODE']._serialized_start=2239
+  _globals['_PULLMODE']._serialized_end=2322
+  _globals['_PAYLOADKIND']._serialized_start=2325
+  _globals['_PAYLOADKIND']._serialized_end=2460
   _globals['_SELECTSTART']._serialized_start=97
-  _globals['_SELECTSTART']._serialized_end=246
-  _globals['_SELECTREQUEST']._serialized_start=249
-  _globals['_SELECTREQUEST']._serialized_end=401
-  _globals['_TOPKSUMMARY']._serialized_start=403
-  _globals['_TOPKSUMMARY']._serialized_end=517
-  _globals['_LAYERSUMMARY']._serialized_start=519
-  _globals['_LAYERSUMMARY']._serialized_end=585
-  _globals['_SELECTIONHEADER']._serialized_start=588
-  _globals['_SELECTIONHEADER']._serialized_end=746
-  _globals['_SELECTRESPONSE']._serialized_start=749
-  _globals['_SELECTRESPONSE']._serialized_end=962
-  _globals['_PUSHSTART']._serialized_start=964
-  _globals['_PUSHSTART']._serialized_end=1053
-  _globals['_PUSHREQUEST']._serialized_start=1056
-  _globals['_PUSHREQUEST']._serialized_end=1204
-  _globals['_PUSHRESPONSE']._serialized_start=1207
-  _globals['_PUSHRESPONSE']._serialized_end=1363
-  _globals['_PULLSTART']._serialized_start=1366
-  _globals['_PULLSTART']._serialized_end=1497
-  _globals['_PULLREQUEST']._serialized_start=1500
-  _globals['_PULLREQUEST']._serialized_end=1747
-  _globals['_PULLHEADER']._serialized_start=1749
-  _globals['_PULLHEADER']._serialized_end=1786
-  _globals['_PULLRESPONSE']._serialized_start=1789
-  _globals['_PULLRESPONSE']._serialized_end=1940
-  _globals['_PARAMETERSELECTIONSERVICE']._serialized_start=2306
-  _globals['_PARAMETERSELECTIONSERVICE']._serialized_end=2534
+  _globals['_SELECTSTART']._serialized_end=346
+  _globals['_SELECTREQUEST']._serialized_start=349
+  _globals['_SELECTREQUEST']._serialized_end=501
+  _globals['_TOPKSUMMARY']._serialized_start=503
+  _globals['_TOPKSUMMARY']._serialized_end=617
+  _globals['_LAYERSUMMARY']._serialized_start=619
+  _globals['_LAYERSUMMARY']._serialized_end=685
+  _globals['_SELECTIONHEADER']._serialized_start=688
+  _globals['_SELECTIONHEADER']._serialized_end=846
+  _globals['_SELECTRESPONSE']._serialized_start=849
+  _globals['_SELECTRESPONSE']._serialized_end=1062
+  _globals['_PUSHSTART']._serialized_start=1065
+  _globals['_PUSHSTART']._serialized_end=1210
+  _globals['_PUSHREQUEST']._serialized_start=1213
+  _globals['_PUSHREQUEST']._serialized_end=1361
+  _globals['_PUSHRESPONSE']._serialized_start=1364
+  _globals['_PUSHRESPONSE']._serialized_end=1520
+  _globals['_PULLSTART']._serialized_start=1523
+  _globals['_PULLSTART']._serialized_end=1654
+  _globals['_PULLREQUEST']._serialized_start=1657
+  _globals['_PULLREQUEST']._serialized_end=1904
+  _globals['_PULLHEADER']._serialized_start=1906
+  _globals['_PULLHEADER']._serialized_end=1943
+  _globals['_PULLRESPONSE']._serialized_start=1946
+  _globals['_PULLRESPONSE']._serialized_end=2097
+  _globals['_PARAMETERSELECTIONSERVICE']._serialized_start=2463
+  _globals['_PARAMETERSELECTIONSERVICE']._serialized_end=2691
 # @@protoc_insertion_point(module_scope)

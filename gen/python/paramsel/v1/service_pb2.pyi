@@ -118,13 +118,23 @@ class SelectStart(_message.Message):
     CRITERION_FIELD_NUMBER: _builtins.int
     POSITION_ENCODING_FIELD_NUMBER: _builtins.int
     RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    INITIAL_MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    VALUE_DTYPE_FIELD_NUMBER: _builtins.int
     position_encoding: _tensor_pb2.PositionEncoding.ValueType
     """How to encode the positions of sparse results."""
     response_chunk_size_bytes: _builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
+    value_dtype: _tensor_pb2.DataType.ValueType
+    """Send float values as this dtype (DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16; lossy). Unset: each
+    tensor's own dtype. Integer tensors are never converted.
+    """
     @_builtins.property
     def criterion(self) -> _criteria_pb2.Criterion:
         """What to select."""
+
+    @_builtins.property
+    def initial_model_digest(self) -> _tensor_pb2.ModelDigest:
+        """The initial model by content, so that the server can reuse it; see ModelDigest."""
 
     def __init__(
         self,
@@ -132,10 +142,12 @@ class SelectStart(_message.Message):
         criterion: _criteria_pb2.Criterion | None = ...,
         position_encoding: _tensor_pb2.PositionEncoding.ValueType = ...,
         response_chunk_size_bytes: _builtins.int = ...,
+        initial_model_digest: _tensor_pb2.ModelDigest | None = ...,
+        value_dtype: _tensor_pb2.DataType.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "value_dtype", b"value_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,21 +349,27 @@ class PushStart(_message.Message):
 
     CRITERION_FIELD_NUMBER: _builtins.int
     RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    INITIAL_MODEL_DIGEST_FIELD_NUMBER: _builtins.int
     response_chunk_size_bytes: _builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
     @_builtins.property
     def criterion(self) -> _criteria_pb2.Criterion:
         """What to select."""
 
+    @_builtins.property
+    def initial_model_digest(self) -> _tensor_pb2.ModelDigest:
+        """The initial model by content, so that the server can reuse it; see ModelDigest."""
+
     def __init__(
         self,
         *,
         criterion: _criteria_pb2.Criterion | None = ...,
         response_chunk_size_bytes: _builtins.int = ...,
+        initial_model_digest: _tensor_pb2.ModelDigest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "response_chunk_size_bytes", b"response_chunk_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "response_chunk_size_bytes", b"response_chunk_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

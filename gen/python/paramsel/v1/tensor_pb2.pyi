@@ -360,3 +360,37 @@ class Chunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
+
+@_typing.final
+class ModelDigest(_message.Message):
+    """Names a model by its content, so that a server that already holds it need not receive it again.
+
+    Every client of a round starts from the same global model, so the server keeps recently seen initial
+    models by digest (bounded, least recently used out first). A Select or Push whose start names an
+    initial_model_digest and sends no SECTION_INITIAL_MODEL gets the model the server holds, or fails at
+    once, before the upload, with FAILED_PRECONDITION and a google.rpc.ErrorInfo whose reason is
+    "INITIAL_MODEL_NOT_HELD": the client then calls again with the tensors attached. With both a digest
+    and SECTION_INITIAL_MODEL, the server checks the digest against the data (INVALID_ARGUMENT if it
+    differs) and keeps the model for later calls.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.bytes
+    """SHA-256 over the model's tensors in state order, each as: the UTF-8 name's byte length (uint32
+    LE), the name, the DataType (uint32 LE), the number of dimensions (uint32 LE), each dimension
+    (int64 LE), then the tensor's data bytes as they travel. 32 bytes.
+    """
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDigest: _TypeAlias = ModelDigest  # noqa: Y015
