@@ -52,3 +52,40 @@ def test_lossy_value_dtypes(server: RunningServer) -> None:
     np.testing.assert_array_equal(
         plain.sparse[0].values.numpy(), np.array([1.0 + 2**-10 + 2**-13, 3.0], dtype=np.float32)
     )
+
+
+def test_pull_rpc_and_local_pull_agree(server: RunningServer) -> None:
+    from paramsel.v1 import service_pb2
+    from paramsel.wire.streams import SparseOut
+
+    model = nn.Linear(3, 2)
+    layout = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    exchanger = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores, target=server.target)
+    payload = [np.array([4.0, 5.0]), np.array([[0, 2], [1, 1]]), np.array([2, 3]), np.array(["weight"])]
+    remote = Client(target=server.target).pull(
+        service_pb2.PAYLOAD_KIND_SPARSE_COO,
+        layout,
+        sparse=[SparseOut("weight", (2, 3), torch.tensor([4.0, 5.0]), torch.tensor([[0, 2], [1, 1]]))],
+    )
+    exchanger.pull_parameters(payload, model)
+    assert torch.equal(model.weight.detach(), remote["weight"])
+    assert model.weight.tolist() == [[0.0, 0.0, 4.0], [0.0, 5.0, 0.0]]
+
+
+def test_local_pull_errors_are_paramsel_errors() -> None:
+    import pytest
+
+    from paramsel.client import ParamselError, StatusCode
+
+    exchanger = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
+    model = nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    for payload, message in [
+        ([np.array([1.0]), np.array([[0, 0]]), np.array([2, 3]), np.array(["nope"])], "does not have"),
+        ([np.array([1.0]), np.array([[0, 3]]), np.array([2, 3]), np.array(["weight"])], "out of range"),
+        ([np.array([1.0]), np.array([[0, 0]]), np.array([3, 2]), np.array(["weight"])], "shape"),
+    ]:
+        with pytest.raises(ParamselError, match=message) as err:
+            exchanger.pull_parameters(payload, model)
+        assert err.value.status is StatusCode.INVALID_ARGUMENT
+    assert torch.equal(model.weight.detach(), before)

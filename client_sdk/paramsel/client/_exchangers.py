@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from paramsel import engine
 from paramsel.client._client import Client
 from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
+from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.v1 import service_pb2
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES
-from paramsel.wire.positions import flat_to_coo
-from paramsel.wire.streams import SparseOut
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire.positions import coo_to_flat, flat_to_coo
 
 Config = dict[str, Any]
 SparseInfo = tuple[NDArrays, NDArrays, list[str]]
-_PULL_MODES = {"replace": service_pb2.PULL_MODE_REPLACE, "scatter": service_pb2.PULL_MODE_SCATTER}
+_PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}
+
+
+@contextmanager
+def local_errors() -> Iterator[None]:
+    """Errors of work done in this process surface as the same ParamselError a server would give."""
+    try:
+        yield
+    except (WireError, engine.EngineError) as error:
+        status = (
+            StatusCode.FAILED_PRECONDITION
+            if isinstance(error, engine.FailedPrecondition)
+            else StatusCode.INVALID_ARGUMENT
+        )
+        raise ParamselError(status, str(error)) from None
 
 
 class SparseCooParameterExchanger:
@@ -89,28 +105,20 @@ class SparseCooParameterExchanger:
         return [*arrays, np.array([name for name, _ in result.arrays[:n]])]
 
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
-        """Replaces each named tensor by its densified COO tensor (or scatters into it) and loads strictly."""
+        """Replaces each named tensor by its densified COO tensor (or scatters into it).
+
+        Applied in this process by the engine the server runs, straight into the model's tensors:
+        a round trip would only carry the payload there and the dense tensors back.
+        """
         values, (indices, shapes, names) = self.unpack_parameters(parameters)
-        sparse = [
-            SparseOut(
-                name, tuple(int(d) for d in shape), to_tensor(v), to_tensor(np.asarray(i, dtype=np.int64))
-            )
-            for v, i, shape, name in zip(values, indices, shapes, names, strict=True)
-        ]
-        state = state_of(model)
-        base = (
-            [(s.name, state[s.name]) for s in sparse if s.name in state]
-            if self.pull_mode == "scatter"
-            else []
-        )
-        changed = self.client.pull(
-            service_pb2.PAYLOAD_KIND_SPARSE_COO,
-            state,
-            sparse=sparse,
-            mode=_PULL_MODES[self.pull_mode],
-            base=base,
-        )
-        load_changed(model, changed)
+        with local_errors():
+            payload = []
+            for v, i, shape, name in zip(values, indices, shapes, names, strict=True):
+                dense_shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+                coords = np.asarray(i, dtype=np.int64).reshape(-1, len(dense_shape))
+                flat = coo_to_flat(coords, dense_shape, what=f"payload tensor '{name}'")
+                payload.append(engine.SparseTensor(name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
+            engine.pull_sparse_into(model.state_dict(), payload, mode=_PULL_MODES[self.pull_mode])
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
         indices, shapes, names = additional_parameters
@@ -128,9 +136,12 @@ class SparseCooParameterExchanger:
 
 
 class DynamicLayerExchanger:
-    """Whole layers picked by a layer selection function (FL4Health's class of the same name)."""
+    """Whole layers picked by a layer selection function (FL4Health's class of the same name).
 
-    _payload_kind = service_pb2.PAYLOAD_KIND_LAYERS
+    Pulls are applied in this process by the engine the server runs.
+    """
+
+    _pull = staticmethod(engine.pull_layers)
 
     def __init__(
         self,
@@ -160,7 +171,10 @@ class DynamicLayerExchanger:
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
         arrays, names = self.unpack_parameters(parameters)
         tensors = [(name, to_tensor(a)) for name, a in zip(names, arrays, strict=True)]
-        load_changed(model, self.client.pull(self._payload_kind, state_of(model), tensors=tensors))
+        state = model.state_dict()
+        specs = [engine.TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+        with local_errors():
+            load_changed(model, self._pull(specs, tensors))
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: list[str]) -> NDArrays:
         return [*model_weights, np.array(additional_parameters)]
@@ -178,7 +192,7 @@ class FedPmExchanger(DynamicLayerExchanger):
     ``seed`` makes the mask sampling repeatable (FL4Health's sampling is unseeded, as is the default).
     """
 
-    _payload_kind = service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES
+    _pull = staticmethod(engine.pull_fedpm)
 
     def __init__(
         self,

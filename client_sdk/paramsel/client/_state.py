@@ -30,8 +30,12 @@ def to_tensor(array: NDArray) -> torch.Tensor:
 
 
 def load_changed(model: nn.Module, changed: Mapping[str, torch.Tensor]) -> None:
-    """Writes the changed tensors into the model and loads the whole state strictly, as FL4Health does."""
+    """Writes the changed tensors into the model's own tensors.
+
+    FL4Health rebuilds the whole state and loads it strictly; writing only the named entries has the
+    same effect (names and shapes were checked by the engine) without copying the untouched ones.
+    """
     state = model.state_dict()
-    for name, tensor in changed.items():
-        state[name] = tensor
-    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for name, tensor in changed.items():
+            state[name].copy_(tensor)

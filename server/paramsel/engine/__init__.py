@@ -7,7 +7,7 @@ calls and maps :class:`EngineError` subclasses to status codes.
 from .errors import EngineError, FailedPrecondition, InvalidArgument
 from .fedpm import sample_fedpm_masks
 from .layers import LayerResult, drift_norms, select_layers_by_percentage, select_layers_by_threshold
-from .pull import PullMode, pull_fedpm, pull_layers, pull_sparse
+from .pull import PullMode, pull_fedpm, pull_layers, pull_sparse, pull_sparse_into
 from .scores import ScoreFunction, score_tensors
 from .state import State, TensorSpec, check_same_layout
 from .topk import SparseTensor, TopKResult, select_top_k
@@ -28,6 +28,7 @@ __all__ = [
     "pull_fedpm",
     "pull_layers",
     "pull_sparse",
+    "pull_sparse_into",
     "sample_fedpm_masks",
     "score_tensors",
     "select_layers_by_percentage",

@@ -150,3 +150,33 @@ def _scatter(
         values = torch.zeros(positions.numel(), dtype=values.dtype).index_add_(0, inverse, values)
     flat[positions] = values.to(spec.dtype)
     return flat.reshape(spec.shape)
+
+
+def pull_sparse_into(
+    targets: State, payload: Sequence[SparseTensor], *, mode: PullMode = PullMode.REPLACE
+) -> list[str]:
+    """``pull_sparse`` written straight into ``targets`` (the model's own tensors); returns the names.
+
+    Same result as ``pull_sparse`` followed by a copy, without the dense temporaries: when a tensor's
+    positions strictly increase (no duplicates to sum, the normal case), its values are cast and
+    written in place - on a zeroed tensor for REPLACE. Anything else takes the general path.
+    """
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in targets.items()]
+    _specs_for(specs, [(item.name, item.shape) for item in payload])
+    # Every check comes before the first write, so a refused payload leaves the model as it was.
+    checked = [
+        (item, targets[item.name], _checked_positions(item, targets[item.name].numel())) for item in payload
+    ]
+    with torch.no_grad():
+        for item, target, positions in checked:
+            increasing = positions.numel() < 2 or bool((positions[1:] > positions[:-1]).all())
+            if increasing and target.is_contiguous():
+                if mode is PullMode.REPLACE:
+                    target.zero_()
+                values = item.values.detach().to(device=target.device, dtype=target.dtype)
+                target.view(-1).index_copy_(0, positions.to(target.device), values)
+            else:
+                general = SparseTensor(item.name, item.shape, item.values.cpu(), positions.cpu())
+                base = {item.name: target.cpu()}
+                target.copy_(pull_sparse(specs, [general], mode=mode, base=base)[item.name])
+    return [item.name for item in payload]

@@ -1,0 +1,67 @@
+"""pull_sparse_into: the same result as pull_sparse, written into the model's own tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paramsel.engine import InvalidArgument, PullMode, SparseTensor, pull_sparse_into
+
+
+def _payload(
+    positions: list[int], values: list[float], shape: tuple[int, ...] = (2, 3)
+) -> list[SparseTensor]:
+    return [SparseTensor("w", shape, torch.tensor(values), torch.tensor(positions))]
+
+
+def test_replace_zeroes_the_rest_in_place() -> None:
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 1
+    storage = w.data_ptr()
+    assert pull_sparse_into({"w": w}, _payload([1, 5], [10.0, 20.0])) == ["w"]
+    assert w.tolist() == [[0.0, 10.0, 0.0], [0.0, 0.0, 20.0]]
+    assert w.data_ptr() == storage
+
+
+def test_scatter_keeps_the_rest() -> None:
+    w = torch.ones(2, 3)
+    pull_sparse_into({"w": w}, _payload([0, 4], [7.0, 8.0]), mode=PullMode.SCATTER)
+    assert w.tolist() == [[7.0, 1.0, 1.0], [1.0, 8.0, 1.0]]
+
+
+def test_duplicates_and_disorder_take_the_general_path() -> None:
+    # FL4Health's densifying pull sums duplicates: 1 + 2 at position 3, and order does not matter.
+    w = torch.full((2, 3), 9.0)
+    pull_sparse_into({"w": w}, _payload([3, 0, 3], [1.0, 5.0, 2.0]))
+    assert w.tolist() == [[5.0, 0.0, 0.0], [3.0, 0.0, 0.0]]
+
+
+def test_values_are_cast_to_the_model_dtype() -> None:
+    w = torch.zeros(2, 3, dtype=torch.float16)
+    payload = [
+        SparseTensor("w", (2, 3), torch.tensor([1.0 + 2**-13], dtype=torch.float64), torch.tensor([2]))
+    ]
+    pull_sparse_into({"w": w}, payload)
+    assert w.dtype == torch.float16
+    assert w.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]  # 1 + 2**-13 rounds to 1 in float16
+
+
+def test_refusals_leave_the_model_untouched() -> None:
+    w = torch.ones(2, 3)
+    with pytest.raises(InvalidArgument, match="outside"):
+        pull_sparse_into({"w": w}, _payload([6], [1.0]))
+    with pytest.raises(InvalidArgument, match="does not have"):
+        pull_sparse_into({"w": w}, [SparseTensor("v", (2, 3), torch.ones(1), torch.tensor([0]))])
+    with pytest.raises(InvalidArgument, match="shape"):
+        pull_sparse_into({"w": w}, _payload([0], [1.0], shape=(3, 2)))
+    assert w.tolist() == [[1.0] * 3] * 2
+
+
+def test_a_bad_second_tensor_stops_the_first_from_being_written() -> None:
+    w, v = torch.ones(2, 3), torch.ones(4)
+    payload = [
+        SparseTensor("w", (2, 3), torch.tensor([5.0]), torch.tensor([0])),
+        SparseTensor("v", (4,), torch.tensor([5.0]), torch.tensor([4])),
+    ]
+    with pytest.raises(InvalidArgument, match="'v'"):
+        pull_sparse_into({"w": w, "v": v}, payload)
+    assert w.tolist() == [[1.0] * 3] * 2
