@@ -26,6 +26,7 @@ def test_public_names_are_pinned() -> None:
         "pull_fedpm",
         "pull_layers",
         "pull_sparse",
+        "pull_sparse_into",
         "sample_fedpm_masks",
         "score_tensors",
         "select_layers_by_percentage",
