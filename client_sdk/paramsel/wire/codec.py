@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from paramsel.v1 import tensor_pb2
+from paramsel.wire.compact import bitmap_nbytes, check_distinct, elias_fano_nbytes
 from paramsel.wire.dtypes import dtype_from_proto, dtype_to_proto, itemsize
 from paramsel.wire.errors import WireError
 
@@ -96,13 +97,57 @@ def dense_decl(spec: tensor_pb2.TensorSpec, *, what: str) -> DenseDecl:
     return DenseDecl(spec.name, dtype, shape)
 
 
-def expected_positions_nbytes(encoding: int, nnz: int, ndim: int) -> int:
-    """Bytes the positions of ``nnz`` values take in ``encoding``."""
-    if encoding == tensor_pb2.POSITION_ENCODING_COO_INT64:
-        return nnz * ndim * 8
-    if encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64:
+_COO = tensor_pb2.POSITION_ENCODING_COO_INT64
+_FLAT = tensor_pb2.POSITION_ENCODING_FLAT_INT64
+_BITMAP = tensor_pb2.POSITION_ENCODING_BITMAP
+_ELIAS_FANO = tensor_pb2.POSITION_ENCODING_ELIAS_FANO
+_COMPACT = tensor_pb2.POSITION_ENCODING_COMPACT
+
+
+def encoding_name(encoding: int) -> str:
+    try:
+        return tensor_pb2.PositionEncoding.Name(encoding)  # type: ignore[arg-type]
+    except ValueError:
+        return f"position encoding {encoding}"
+
+
+def expected_positions_nbytes(encoding: int, nnz: int, shape: tuple[int, ...]) -> int:
+    """Bytes the positions of ``nnz`` values of a tensor of dense ``shape`` take in ``encoding``.
+
+    BITMAP and ELIAS_FANO code distinct positions, so nnz beyond numel(shape) is refused for them.
+    COMPACT is no encoding of its own (a request asks for it; a tensor declares what it got) and is
+    refused like an unknown value.
+    """
+    if encoding == _COO:
+        return nnz * len(shape) * 8
+    if encoding == _FLAT:
         return nnz * 8
+    if encoding in (_BITMAP, _ELIAS_FANO):
+        numel = math.prod(shape)
+        check_distinct(nnz, numel, encoding_name(encoding))
+        return bitmap_nbytes(numel) if encoding == _BITMAP else elias_fano_nbytes(nnz, numel)
+    if encoding == _COMPACT:
+        raise WireError(
+            "POSITION_ENCODING_COMPACT is only a request; a tensor declares BITMAP or ELIAS_FANO instead"
+        )
     raise WireError(f"unknown position encoding {encoding}")
+
+
+def choose_encoding(requested: int, nnz: int, shape: tuple[int, ...]) -> int:
+    """The encoding a tensor of ``nnz`` values and dense ``shape`` is sent in when ``requested`` is asked.
+
+    COMPACT becomes whichever of BITMAP and ELIAS_FANO takes fewer bytes (ELIAS_FANO on a tie);
+    UNSPECIFIED becomes COO_INT64; any other known encoding is kept as it is.
+    """
+    if requested == tensor_pb2.POSITION_ENCODING_UNSPECIFIED:
+        return _COO
+    if requested == _COMPACT:
+        bitmap = expected_positions_nbytes(_BITMAP, nnz, shape)
+        elias_fano = expected_positions_nbytes(_ELIAS_FANO, nnz, shape)
+        return _BITMAP if bitmap < elias_fano else _ELIAS_FANO
+    if requested not in (_COO, _FLAT, _BITMAP, _ELIAS_FANO):
+        raise WireError(f"unknown position encoding {requested}")
+    return requested
 
 
 def sparse_decl(spec: tensor_pb2.SparseTensorSpec, *, what: str) -> SparseDecl:
@@ -114,15 +159,15 @@ def sparse_decl(spec: tensor_pb2.SparseTensorSpec, *, what: str) -> SparseDecl:
     _check_shape(shape, where)
     if spec.nnz < 0:
         raise WireError(f"{where}: nnz is negative ({spec.nnz})")
-    encoding = spec.position_encoding or tensor_pb2.POSITION_ENCODING_COO_INT64
+    encoding = spec.position_encoding or _COO
     try:
-        expected = expected_positions_nbytes(encoding, spec.nnz, len(shape))
+        expected = expected_positions_nbytes(encoding, spec.nnz, shape)
     except WireError as err:
         raise WireError(f"{where}: {err}") from None
     if spec.positions_size_bytes != expected:
         raise WireError(
             f"{where}: positions_size_bytes is {spec.positions_size_bytes} but {spec.nnz} positions of a "
-            f"{len(shape)}-d tensor take {expected} bytes in {tensor_pb2.PositionEncoding.Name(encoding)}"
+            f"tensor of shape {list(shape)} take {expected} bytes in {encoding_name(encoding)}"
         )
     return SparseDecl(spec.name, dtype, shape, int(spec.nnz), encoding, expected)
 

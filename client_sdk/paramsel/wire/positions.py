@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from paramsel.v1 import tensor_pb2
+from paramsel.wire.codec import choose_encoding, expected_positions_nbytes
+from paramsel.wire.compact import decode_bitmap, decode_elias_fano, encode_bitmap, encode_elias_fano
 from paramsel.wire.errors import WireError
 
 
@@ -43,14 +45,23 @@ def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) 
     """Bytes of ``flat`` positions in ``encoding``.
 
     For COO_INT64, ``flat`` may also be an (nnz, ndim) coordinate array already in COO form; it is sent
-    as it is, so that the receiver checks each coordinate against the shape.
+    as it is, so that the receiver checks each coordinate against the shape. BITMAP and ELIAS_FANO take
+    strictly increasing flat positions inside the shape and refuse anything else. COMPACT sends whichever
+    of those two :func:`~paramsel.wire.codec.choose_encoding` picks for ``flat.numel()`` positions; call
+    it too to learn which, for the tensor's declaration.
     """
+    if encoding == tensor_pb2.POSITION_ENCODING_COMPACT:
+        encoding = choose_encoding(encoding, flat.numel(), shape)
     if encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64 or (
         encoding == tensor_pb2.POSITION_ENCODING_COO_INT64 and flat.dim() == 2
     ):
         array = flat.to(torch.int64).contiguous().numpy()
     elif encoding == tensor_pb2.POSITION_ENCODING_COO_INT64:
         array = np.ascontiguousarray(flat_to_coo(flat.to(torch.int64), shape))
+    elif encoding == tensor_pb2.POSITION_ENCODING_BITMAP:
+        array = encode_bitmap(flat.to(torch.int64).numpy(), math.prod(shape))
+    elif encoding == tensor_pb2.POSITION_ENCODING_ELIAS_FANO:
+        array = encode_elias_fano(flat.to(torch.int64).numpy(), math.prod(shape))
     else:
         raise WireError(f"unknown position encoding {encoding}")
     return memoryview(array.view(np.uint8).reshape(-1)).cast("B")  # type: ignore[arg-type]
@@ -59,16 +70,29 @@ def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) 
 def decode_positions(
     data: torch.Tensor, nnz: int, shape: tuple[int, ...], encoding: int, *, what: str
 ) -> torch.Tensor:
-    """Flat int64 positions from their encoded bytes (``data``: 1-D uint8), checked against ``shape``."""
+    """Flat int64 positions from their encoded bytes (``data``: 1-D uint8), checked against ``shape``.
+
+    BITMAP and ELIAS_FANO positions come back strictly increasing; COO_INT64 and FLAT_INT64 ones in the
+    order they were sent.
+    """
+    numel = math.prod(shape)
+    if encoding == tensor_pb2.POSITION_ENCODING_BITMAP:
+        return torch.from_numpy(decode_bitmap(data.numpy(), nnz, numel, what=what))
+    if encoding == tensor_pb2.POSITION_ENCODING_ELIAS_FANO:
+        return torch.from_numpy(decode_elias_fano(data.numpy(), nnz, numel, what=what))
+    if encoding not in (tensor_pb2.POSITION_ENCODING_COO_INT64, tensor_pb2.POSITION_ENCODING_FLAT_INT64):
+        try:
+            expected_positions_nbytes(encoding, nnz, shape)  # names COMPACT or the unknown value
+        except WireError as err:
+            raise WireError(f"{what}: {err}") from None
+    if data.numel() % 8:
+        raise WireError(f"{what}: int64 positions take a multiple of 8 bytes, got {data.numel()}")
     raw = data.numpy().view(np.int64) if data.numel() else np.zeros(0, dtype=np.int64)
     if encoding == tensor_pb2.POSITION_ENCODING_COO_INT64:
         flat = coo_to_flat(raw.reshape(nnz, len(shape)), shape, what=what)
     elif encoding == tensor_pb2.POSITION_ENCODING_FLAT_INT64:
         flat = raw
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if nnz and (flat.min() < 0 or flat.max() >= numel):
             bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
             raise WireError(f"{what}: position {bad} is out of range for a tensor of {numel} elements")
-    else:
-        raise WireError(f"{what}: unknown position encoding {encoding}")
     return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64))

@@ -16,7 +16,9 @@ from paramsel.v1 import tensor_pb2
 from paramsel.wire.codec import (
     DenseDecl,
     SparseDecl,
+    choose_encoding,
     dense_decl,
+    expected_positions_nbytes,
     sparse_decl,
     tensor_bytes,
     tensor_from_bytes,
@@ -170,9 +172,16 @@ def _check_bools(
             raise WireError(f"{section_name(section)} '{name}': bool bytes must be 0 or 1")
 
 
+# Encodings that code a set: their positions must be distinct, increasing and one per value.
+_CODES_SETS = (tensor_pb2.POSITION_ENCODING_BITMAP, tensor_pb2.POSITION_ENCODING_ELIAS_FANO)
+
+
 @dataclass(frozen=True)
 class SparseOut:
-    """A sparse tensor to send: flat int64 positions (or, for COO_INT64, (nnz, ndim) coordinates)."""
+    """A sparse tensor to send: flat int64 positions (or, for COO_INT64, (nnz, ndim) coordinates).
+
+    BITMAP, ELIAS_FANO and COMPACT need one strictly increasing flat position per value.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -192,9 +201,11 @@ def write_frames(
     """The frames of a stream of ``message``: first frame, declarations, then every section's chunks.
 
     ``dense`` is (section, named tensors); ``sparse`` is (section, tensors, position encoding); a
-    section appears once. Declarations are built now, so that a tensor that cannot be sent raises
-    :class:`WireError` here rather than inside gRPC's request thread; the chunks are cut lazily.
-    Manifests are split so that no frame carries more than about ``chunk_size`` bytes.
+    section appears once. With POSITION_ENCODING_COMPACT each tensor goes in whichever of BITMAP and
+    ELIAS_FANO is smaller (:func:`~paramsel.wire.codec.choose_encoding`), and its spec declares which.
+    Declarations are built now, so that a tensor that cannot be sent raises :class:`WireError` here
+    rather than inside gRPC's request thread; the chunks are cut lazily. Manifests are split so that no
+    frame carries more than about ``chunk_size`` bytes.
     """
     check_chunk_size(chunk_size)
     frames = [message(**{first[0]: first[1]})]
@@ -211,20 +222,37 @@ def write_frames(
         ]
         segments.append((section, [tensor_bytes(t) for _, t in named]))
     for section, tensors, encoding in sparse:
-        encoded = [(t, encode_positions(t.positions, t.shape, encoding)) for t in tensors]
+        encoded = [_encode_sparse(section, t, encoding) for t in tensors]
         sparse_specs = [
-            SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), encoding, len(pos)).to_proto()
-            for t, pos in encoded
+            SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), chosen, len(pos)).to_proto()
+            for t, chosen, pos in encoded
         ]
         frames += [
             message(sparse_tensors=tensor_pb2.SparseManifest(section=section, tensors=b))  # type: ignore[arg-type]
             for b in spec_batches(sparse_specs, chunk_size)
         ]
         data: list[memoryview] = []
-        for t, pos in encoded:
+        for t, _, pos in encoded:
             data += [tensor_bytes(t.values), pos]
         segments.append((section, data))
     return _emit(message, frames, segments, chunk_size)
+
+
+def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut, int, memoryview]:
+    """The tensor, the concrete encoding it is sent in (COMPACT resolved), and its positions' bytes."""
+    try:
+        nnz = t.values.numel()
+        chosen = choose_encoding(encoding, nnz, t.shape)
+        if chosen not in _CODES_SETS:
+            return t, chosen, encode_positions(t.positions, t.shape, chosen)
+        expected = expected_positions_nbytes(chosen, nnz, t.shape)  # refuses nnz > numel
+        if t.positions.dim() == 1 and t.positions.numel() != nnz:  # other shapes: encode_positions refuses
+            raise WireError(f"{nnz} values but {t.positions.numel()} positions")
+        positions = encode_positions(t.positions, t.shape, chosen)
+        assert len(positions) == expected, (len(positions), expected)
+        return t, chosen, positions
+    except WireError as err:
+        raise WireError(f"{section_name(section)} '{t.name}': {err}") from None
 
 
 def _emit(
