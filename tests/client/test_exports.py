@@ -25,6 +25,7 @@ def test_public_exports_are_pinned() -> None:
         "smallest_final_magnitude_scores",
         "smallest_increase_in_magnitude_scores",
         "smallest_magnitude_change_scores",
+        "unpack_compact",
     ]
     for name in paramsel.client.__all__:
         value = getattr(paramsel.client, name)

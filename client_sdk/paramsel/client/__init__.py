@@ -9,6 +9,7 @@ embedded in this process (started on first use). Failures raise :class:`Paramsel
 """
 
 from paramsel.client._client import Client, PushResult, SelectResult
+from paramsel.client._compact import unpack_compact
 from paramsel.client._criteria import (
     LayerSelectionFunction,
     LayerSelectionFunctionConstructor,
@@ -43,4 +44,5 @@ __all__ = [
     "smallest_final_magnitude_scores",
     "smallest_increase_in_magnitude_scores",
     "smallest_magnitude_change_scores",
+    "unpack_compact",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,25 @@ class SelectResult:
     header: service_pb2.SelectionHeader
     sparse: list[SparseData]
     tensors: list[tuple[str, torch.Tensor]]
+    frames: list[service_pb2.SelectResponse] | None = None
+    """The response frames as they came off the wire, when asked for (``keep_frames``)."""
+
+
+def read_selection(responses: Iterable[service_pb2.SelectResponse]) -> Received:
+    """Decodes the frames of a Select response."""
+    return read_frames(
+        responses,
+        first="header",
+        dense_sections=RESULT,
+        sparse_sections=RESULT,
+        max_bytes=_MAX_RESPONSE_BYTES,
+    )
+
+
+def _keeping(responses: Iterable[Any], kept: list[Any]) -> Iterator[Any]:
+    for response in responses:
+        kept.append(response)
+        yield response
 
 
 @dataclass(frozen=True)
@@ -103,9 +122,10 @@ class Client:
         model: Mapping[str, torch.Tensor],
         initial: Mapping[str, torch.Tensor] | None = None,
         *,
-        position_encoding: int = tensor_pb2.POSITION_ENCODING_FLAT_INT64,
+        position_encoding: int = tensor_pb2.POSITION_ENCODING_COMPACT,
         value_dtype: int = tensor_pb2.DATA_TYPE_UNSPECIFIED,
         reuse_initial: bool = True,
+        keep_frames: bool = False,
     ) -> SelectResult:
         """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it."""
 
@@ -126,14 +146,11 @@ class Client:
             )
 
             def read(responses: Any) -> SelectResult:
-                got = read_frames(
-                    responses,
-                    first="header",
-                    dense_sections=RESULT,
-                    sparse_sections=RESULT,
-                    max_bytes=_MAX_RESPONSE_BYTES,
+                kept: list[service_pb2.SelectResponse] | None = [] if keep_frames else None
+                got = read_selection(_keeping(responses, kept) if kept is not None else responses)
+                return SelectResult(
+                    got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got), kept
                 )
-                return SelectResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
 
             return self._call(self._stub().Select, frames, read, upload_bytes=_nbytes(model, initial))
 

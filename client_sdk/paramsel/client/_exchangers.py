@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from paramsel import engine
-from paramsel.client._client import Client
+from paramsel.client._client import Client, SelectResult
+from paramsel.client._compact import compact_payload, fl4health_sparse
 from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
-from paramsel.wire.positions import coo_to_flat, flat_to_coo
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
+from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
 SparseInfo = tuple[NDArrays, NDArrays, list[str]]
@@ -79,30 +80,46 @@ class SparseCooParameterExchanger:
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, SparseInfo]:
         """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
-        result = self.client.select(
-            self.criterion,
-            state_of(model),
-            state_of(initial_model) if initial_model else None,
-            reuse_initial=self.reuse_initial_model,
-        )
-        values = [to_numpy(s.values) for s in result.sparse]
-        indices = [flat_to_coo(s.positions, s.decl.shape) for s in result.sparse]
-        shapes = [np.array(list(s.decl.shape), dtype=np.int64) for s in result.sparse]
-        return values, (indices, shapes, [s.decl.name for s in result.sparse])
+        return fl4health_sparse(self._select(model, initial_model).sparse)
 
     def push_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
     ) -> NDArrays:
-        """[values..., indices..., shapes..., names], FL4Health's packed list."""
-        result = self.client.push(
+        """[values..., indices..., shapes..., names], FL4Health's packed list.
+
+        The selection travels compactly (raw values, Elias-Fano or bitmap positions) and is expanded
+        to FL4Health's layout here.
+        """
+        return self.pack_parameters(*self.select_parameters(model, initial_model))
+
+    def push_compact(
+        self,
+        model: nn.Module,
+        initial_model: nn.Module | None = None,
+        *,
+        value_dtype: torch.dtype | None = None,
+    ) -> bytes:
+        """The selection as a compact payload (about 4.7 B per float32 value at 10 %), for clients that
+        ship it to their aggregator; ``unpack_compact`` turns it into FL4Health's packed list.
+        ``value_dtype`` (torch.float16 or torch.bfloat16) makes the values lossy and smaller."""
+        return compact_payload(self._select(model, initial_model, value_dtype, keep_frames=True).frames or [])
+
+    def _select(
+        self,
+        model: nn.Module,
+        initial_model: nn.Module | None,
+        value_dtype: torch.dtype | None = None,
+        *,
+        keep_frames: bool = False,
+    ) -> SelectResult:
+        return self.client.select(
             self.criterion,
             state_of(model),
             state_of(initial_model) if initial_model else None,
+            value_dtype=dtype_to_proto(value_dtype) if value_dtype is not None else 0,
             reuse_initial=self.reuse_initial_model,
+            keep_frames=keep_frames,
         )
-        arrays = [to_numpy(t) for _, t in result.arrays]
-        n = len(arrays) // 3
-        return [*arrays, np.array([name for name, _ in result.arrays[:n]])]
 
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
         """Replaces each named tensor by its densified COO tensor (or scatters into it).

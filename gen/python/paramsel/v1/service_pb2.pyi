@@ -590,3 +590,30 @@ class PullResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___PullResponse: _TypeAlias = PullResponse  # noqa: Y015
+
+@_typing.final
+class SelectionPayload(_message.Message):
+    """A selection as one self-contained blob, for clients that forward the compact payload to their
+    aggregator instead of FL4Health's packed list: the frames of a Select response, in order. Decode it
+    as a Select response stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___SelectResponse]:
+        """The response frames: header, manifests, chunks."""
+
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___SelectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelectionPayload: _TypeAlias = SelectionPayload  # noqa: Y015

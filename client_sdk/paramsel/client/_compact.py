@@ -1,0 +1,46 @@
+"""The compact payload: a selection as one blob (SelectionPayload), and its expansion to FL4Health's lists."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from paramsel.client._client import read_selection
+from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._state import NDArrays, to_numpy
+from paramsel.v1 import service_pb2, tensor_pb2
+from paramsel.wire import WireError
+from paramsel.wire.positions import flat_to_coo
+from paramsel.wire.streams import SparseData
+
+SparseInfo = tuple[NDArrays, NDArrays, list[str]]
+
+
+def fl4health_sparse(sparse: Sequence[SparseData]) -> tuple[NDArrays, SparseInfo]:
+    """(values, (indices, shapes, names)) as FL4Health's select_parameters returns them."""
+    values = [to_numpy(s.values) for s in sparse]
+    indices = [flat_to_coo(s.positions, s.decl.shape) for s in sparse]
+    shapes = [np.array(list(s.decl.shape), dtype=np.int64) for s in sparse]
+    return values, (indices, shapes, [s.decl.name for s in sparse])
+
+
+def compact_payload(frames: Sequence[service_pb2.SelectResponse]) -> bytes:
+    return service_pb2.SelectionPayload(frames=frames).SerializeToString()
+
+
+def unpack_compact(payload: bytes) -> NDArrays:
+    """FL4Health's packed list from a compact payload: [values..., indices..., shapes..., names] for a
+    sparse selection, [arrays..., names] for whole layers."""
+    try:
+        frames = service_pb2.SelectionPayload.FromString(payload).frames
+        got = read_selection(frames)
+    except (WireError, DecodeError) as error:
+        raise ParamselError(StatusCode.INVALID_ARGUMENT, f"not a paramsel compact payload: {error}") from None
+    sparse = got.sparse.get(tensor_pb2.SECTION_RESULT, [])
+    if sparse:
+        values, (indices, shapes, names) = fl4health_sparse(sparse)
+        return [*values, *indices, *shapes, np.array(names)]
+    dense = got.dense.get(tensor_pb2.SECTION_RESULT, [])
+    return [*(to_numpy(t) for _, t in dense), np.array([d.name for d, _ in dense])]
