@@ -101,11 +101,12 @@ def _exactly(
 ) -> tuple[np.ndarray[tuple[int], np.dtype[np.intp]], int]:
     """Positions above the threshold plus the first ``room`` tied ones; returns the room left."""
     flat = score.reshape(-1)
-    above = np.flatnonzero((flat > threshold).numpy())
-    if room <= 0:
-        return above, room
-    ties = np.flatnonzero((flat == threshold).numpy())[:room]
-    return np.union1d(above, ties), room - ties.size
+    mask = (flat > threshold).numpy()
+    if room > 0:
+        ties = np.flatnonzero((flat == threshold).numpy())[:room]
+        mask[ties] = True  # a mask, not a merge of sorted lists: O(n), no sort
+        room -= ties.size
+    return np.flatnonzero(mask), room
 
 
 def _reject_non_finite(name: str, score: torch.Tensor) -> None:
