@@ -1,9 +1,9 @@
 # One entry point for every task. Each target sets up what it needs first (the .venv stamp).
 PY := .venv/bin/python
 STAMP := .venv/.installed
-SOURCES := server client_sdk tests examples
+SOURCES := server client_sdk tests examples benchmarks
 
-.PHONY: setup proto check-proto lint format test demo serve ci clean
+.PHONY: setup proto check-proto lint format test demo bench serve ci clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test: setup  ## the whole test suite
 
 demo: setup  ## the main job: a federated example client against a separately started server
 	scripts/demo.sh
+
+bench: setup  ## every issue-3 target side by side; writes benchmarks/results/latest.json
+	$(PY) -m benchmarks.run
 
 serve: setup
 	.venv/bin/paramsel serve
