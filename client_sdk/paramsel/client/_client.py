@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._target import channel_for, resolve_target
-from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.digest import model_digest
+from paramsel.wire.fastframes import frame_parser, serialize_frame
 from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
 
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
@@ -34,7 +35,7 @@ class SelectResult:
     header: service_pb2.SelectionHeader
     sparse: list[SparseData]
     tensors: list[tuple[str, torch.Tensor]]
-    frames: list[service_pb2.SelectResponse] | None = None
+    frames: list[Any] | None = None
     """The response frames as they came off the wire, when asked for (``keep_frames``)."""
 
 
@@ -83,8 +84,15 @@ class Client:
         self._target = target
         self._chunk_size = chunk_size_bytes
 
-    def _stub(self) -> service_pb2_grpc.ParameterSelectionServiceStub:
-        return service_pb2_grpc.ParameterSelectionServiceStub(channel_for(resolve_target(self._target)))
+    def _rpc(self, method: str) -> Callable[..., Any]:
+        """A streaming call of the service whose chunk frames skip protobuf's copies both ways."""
+        service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
+        response = getattr(service_pb2, service.methods_by_name[method].output_type.name)
+        return channel_for(resolve_target(self._target)).stream_stream(
+            f"/{service.full_name}/{method}",
+            request_serializer=serialize_frame,
+            response_deserializer=frame_parser(response),
+        )
 
     def _call(
         self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T], *, upload_bytes: int
@@ -142,17 +150,18 @@ class Client:
                 service_pb2.SelectRequest,
                 ("start", start),
                 chunk_size=self._chunk_size,
+                encoded_chunks=True,
                 dense=_models(model, initial),
             )
 
             def read(responses: Any) -> SelectResult:
-                kept: list[service_pb2.SelectResponse] | None = [] if keep_frames else None
+                kept: list[Any] | None = [] if keep_frames else None
                 got = read_selection(_keeping(responses, kept) if kept is not None else responses)
                 return SelectResult(
                     got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got), kept
                 )
 
-            return self._call(self._stub().Select, frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(self._rpc("Select"), frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -174,6 +183,7 @@ class Client:
                 service_pb2.PushRequest,
                 ("start", start),
                 chunk_size=self._chunk_size,
+                encoded_chunks=True,
                 dense=_models(model, initial),
             )
 
@@ -187,7 +197,7 @@ class Client:
                 )
                 return PushResult(got.first, _named(got))
 
-            return self._call(self._stub().Push, frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(self._rpc("Push"), frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -219,6 +229,7 @@ class Client:
             service_pb2.PullRequest,
             ("start", start),
             chunk_size=self._chunk_size,
+            encoded_chunks=True,
             layout=list(layout.items()),
             dense=dense,
             sparse=sparse_sections,
@@ -229,7 +240,7 @@ class Client:
             return dict(_named(got))
 
         return self._call(
-            self._stub().Pull,
+            self._rpc("Pull"),
             frames,
             read,
             upload_bytes=sum(t.values.nbytes for t in sparse) + _nbytes(dict(tensors)),

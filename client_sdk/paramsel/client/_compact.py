@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -12,6 +13,7 @@ from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._state import NDArrays, to_numpy
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import WireError
+from paramsel.wire.fastframes import ChunkFrame
 from paramsel.wire.positions import flat_to_coo
 from paramsel.wire.streams import SparseData
 
@@ -26,8 +28,12 @@ def fl4health_sparse(sparse: Sequence[SparseData]) -> tuple[NDArrays, SparseInfo
     return values, (indices, shapes, [s.decl.name for s in sparse])
 
 
-def compact_payload(frames: Sequence[service_pb2.SelectResponse]) -> bytes:
-    return service_pb2.SelectionPayload(frames=frames).SerializeToString()
+def compact_payload(frames: Sequence[Any]) -> bytes:
+    """A SelectionPayload of the frames a Select answered with (chunk frames may still be encoded)."""
+    messages = [
+        service_pb2.SelectResponse.FromString(f.encoded) if isinstance(f, ChunkFrame) else f for f in frames
+    ]
+    return service_pb2.SelectionPayload(frames=messages).SerializeToString()
 
 
 def unpack_compact(payload: bytes) -> NDArrays:

@@ -133,8 +133,8 @@ def check_chunk_size(chunk_size: int) -> None:
         raise WireError(f"chunk size must be in (0, {MAX_CHUNK_SIZE_BYTES}] bytes, got {chunk_size}")
 
 
-def chunk_frames(section: int, segments: Iterable[memoryview], chunk_size: int) -> Iterator[tensor_pb2.Chunk]:
-    """Chunks of at most ``chunk_size`` bytes carrying the concatenation of ``segments``."""
+def chunk_pieces(segments: Iterable[memoryview], chunk_size: int) -> Iterator[tuple[int, list[memoryview]]]:
+    """(offset, pieces) of each chunk of at most ``chunk_size`` bytes over the concatenated ``segments``."""
     check_chunk_size(chunk_size)
     pieces: list[memoryview] = []
     filled = 0
@@ -147,10 +147,16 @@ def chunk_frames(section: int, segments: Iterable[memoryview], chunk_size: int) 
             filled += take
             start += take
             if filled == chunk_size:
-                yield tensor_pb2.Chunk(section=section, offset_bytes=offset, data=b"".join(pieces))  # type: ignore[arg-type]
+                yield offset, pieces
                 offset += filled
                 pieces, filled = [], 0
     if filled:
+        yield offset, pieces
+
+
+def chunk_frames(section: int, segments: Iterable[memoryview], chunk_size: int) -> Iterator[tensor_pb2.Chunk]:
+    """Chunks of at most ``chunk_size`` bytes carrying the concatenation of ``segments``."""
+    for offset, pieces in chunk_pieces(segments, chunk_size):
         yield tensor_pb2.Chunk(section=section, offset_bytes=offset, data=b"".join(pieces))  # type: ignore[arg-type]
 
 

@@ -24,8 +24,16 @@ from paramsel.wire.codec import (
     tensor_from_bytes,
 )
 from paramsel.wire.errors import WireError
+from paramsel.wire.fastframes import encode_chunk_frame
 from paramsel.wire.positions import decode_positions, encode_positions
-from paramsel.wire.sections import Inbound, check_chunk_size, chunk_frames, section_name, spec_batches
+from paramsel.wire.sections import (
+    Inbound,
+    check_chunk_size,
+    chunk_frames,
+    chunk_pieces,
+    section_name,
+    spec_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -197,8 +205,12 @@ def write_frames(
     layout: Sequence[tuple[str, torch.Tensor]] = (),
     dense: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]]]] = (),
     sparse: Sequence[tuple[int, Sequence[SparseOut], int]] = (),
+    encoded_chunks: bool = False,
 ) -> Iterator[Any]:
     """The frames of a stream of ``message``: first frame, declarations, then every section's chunks.
+
+    With ``encoded_chunks`` the chunk frames are :class:`ChunkFrame` s, already encoded, for a channel or
+    server that serialises with :func:`paramsel.wire.fastframes.serialize_frame`.
 
     ``dense`` is (section, named tensors); ``sparse`` is (section, tensors, position encoding); a
     section appears once. With POSITION_ENCODING_COMPACT each tensor goes in whichever of BITMAP and
@@ -235,7 +247,7 @@ def write_frames(
         for t, _, pos in encoded:
             data += [tensor_bytes(t.values), pos]
         segments.append((section, data))
-    return _emit(message, frames, segments, chunk_size)
+    return _emit(message, frames, segments, chunk_size, encoded_chunks)
 
 
 def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut, int, memoryview]:
@@ -256,9 +268,18 @@ def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut
 
 
 def _emit(
-    message: type[Any], frames: list[Any], segments: list[tuple[int, list[memoryview]]], chunk_size: int
+    message: type[Any],
+    frames: list[Any],
+    segments: list[tuple[int, list[memoryview]]],
+    chunk_size: int,
+    encoded_chunks: bool,
 ) -> Iterator[Any]:
     yield from frames
+    field_number = message.DESCRIPTOR.fields_by_name["chunk"].number
     for section, data in segments:
-        for chunk in chunk_frames(section, data, chunk_size):
-            yield message(chunk=chunk)
+        if encoded_chunks:
+            for offset, pieces in chunk_pieces(data, chunk_size):
+                yield encode_chunk_frame(field_number, section, offset, pieces)
+        else:
+            for chunk in chunk_frames(section, data, chunk_size):
+                yield message(chunk=chunk)

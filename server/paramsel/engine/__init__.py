@@ -4,6 +4,7 @@ It imports only torch, numpy and the standard library; the gRPC servicer decodes
 calls and maps :class:`EngineError` subclasses to status codes.
 """
 
+from .aggregate import Contribution, aggregate_layers, aggregate_sparse
 from .errors import EngineError, FailedPrecondition, InvalidArgument
 from .fedpm import sample_fedpm_masks
 from .layers import LayerResult, drift_norms, select_layers_by_percentage, select_layers_by_threshold
@@ -13,6 +14,7 @@ from .state import State, TensorSpec, check_same_layout
 from .topk import SparseTensor, TopKResult, select_top_k
 
 __all__ = [
+    "Contribution",
     "EngineError",
     "FailedPrecondition",
     "InvalidArgument",
@@ -23,6 +25,8 @@ __all__ = [
     "State",
     "TensorSpec",
     "TopKResult",
+    "aggregate_layers",
+    "aggregate_sparse",
     "check_same_layout",
     "drift_norms",
     "pull_fedpm",

@@ -14,11 +14,30 @@ from grpc_reflection.v1alpha import reflection
 
 from paramsel.server.config import ServerConfig
 from paramsel.server.servicer import ParameterSelectionServicer
-from paramsel.v1 import service_pb2, service_pb2_grpc
+from paramsel.v1 import service_pb2
+from paramsel.wire.fastframes import frame_parser, serialize_frame
 
 log = logging.getLogger("paramsel.server")
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"].full_name
+
+
+def service_handlers(servicer: Any) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    """The service's methods, named by the proto's descriptor, with chunk frames kept as bytes.
+
+    The generated ``add_..._to_server`` would parse every chunk through protobuf (two extra copies of
+    each byte); :mod:`paramsel.wire.fastframes` reads canonical chunk frames in place instead.
+    """
+    service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
+    handlers = {
+        method.name: grpc.stream_stream_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=frame_parser(getattr(service_pb2, method.input_type.name)),
+            response_serializer=serialize_frame,
+        )
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class RunningServer:
@@ -51,9 +70,7 @@ def create_server(config: ServerConfig | None = None) -> RunningServer:
         # Without this a second server on a fixed port would silently share it.
         options=[("grpc.so_reuseport", 0)],
     )
-    service_pb2_grpc.add_ParameterSelectionServiceServicer_to_server(
-        ParameterSelectionServicer(config), server
-    )
+    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(config)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

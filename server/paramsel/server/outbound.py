@@ -62,7 +62,11 @@ def select_frames(
             for t in selection.top_k.tensors
         ]
         yield from write_frames(
-            service_pb2.SelectResponse, header, chunk_size=size, sparse=[(RESULT, sparse, encoding)]
+            service_pb2.SelectResponse,
+            header,
+            chunk_size=size,
+            encoded_chunks=True,
+            sparse=[(RESULT, sparse, encoding)],
         )
         return
     assert selection.layers is not None
@@ -70,7 +74,9 @@ def select_frames(
         (n, _as(t, value_dtype))
         for n, t in zip(selection.layers.names, selection.layers.tensors, strict=True)
     ]
-    yield from write_frames(service_pb2.SelectResponse, header, chunk_size=size, dense=[(RESULT, named)])
+    yield from write_frames(
+        service_pb2.SelectResponse, header, chunk_size=size, encoded_chunks=True, dense=[(RESULT, named)]
+    )
 
 
 def packed_arrays(selection: Selection) -> list[tuple[str, torch.Tensor]]:
@@ -91,6 +97,7 @@ def push_frames(selection: Selection, size: int) -> Iterator[service_pb2.PushRes
         service_pb2.PushResponse,
         ("header", selection_header(selection)),
         chunk_size=size,
+        encoded_chunks=True,
         dense=[(RESULT, packed_arrays(selection))],
     )
 
@@ -100,5 +107,6 @@ def pull_frames(changed: dict[str, torch.Tensor], size: int) -> Iterator[service
         service_pb2.PullResponse,
         ("header", service_pb2.PullHeader(changed_tensors=len(changed))),
         chunk_size=size,
+        encoded_chunks=True,
         dense=[(RESULT, list(changed.items()))],
     )
