@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paramsel.v1 import service_pb2, tensor_pb2
-from paramsel.wire import WireError, decode_positions, encode_positions, sparse_decl
+from paramsel.wire import DTYPES, WireError, decode_positions, encode_positions, sparse_decl
 from paramsel.wire.codec import choose_encoding, expected_positions_nbytes
 from paramsel.wire.compact import (
     decode_bitmap,
@@ -612,3 +612,33 @@ def test_any_corrupted_code_is_refused_or_decodes_to_a_valid_set(numel: int, see
         assert got.size == nnz
         assert np.all(got[1:] > got[:-1])
         assert nnz == 0 or (got[0] >= 0 and got[-1] < numel)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+@pytest.mark.parametrize(
+    ("shape", "positions"),
+    [((7,), []), ((7,), list(range(7))), ((3, 4), [5]), ((3, 4), [0, 11]), ((2, 3, 4), [0, 9, 23])],
+    ids=["density-0", "density-1", "single", "both-ends", "3d"],
+)
+def test_compact_round_trip_for_every_dtype(
+    dtype: torch.dtype, shape: tuple[int, ...], positions: list[int]
+) -> None:
+    values = (
+        torch.arange(1, len(positions) + 1).to(dtype)
+        if dtype != torch.bool
+        else torch.ones(len(positions), dtype=torch.bool)
+    )
+    out = SparseOut("t", shape, values, torch.tensor(positions, dtype=torch.int64))
+    frames = write_frames(
+        service_pb2.SelectResponse,
+        ("header", service_pb2.SelectionHeader()),
+        chunk_size=5,
+        sparse=[(RESULT, [out], COMPACT)],
+    )
+    got = read_frames(frames, first="header", sparse_sections=frozenset({RESULT}), max_bytes=1 << 20).sparse[
+        RESULT
+    ][0]
+    assert got.decl.position_encoding in (BITMAP, EF)
+    assert got.values.dtype == dtype
+    assert torch.equal(got.values.view(torch.uint8), values.view(torch.uint8))
+    assert got.positions.tolist() == positions
