@@ -11,6 +11,7 @@ ENGINE_DIR = Path(engine.__file__).parent
 
 def test_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
+        "Contribution",
         "EngineError",
         "FailedPrecondition",
         "InvalidArgument",
@@ -21,6 +22,8 @@ def test_public_names_are_pinned() -> None:
         "State",
         "TensorSpec",
         "TopKResult",
+        "aggregate_layers",
+        "aggregate_sparse",
         "check_same_layout",
         "drift_norms",
         "pull_fedpm",

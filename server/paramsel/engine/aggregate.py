@@ -59,7 +59,7 @@ def aggregate_sparse(contributions: Sequence[Contribution], *, weighted: bool = 
     counts = _checked_counts(contributions, "sparse")
     groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     firsts: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-    for index, (contribution, count) in enumerate(zip(contributions, counts)):
+    for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
         seen: set[str] = set()
         for item in contribution.sparse:
             _check_unique(index, item.name, seen)
@@ -68,9 +68,7 @@ def aggregate_sparse(contributions: Sequence[Contribution], *, weighted: bool = 
             _check_consistent(firsts, index, item.name, shape, values.dtype)
             groups.setdefault(item.name, []).append((count, values, positions))
     with torch.no_grad():
-        return [
-            _average_sparse(name, firsts[name][1], entries, weighted) for name, entries in groups.items()
-        ]
+        return [_average_sparse(name, firsts[name][1], entries, weighted) for name, entries in groups.items()]
 
 
 def aggregate_layers(
@@ -90,7 +88,7 @@ def aggregate_layers(
     counts = _checked_counts(contributions, "layers")
     groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
     firsts: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-    for index, (contribution, count) in enumerate(zip(contributions, counts)):
+    for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
         seen: set[str] = set()
         for name, layer in contribution.layers:
             _check_unique(index, name, seen)
@@ -137,7 +135,9 @@ def _average_sparse(
     return SparseTensor(name, shape, quotient, nonzero)
 
 
-def _coalesced(values: torch.Tensor, positions: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _coalesced(
+    values: torch.Tensor, positions: torch.Tensor, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct positions and the values densifying gives there (duplicates summed in the values' dtype)."""
     if positions.numel() < 2 or bool((positions[1:] > positions[:-1]).all()):
         return positions, values
