@@ -7,6 +7,7 @@ import paramsel.client
 
 def test_public_exports_are_pinned() -> None:
     assert sorted(paramsel.client.__all__) == [
+        "AggregateResult",
         "Client",
         "DynamicLayerExchanger",
         "ENV_TARGET",
@@ -18,6 +19,8 @@ def test_public_exports_are_pinned() -> None:
         "SelectResult",
         "SparseCooParameterExchanger",
         "StatusCode",
+        "aggregate_layers",
+        "aggregate_sparse_coo",
         "largest_final_magnitude_scores",
         "largest_increase_in_magnitude_scores",
         "largest_magnitude_change_scores",

@@ -8,7 +8,8 @@ and keep the rest. Calls go to ``target=`` if given, else to ``$PARAMSEL_TARGET`
 embedded in this process (started on first use). Failures raise :class:`ParamselError`.
 """
 
-from paramsel.client._client import Client, PushResult, SelectResult
+from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
+from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
 from paramsel.client._compact import unpack_compact
 from paramsel.client._criteria import (
     LayerSelectionFunction,
@@ -27,6 +28,7 @@ from paramsel.client._target import ENV_TARGET
 
 __all__ = [
     "ENV_TARGET",
+    "AggregateResult",
     "Client",
     "DynamicLayerExchanger",
     "FedPmExchanger",
@@ -37,6 +39,8 @@ __all__ = [
     "SelectResult",
     "SparseCooParameterExchanger",
     "StatusCode",
+    "aggregate_layers",
+    "aggregate_sparse_coo",
     "largest_final_magnitude_scores",
     "largest_increase_in_magnitude_scores",
     "largest_magnitude_change_scores",

@@ -16,7 +16,14 @@ from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.digest import model_digest
 from paramsel.wire.fastframes import frame_parser, serialize_frame
-from paramsel.wire.streams import Received, SparseData, SparseOut, read_frames, write_frames
+from paramsel.wire.streams import (
+    Received,
+    SparseData,
+    SparseOut,
+    read_frames,
+    write_contributions,
+    write_frames,
+)
 
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
 # The ErrorInfo reason of a server that does not hold the initial model a call names by digest.
@@ -83,6 +90,21 @@ class Client:
             )
         self._target = target
         self._chunk_size = chunk_size_bytes
+
+    @property
+    def chunk_size(self) -> int:
+        """Tensor bytes per message this client sends and asks for."""
+        return self._chunk_size
+
+    def aggregate(
+        self,
+        payload_kind: int,
+        contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+        *,
+        weighted: bool = True,
+    ) -> AggregateResult:
+        """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors)."""
+        return _aggregate(self, payload_kind, contributions, weighted=weighted)
 
     def _rpc(self, method: str) -> Callable[..., Any]:
         """A streaming call of the service whose chunk frames skip protobuf's copies both ways."""
@@ -264,3 +286,51 @@ def _with_progress(frames: Iterator[Any], total: int) -> Iterator[Any]:
 
 def _named(got: Received) -> list[tuple[str, torch.Tensor]]:
     return [(decl.name, tensor) for decl, tensor in got.dense.get(tensor_pb2.SECTION_RESULT, [])]
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """An Aggregate answer: the header and the sparse or whole aggregated tensors."""
+
+    header: service_pb2.AggregateHeader
+    sparse: list[SparseData]
+    tensors: list[tuple[str, torch.Tensor]]
+
+
+def _aggregate(
+    client: Client,
+    payload_kind: int,
+    contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+    *,
+    weighted: bool = True,
+) -> AggregateResult:
+    start = service_pb2.AggregateStart(
+        payload_kind=payload_kind,  # type: ignore[arg-type]
+        weighted=weighted,
+        position_encoding=tensor_pb2.POSITION_ENCODING_COMPACT,
+        response_chunk_size_bytes=client.chunk_size,
+    )
+    frames = write_contributions(
+        service_pb2.AggregateRequest,
+        ("start", start),
+        contributions,
+        section=tensor_pb2.SECTION_PAYLOAD,
+        encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
+        chunk_size=client.chunk_size,
+        encoded_chunks=True,
+    )
+
+    def read(responses: Any) -> AggregateResult:
+        got = read_frames(
+            responses,
+            first="header",
+            dense_sections=RESULT,
+            sparse_sections=RESULT,
+            max_bytes=_MAX_RESPONSE_BYTES,
+        )
+        return AggregateResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
+
+    upload = sum(
+        _nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in contributions
+    )
+    return client._call(client._rpc("Aggregate"), frames, read, upload_bytes=upload)

@@ -54,11 +54,33 @@ class Received:
     dense: dict[int, list[tuple[DenseDecl, torch.Tensor]]] = field(default_factory=dict)
     sparse: dict[int, list[SparseData]] = field(default_factory=dict)
 
+    contributions: list[int] = field(default_factory=list)
+    """Example counts of the contribution frames, in order (Aggregate)."""
+    dense_owners: dict[int, list[int]] = field(default_factory=dict)
+    """Per section, the contribution each dense declaration belongs to, in declaration order."""
+    sparse_owners: dict[int, list[int]] = field(default_factory=dict)
+    """Per section, the contribution each sparse declaration belongs to, in declaration order."""
+
     def state(self, section: int) -> dict[str, torch.Tensor] | None:
         """The named tensors of a dense section in declaration order; None when it was not sent."""
         if section not in self.dense:
             return None
         return {decl.name: tensor for decl, tensor in self.dense[section]}
+
+    def grouped(self, section: int) -> list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseData]]]:
+        """Per contribution: (num_examples, its dense tensors, its sparse tensors) in ``section``."""
+        groups: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseData]]] = [
+            (n, [], []) for n in self.contributions
+        ]
+        for (decl, tensor), owner in zip(
+            self.dense.get(section, []), self.dense_owners.get(section, []), strict=True
+        ):
+            groups[owner][1].append((decl.name, tensor))
+        for sparse, owner in zip(
+            self.sparse.get(section, []), self.sparse_owners.get(section, []), strict=True
+        ):
+            groups[owner][2].append(sparse)
+        return groups
 
 
 class _Names:
@@ -85,13 +107,19 @@ def read_frames(
     sparse_sections: frozenset[int] = frozenset(),
     max_bytes: int,
     unique_names: bool = True,
+    contributions: bool = False,
 ) -> Received:
-    """Reads a whole stream whose first frame is the oneof member ``first``."""
+    """Reads a whole stream whose first frame is the oneof member ``first``.
+
+    With ``contributions``, ``contribution`` frames split the declarations into groups (Aggregate's
+    clients): names are unique within a group, and every declaration belongs to the open one.
+    """
     inbound = Inbound(allowed=dense_sections | sparse_sections, max_bytes=max_bytes)
     names = _Names(unique_names)
     received: Received | None = None
     dense_decls: dict[int, list[tuple[DenseDecl, int]]] = {}
     sparse_decls: dict[int, list[tuple[SparseDecl, int, int]]] = {}
+    scope = ""  # prefixes name scopes: the open contribution, when there are any
     for index, frame in enumerate(frames):
         kind = frame.WhichOneof("frame")
         if kind is None:
@@ -108,6 +136,17 @@ def read_frames(
             continue
         if inbound.feeding:
             raise WireError(f"frame {index} is '{kind}' after the first chunk; declarations must come first")
+        if kind == "contribution" and contributions:
+            if frame.contribution.num_examples <= 0:
+                raise WireError(
+                    f"contribution {len(received.contributions)}: num_examples must be > 0, "
+                    f"got {frame.contribution.num_examples}"
+                )
+            received.contributions.append(int(frame.contribution.num_examples))
+            scope = f"contribution {len(received.contributions) - 1} "
+            continue
+        if contributions and not received.contributions:
+            raise WireError(f"frame {index} is '{kind}' before the first contribution")
         if kind == "layout":
             for spec in frame.layout.tensors:
                 decl = dense_decl(spec, what="layout")
@@ -120,8 +159,9 @@ def read_frames(
                 raise WireError(f"tensors manifest: {where} is not accepted here")
             for spec in frame.tensors.tensors:
                 decl = dense_decl(spec, what=where)
-                names.add(where, decl.name)
+                names.add(scope + where, decl.name)
                 dense_decls.setdefault(section, []).append((decl, inbound.declare(section, decl.nbytes)))
+                received.dense_owners.setdefault(section, []).append(len(received.contributions) - 1)
         elif kind == "sparse_tensors":
             section = frame.sparse_tensors.section
             where = section_name(section)
@@ -129,7 +169,8 @@ def read_frames(
                 raise WireError(f"sparse_tensors manifest: {where} is not accepted here")
             for spec in frame.sparse_tensors.tensors:
                 sdecl = sparse_decl(spec, what=where)
-                names.add(where, sdecl.name)
+                names.add(scope + where, sdecl.name)
+                received.sparse_owners.setdefault(section, []).append(len(received.contributions) - 1)
                 values = inbound.declare(section, sdecl.values_nbytes)
                 positions = inbound.declare(section, sdecl.positions_nbytes)
                 sparse_decls.setdefault(section, []).append((sdecl, values, positions))
@@ -227,27 +268,71 @@ def write_frames(
     ]
     segments: list[tuple[int, list[memoryview]]] = []
     for section, named in dense:
-        specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in named]
-        frames += [
-            message(tensors=tensor_pb2.TensorManifest(section=section, tensors=b))  # type: ignore[arg-type]
-            for b in spec_batches(specs, chunk_size)
-        ]
-        segments.append((section, [tensor_bytes(t) for _, t in named]))
+        manifests, data = _declare_dense(message, section, named, chunk_size)
+        frames += manifests
+        segments.append((section, data))
     for section, tensors, encoding in sparse:
-        encoded = [_encode_sparse(section, t, encoding) for t in tensors]
-        sparse_specs = [
-            SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), chosen, len(pos)).to_proto()
-            for t, chosen, pos in encoded
-        ]
-        frames += [
-            message(sparse_tensors=tensor_pb2.SparseManifest(section=section, tensors=b))  # type: ignore[arg-type]
-            for b in spec_batches(sparse_specs, chunk_size)
-        ]
-        data: list[memoryview] = []
-        for t, _, pos in encoded:
-            data += [tensor_bytes(t.values), pos]
+        manifests, data = _declare_sparse(message, section, tensors, encoding, chunk_size)
+        frames += manifests
         segments.append((section, data))
     return _emit(message, frames, segments, chunk_size, encoded_chunks)
+
+
+def write_contributions(
+    message: type[Any],
+    first: tuple[str, Any],
+    contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+    *,
+    section: int,
+    encoding: int,
+    chunk_size: int,
+    encoded_chunks: bool = False,
+) -> Iterator[Any]:
+    """An Aggregate stream: per contribution (num_examples, dense tensors, sparse tensors), a
+    ``contribution`` frame and its manifests; then every contribution's data in ``section``."""
+    check_chunk_size(chunk_size)
+    frames = [message(**{first[0]: first[1]})]
+    data: list[memoryview] = []
+    for num_examples, named, tensors in contributions:
+        frames.append(message(contribution={"num_examples": num_examples}))
+        for manifests, segment in (
+            _declare_dense(message, section, named, chunk_size) if named else ([], []),
+            _declare_sparse(message, section, tensors, encoding, chunk_size) if tensors else ([], []),
+        ):
+            frames += manifests
+            data += segment
+    return _emit(message, frames, [(section, data)], chunk_size, encoded_chunks)
+
+
+def _declare_dense(
+    message: type[Any], section: int, named: Sequence[tuple[str, torch.Tensor]], chunk_size: int
+) -> tuple[list[Any], list[memoryview]]:
+    """The manifests declaring dense tensors in ``section``, and their data."""
+    specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in named]
+    manifests = [
+        message(tensors=tensor_pb2.TensorManifest(section=section, tensors=b))  # type: ignore[arg-type]
+        for b in spec_batches(specs, chunk_size)
+    ]
+    return manifests, [tensor_bytes(t) for _, t in named]
+
+
+def _declare_sparse(
+    message: type[Any], section: int, tensors: Sequence[SparseOut], encoding: int, chunk_size: int
+) -> tuple[list[Any], list[memoryview]]:
+    """The manifests declaring sparse tensors in ``section``, and their data (values, positions)."""
+    encoded = [_encode_sparse(section, t, encoding) for t in tensors]
+    specs = [
+        SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), chosen, len(pos)).to_proto()
+        for t, chosen, pos in encoded
+    ]
+    manifests = [
+        message(sparse_tensors=tensor_pb2.SparseManifest(section=section, tensors=b))  # type: ignore[arg-type]
+        for b in spec_batches(specs, chunk_size)
+    ]
+    data: list[memoryview] = []
+    for t, _, pos in encoded:
+        data += [tensor_bytes(t.values), pos]
+    return manifests, data
 
 
 def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut, int, memoryview]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from paramsel import engine
-from paramsel.v1 import tensor_pb2
+from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import DenseDecl, WireError
 from paramsel.wire.streams import Received, read_frames
 
@@ -105,3 +105,44 @@ def value_dtype(value: int) -> torch.dtype | None:
     if value not in _VALUE_DTYPES:
         raise WireError(f"start.value_dtype: {value} is not DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16")
     return _VALUE_DTYPES[value]
+
+
+def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
+    """An Aggregate request: contributions, each with its tensors in SECTION_PAYLOAD."""
+    received = read_frames(
+        frames,
+        first="start",
+        dense_sections=frozenset({PAYLOAD}),
+        sparse_sections=frozenset({PAYLOAD}),
+        max_bytes=max_bytes,
+        contributions=True,
+    )
+    if not received.contributions:
+        raise WireError("no contributions were sent: open each client's payload with a 'contribution' frame")
+    return received
+
+
+def contributions(received: Received, payload_kind: int) -> list[engine.Contribution]:
+    """The engine's contributions, checked against the payload kind the start declared."""
+    if payload_kind not in (
+        service_pb2.PAYLOAD_KIND_SPARSE_COO,
+        service_pb2.PAYLOAD_KIND_LAYERS,
+    ):
+        raise WireError(
+            f"start.payload_kind: {payload_kind} cannot be aggregated (expected PAYLOAD_KIND_SPARSE_COO or _LAYERS)"
+        )
+    sparse = payload_kind == service_pb2.PAYLOAD_KIND_SPARSE_COO
+    if sparse and PAYLOAD in received.dense:
+        raise WireError("PAYLOAD_KIND_SPARSE_COO takes sparse_tensors manifests, not tensors manifests")
+    if not sparse and PAYLOAD in received.sparse:
+        raise WireError("PAYLOAD_KIND_LAYERS takes tensors manifests, not sparse_tensors manifests")
+    return [
+        engine.Contribution(
+            num_examples=n,
+            sparse=[
+                engine.SparseTensor(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse_items
+            ],
+            layers=dense_items,
+        )
+        for n, dense_items, sparse_items in received.grouped(PAYLOAD)
+    ]

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from paramsel import engine
 from paramsel.server.criteria import Selection
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
@@ -109,4 +110,34 @@ def pull_frames(changed: dict[str, torch.Tensor], size: int) -> Iterator[service
         chunk_size=size,
         encoded_chunks=True,
         dense=[(RESULT, list(changed.items()))],
+    )
+
+
+def aggregate_frames(
+    contributions: int,
+    size: int,
+    *,
+    sparse: list[engine.SparseTensor] | None = None,
+    encoding: int = tensor_pb2.POSITION_ENCODING_COO_INT64,
+    layers: list[tuple[str, torch.Tensor]] | None = None,
+) -> Iterator[service_pb2.AggregateResponse]:
+    """Aggregate's response: the sparse aggregate (positions in ``encoding``) or the layer aggregate."""
+    count = len(sparse) if sparse is not None else len(layers or [])
+    header = ("header", service_pb2.AggregateHeader(contributions=contributions, tensors=count))
+    if sparse is not None:
+        out = [SparseOut(t.name, t.shape, t.values, t.positions) for t in sparse]
+        yield from write_frames(
+            service_pb2.AggregateResponse,
+            header,
+            chunk_size=size,
+            encoded_chunks=True,
+            sparse=[(RESULT, out, encoding)],
+        )
+        return
+    yield from write_frames(
+        service_pb2.AggregateResponse,
+        header,
+        chunk_size=size,
+        encoded_chunks=True,
+        dense=[(RESULT, layers or [])],
     )

@@ -100,3 +100,22 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
                     "(expected PAYLOAD_KIND_SPARSE_COO, _LAYERS or _FEDPM_PROBABILITIES)"
                 )
             yield from outbound.pull_frames(changed, size)
+
+    def Aggregate(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[service_pb2.AggregateRequest], context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.AggregateResponse]:
+        with statuses(context, "Aggregate"):
+            received = inbound.read_contributions(request_iterator, max_bytes=self._config.max_call_bytes)
+            start: service_pb2.AggregateStart = received.first
+            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+            weighted = start.weighted if start.HasField("weighted") else True
+            contributions = inbound.contributions(received, start.payload_kind)
+            if start.payload_kind == service_pb2.PAYLOAD_KIND_SPARSE_COO:
+                sparse = engine.aggregate_sparse(contributions, weighted=weighted)
+                encoding = inbound.position_encoding(start.position_encoding)
+                yield from outbound.aggregate_frames(
+                    len(contributions), size, sparse=sparse, encoding=encoding
+                )
+            else:
+                layers = engine.aggregate_layers(contributions, weighted=weighted)
+                yield from outbound.aggregate_frames(len(contributions), size, layers=layers)

@@ -617,3 +617,183 @@ class SelectionPayload(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SelectionPayload: _TypeAlias = SelectionPayload  # noqa: Y015
+
+@_typing.final
+class AggregateStart(_message.Message):
+    """First frame of an Aggregate call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_KIND_FIELD_NUMBER: _builtins.int
+    WEIGHTED_FIELD_NUMBER: _builtins.int
+    POSITION_ENCODING_FIELD_NUMBER: _builtins.int
+    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    payload_kind: Global___PayloadKind.ValueType
+    """What the contributions hold: PAYLOAD_KIND_SPARSE_COO or PAYLOAD_KIND_LAYERS."""
+    weighted: _builtins.bool
+    """Weight each contribution by its example count (true, the default) or count clients equally."""
+    position_encoding: _tensor_pb2.PositionEncoding.ValueType
+    """How to encode the positions of a sparse aggregate (unset: COO_INT64)."""
+    response_chunk_size_bytes: _builtins.int
+    """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
+    def __init__(
+        self,
+        *,
+        payload_kind: Global___PayloadKind.ValueType = ...,
+        weighted: _builtins.bool | None = ...,
+        position_encoding: _tensor_pb2.PositionEncoding.ValueType = ...,
+        response_chunk_size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weighted", b"_weighted", "weighted", b"weighted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weighted", b"_weighted", "payload_kind", b"payload_kind", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "weighted", b"weighted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weighted: _TypeAlias = _typing.Literal["weighted"]  # noqa: Y015
+    _WhichOneofArgType__weighted: _TypeAlias = _typing.Literal["_weighted", b"_weighted"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weighted) -> _WhichOneofReturnType__weighted | None: ...
+
+Global___AggregateStart: _TypeAlias = AggregateStart  # noqa: Y015
+
+@_typing.final
+class Contribution(_message.Message):
+    """Opens one client's contribution: the manifests after it, up to the next contribution, declare that
+    client's tensors (in SECTION_PAYLOAD). Names are unique within a contribution, not across them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    num_examples: _builtins.int
+    """The client's example count; > 0."""
+    def __init__(
+        self,
+        *,
+        num_examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_examples", b"num_examples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Contribution: _TypeAlias = Contribution  # noqa: Y015
+
+@_typing.final
+class AggregateRequest(_message.Message):
+    """One frame of an Aggregate request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___AggregateStart:
+        """First frame, exactly once."""
+
+    @_builtins.property
+    def contribution(self) -> Global___Contribution:
+        """Opens the next client's contribution."""
+
+    @_builtins.property
+    def tensors(self) -> _tensor_pb2.TensorManifest:
+        """Whole-layer tensors of the open contribution (SECTION_PAYLOAD)."""
+
+    @_builtins.property
+    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+        """Sparse tensors of the open contribution (SECTION_PAYLOAD)."""
+
+    @_builtins.property
+    def chunk(self) -> _tensor_pb2.Chunk:
+        """Bytes of SECTION_PAYLOAD: every contribution's tensors, in declaration order."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___AggregateStart | None = ...,
+        contribution: Global___Contribution | None = ...,
+        tensors: _tensor_pb2.TensorManifest | None = ...,
+        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
+        chunk: _tensor_pb2.Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "contribution", "tensors", "sparse_tensors", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___AggregateRequest: _TypeAlias = AggregateRequest  # noqa: Y015
+
+@_typing.final
+class AggregateHeader(_message.Message):
+    """Describes an Aggregate result; the first frame of an Aggregate response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    contributions: _builtins.int
+    """Contributions averaged."""
+    tensors: _builtins.int
+    """Tensors in the aggregate (declared by the manifests that follow)."""
+    def __init__(
+        self,
+        *,
+        contributions: _builtins.int = ...,
+        tensors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributions", b"contributions", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateHeader: _TypeAlias = AggregateHeader  # noqa: Y015
+
+@_typing.final
+class AggregateResponse(_message.Message):
+    """One frame of an Aggregate response stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___AggregateHeader:
+        """First frame, exactly once."""
+
+    @_builtins.property
+    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+        """The sparse aggregate in SECTION_RESULT, names in order of first appearance."""
+
+    @_builtins.property
+    def tensors(self) -> _tensor_pb2.TensorManifest:
+        """The layer aggregate in SECTION_RESULT, names in order of first appearance."""
+
+    @_builtins.property
+    def chunk(self) -> _tensor_pb2.Chunk:
+        """Bytes of SECTION_RESULT."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___AggregateHeader | None = ...,
+        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
+        tensors: _tensor_pb2.TensorManifest | None = ...,
+        chunk: _tensor_pb2.Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "sparse_tensors", "tensors", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___AggregateResponse: _TypeAlias = AggregateResponse  # noqa: Y015

@@ -62,6 +62,11 @@ class ParameterSelectionServiceStub(object):
                 request_serializer=paramsel_dot_v1_dot_service__pb2.PullRequest.SerializeToString,
                 response_deserializer=paramsel_dot_v1_dot_service__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.Aggregate = channel.stream_stream(
+                '/paramsel.v1.ParameterSelectionService/Aggregate',
+                request_serializer=paramsel_dot_v1_dot_service__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=paramsel_dot_v1_dot_service__pb2.AggregateResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterSelectionServiceServicer(object):
@@ -108,6 +113,17 @@ class ParameterSelectionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Aggregate(self, request_iterator, context):
+        """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
+        sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
+        sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
+        Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
+        one name with different shapes or dtypes across contributions, or a name twice in one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterSelectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +141,11 @@ def add_ParameterSelectionServiceServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=paramsel_dot_v1_dot_service__pb2.PullRequest.FromString,
                     response_serializer=paramsel_dot_v1_dot_service__pb2.PullResponse.SerializeToString,
+            ),
+            'Aggregate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Aggregate,
+                    request_deserializer=paramsel_dot_v1_dot_service__pb2.AggregateRequest.FromString,
+                    response_serializer=paramsel_dot_v1_dot_service__pb2.AggregateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +242,33 @@ class ParameterSelectionService(object):
             '/paramsel.v1.ParameterSelectionService/Pull',
             paramsel_dot_v1_dot_service__pb2.PullRequest.SerializeToString,
             paramsel_dot_v1_dot_service__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Aggregate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/paramsel.v1.ParameterSelectionService/Aggregate',
+            paramsel_dot_v1_dot_service__pb2.AggregateRequest.SerializeToString,
+            paramsel_dot_v1_dot_service__pb2.AggregateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,13 @@ class ParameterSelectionServiceStub:
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
     lacks, has positions out of range, or a shape the model disagrees with.
     """
+    Aggregate: _grpc.StreamStreamMultiCallable[_service_pb2.AggregateRequest, _service_pb2.AggregateResponse]
+    """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
+    sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
+    sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
+    Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
+    one name with different shapes or dtypes across contributions, or a name twice in one.
+    """
 
 @_typing.type_check_only
 class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
@@ -96,6 +103,13 @@ class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
     Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
     lacks, has positions out of range, or a shape the model disagrees with.
+    """
+    Aggregate: _aio.StreamStreamMultiCallable[_service_pb2.AggregateRequest, _service_pb2.AggregateResponse]  # type: ignore[assignment]
+    """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
+    sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
+    sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
+    Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
+    one name with different shapes or dtypes across contributions, or a name twice in one.
     """
 
 class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +160,19 @@ class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
         Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
         lacks, has positions out of range, or a shape the model disagrees with.
+        """
+
+    @_abc_1.abstractmethod
+    def Aggregate(
+        self,
+        request_iterator: _MaybeAsyncIterator[_service_pb2.AggregateRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_service_pb2.AggregateResponse], _abc.AsyncIterator[_service_pb2.AggregateResponse]]:
+        """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
+        sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
+        sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
+        Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
+        one name with different shapes or dtypes across contributions, or a name twice in one.
         """
 
 def add_ParameterSelectionServiceServicer_to_server(servicer: ParameterSelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
