@@ -11,7 +11,7 @@ import torch
 from paramsel import engine
 from paramsel.server import inbound, outbound
 from paramsel.server.config import ServerConfig
-from paramsel.server.criteria import run_criterion
+from paramsel.server.criteria import Selection, run_criterion
 from paramsel.server.models import ModelStore, check_held_early, resolve_initial
 from paramsel.server.status import statuses
 from paramsel.v1 import service_pb2, service_pb2_grpc
@@ -38,34 +38,30 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         self._config = config
         self._models = ModelStore(config.model_cache_bytes)
 
-    def _read_models(self, frames: Iterator[Any]) -> Received:
-        return inbound.read_models(
+    def _selection(self, frames: Iterator[Any]) -> tuple[Any, int, Selection]:
+        """Select's and Push's common part: read the models, resolve the initial one, select."""
+        received = inbound.read_models(
             check_held_early(frames, self._models), max_bytes=self._config.max_call_bytes
         )
-
-    def _initial(self, start: Any, received: Received) -> dict[str, torch.Tensor] | None:
-        return resolve_initial(start, received.state(inbound.INITIAL), self._models)
+        start = received.first
+        size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+        initial = resolve_initial(start, received.state(inbound.INITIAL), self._models)
+        return start, size, run_criterion(start.criterion, _model(received), initial)
 
     def Select(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.SelectResponse]:
         with statuses(context, "Select"):
-            received = self._read_models(request_iterator)
-            start: service_pb2.SelectStart = received.first
-            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
+            start, size, selection = self._selection(request_iterator)
             encoding = inbound.position_encoding(start.position_encoding)
             value_dtype = inbound.value_dtype(start.value_dtype)
-            selection = run_criterion(start.criterion, _model(received), self._initial(start, received))
             yield from outbound.select_frames(selection, encoding, size, value_dtype)
 
     def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PushResponse]:
         with statuses(context, "Push"):
-            received = self._read_models(request_iterator)
-            start: service_pb2.PushStart = received.first
-            size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
-            selection = run_criterion(start.criterion, _model(received), self._initial(start, received))
+            _, size, selection = self._selection(request_iterator)
             yield from outbound.push_frames(selection, size)
 
     def Pull(  # noqa: N802 - gRPC method name
