@@ -3,13 +3,13 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 SOURCES := server client_sdk tests examples benchmarks
 
-.PHONY: setup proto check-proto lint format test demo bench serve ci clean
+.PHONY: setup proto check-proto check-container lint format test demo example bench serve ci clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	.venv/bin/pip install --quiet -c requirements/constraints.txt -e ".[dev,demo]"
 	touch $(STAMP)
 
 proto: setup  ## regenerate gen/python from proto/
@@ -17,6 +17,9 @@ proto: setup  ## regenerate gen/python from proto/
 
 check-proto: setup  ## fail when gen/python is stale
 	PYTHON=$(PY) scripts/check_stubs.sh
+
+check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)
+	scripts/check_container.sh
 
 lint: setup  ## buf lint, ruff, mypy
 	.venv/bin/buf lint
@@ -31,8 +34,11 @@ format: setup
 test: setup  ## the whole test suite
 	$(PY) -m pytest
 
-demo: setup  ## the main job: a federated example client against a separately started server
-	scripts/demo.sh
+demo: setup  ## the main job: a real federated run (service, coordinator, 3 clients) over loopback gRPC
+	.venv/bin/paramsel demo
+
+example: setup  ## the FL4Health-style example client against a separately started paramsel serve
+	scripts/example.sh
 
 bench: setup  ## every issue-3 target side by side; writes benchmarks/results/latest.json
 	$(PY) -m benchmarks.run

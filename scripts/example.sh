@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: start `paramsel serve` as its own process, then run the FL4Health-style federated
+# The FL4Health-style example: start `paramsel serve` as its own process, then run the FL4Health-style federated
 # example client against it (PARAMSEL_TARGET), then stop the server with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."

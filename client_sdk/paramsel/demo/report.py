@@ -1,0 +1,181 @@
+"""The demo's figures: per round and run, held-out accuracy, loss and the bytes every client exchanged.
+
+Bytes are those of the FL4Health packed lists (``protocol.packed_bytes``): the sum of ``nbytes`` over the
+arrays a client sends to the coordinator (its selection: values, COO indices, shapes and the names
+array; or whole layers and the names) and receives from it (the aggregate, in the same layout). This is
+the payload Flower would carry for FL4Health; message framing is not counted.
+
+The figures hold nothing that varies between runs with the same seed (no timings), so two such runs
+write identical ``figures.json`` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paramsel.demo.protocol import DENSE_RUN, DemoConfig
+
+FIGURES_FILE = "figures.json"
+PLOT_FILE = "accuracy_vs_bytes.png"
+BYTES_COUNTED = (
+    "sum of nbytes of the arrays of the FL4Health packed list a client sends to the coordinator "
+    "(values, COO indices, shapes, names; or layers, names) and receives from it (the aggregate, same "
+    "layout); message framing not counted"
+)
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """One client's figures after one round (round 0: the initial model, nothing exchanged)."""
+
+    accuracy: float
+    loss: float
+    train_loss: float
+    bytes_sent: int
+    bytes_received: int
+
+
+Reports = Mapping[tuple[str, int], Mapping[int, ClientReport]]
+
+
+def _mean(values: list[float] | list[int]) -> float:
+    return sum(values) / len(values)
+
+
+def build_figures(config: DemoConfig, reports: Reports) -> dict[str, Any]:
+    """The JSON-ready figures of a complete demo: every run, every round, every client."""
+    runs: dict[str, Any] = {}
+    clients = range(config.clients)
+    for run in config.runs:
+        initial = [reports[(run, 0)][c] for c in clients]
+        cumulative = [0] * config.clients
+        rounds = []
+        for round_number in range(1, config.rounds + 1):
+            got = [reports[(run, round_number)][c] for c in clients]
+            for c, report in enumerate(got):
+                cumulative[c] += report.bytes_sent + report.bytes_received
+            rounds.append(
+                {
+                    "round": round_number,
+                    "accuracy": _mean([r.accuracy for r in got]),
+                    "loss": _mean([r.loss for r in got]),
+                    "train_loss": _mean([r.train_loss for r in got]),
+                    "bytes_sent": _mean([r.bytes_sent for r in got]),
+                    "bytes_received": _mean([r.bytes_received for r in got]),
+                    "cumulative_bytes": _mean(cumulative),
+                    "accuracy_per_client": [r.accuracy for r in got],
+                    "loss_per_client": [r.loss for r in got],
+                    "bytes_sent_per_client": [r.bytes_sent for r in got],
+                    "bytes_received_per_client": [r.bytes_received for r in got],
+                }
+            )
+        runs[run] = {
+            "exchange": config.describe(run),
+            "layout": config.layout(run),
+            "initial": {
+                "accuracy": _mean([r.accuracy for r in initial]),
+                "loss": _mean([r.loss for r in initial]),
+            },
+            "rounds": rounds,
+        }
+    return {"config": dataclasses.asdict(config), "bytes_counted": BYTES_COUNTED, "runs": runs}
+
+
+def format_table(figures: Mapping[str, Any]) -> str:
+    """One row per round: accuracy, loss, and mean bytes sent / received per client, for every run."""
+    runs: Mapping[str, Any] = figures["runs"]
+    names = list(runs)
+    cell = "{:>8} {:>7} {:>9} {:>9}"
+    lines = ["runs: " + "; ".join(f"{name} = {runs[name]['exchange']}" for name in names)]
+    lines.append(
+        "bytes: mean per client of the FL4Health packed lists sent to / received from the coordinator"
+    )
+    lines.append(f"{'':>5} | " + " | ".join(f"{name:^35}" for name in names))
+    lines.append(
+        f"{'round':>5} | " + " | ".join(cell.format("accuracy", "loss", "sent B", "recv B") for _ in names)
+    )
+    lines.append("-" * len(lines[-1]))
+    lines.append(
+        f"{0:>5} | "
+        + " | ".join(
+            cell.format(f"{runs[n]['initial']['accuracy']:.4f}", f"{runs[n]['initial']['loss']:.4f}", 0, 0)
+            for n in names
+        )
+    )
+    for index in range(len(runs[names[0]]["rounds"])):
+        row = [runs[n]["rounds"][index] for n in names]
+        lines.append(
+            f"{row[0]['round']:>5} | "
+            + " | ".join(
+                cell.format(
+                    f"{r['accuracy']:.4f}",
+                    f"{r['loss']:.4f}",
+                    f"{r['bytes_sent']:,.0f}",
+                    f"{r['bytes_received']:,.0f}",
+                )
+                for r in row
+            )
+        )
+    lines.append("-" * len(lines[-2]))
+    totals = []
+    for n in names:
+        rounds = runs[n]["rounds"]
+        sent = sum(r["bytes_sent"] for r in rounds)
+        received = sum(r["bytes_received"] for r in rounds)
+        totals.append(cell.format("", "", f"{sent:,.0f}", f"{received:,.0f}"))
+    lines.append(f"{'total':>5} | " + " | ".join(totals))
+    return "\n".join(lines)
+
+
+def summary(figures: Mapping[str, Any]) -> str:
+    """The final accuracy and the total bytes per client of every run, one line each."""
+    lines = []
+    for name, run in figures["runs"].items():
+        last = run["rounds"][-1]
+        label = "dense FedAvg" if name == DENSE_RUN else f"{name}: {run['exchange']}"
+        lines.append(
+            f"{label}: final held-out accuracy {last['accuracy']:.4f}, "
+            f"{last['cumulative_bytes']:,.0f} bytes exchanged per client"
+        )
+    return "\n".join(lines)
+
+
+def plot(figures: Mapping[str, Any], path: Path) -> None:
+    """Accuracy against cumulative bytes (sent + received, mean per client) for every run, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    config = figures["config"]
+    fig = Figure(figsize=(7.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, run in figures["runs"].items():
+        xs = [0.0] + [r["cumulative_bytes"] / 1024 for r in run["rounds"]]
+        ys = [run["initial"]["accuracy"]] + [r["accuracy"] for r in run["rounds"]]
+        label = "dense FedAvg" if name == DENSE_RUN else f"{name}: {run['exchange']}"
+        ax.plot(xs, ys, marker="o", markersize=3.5, label=label)
+    ax.set_xlabel("cumulative KiB exchanged per client (packed lists sent + received)")
+    ax.set_ylabel("held-out accuracy (mean over clients)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(
+        f"paramsel demo: {config['clients']} clients, {config['rounds']} rounds, "
+        f"non-IID digits (skew {config['skew']:g}), seed {config['seed']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+
+
+def write_outputs(figures: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
+    """Writes ``figures.json`` and ``accuracy_vs_bytes.png`` into ``out`` (created if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures_path, plot_path = out / FIGURES_FILE, out / PLOT_FILE
+    figures_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    plot(figures, plot_path)
+    return figures_path, plot_path
