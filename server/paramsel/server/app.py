@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -12,8 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from paramsel.server import observability
 from paramsel.server.config import ServerConfig
-from paramsel.server.servicer import ParameterSelectionServicer
+from paramsel.server.limits import CallLimits
+from paramsel.server.security import TokenAuthInterceptor, server_credentials
+from paramsel.server.servicer import ParameterSelectionServicer, limits_of
 from paramsel.v1 import service_pb2
 from paramsel.wire.fastframes import frame_parser, serialize_frame
 
@@ -41,13 +45,23 @@ def service_handlers(servicer: Any) -> grpc.GenericRpcHandler:  # type: ignore[t
 
 
 class RunningServer:
-    """A started server: its bound port and health servicer, and a graceful ``stop``."""
+    """A started server: its bound port, health servicer and call limits, and a graceful ``stop``."""
 
-    def __init__(self, server: grpc.Server, port: int, health_servicer: Any, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        health_servicer: Any,
+        config: ServerConfig,
+        limits: CallLimits | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
         self.config = config
+        self.limits = limits or CallLimits(limits_of(config))
+        self.metrics_port = metrics_port
 
     @property
     def target(self) -> str:
@@ -57,30 +71,69 @@ class RunningServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: float | None = None) -> None:
-        """Reports NOT_SERVING, refuses new calls, and lets in-flight calls finish within the grace."""
+        """Drains: health reports NOT_SERVING (and keeps answering), new paramsel.v1 calls are refused with
+        UNAVAILABLE, in-flight ones get up to ``grace`` seconds; then the server stops."""
+        grace = self.config.grace_seconds if grace is None else grace
+        began = time.monotonic()
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        drained = self.limits.drain(grace)
+        if not drained:
+            log.warning(
+                "%d calls still running after %.1f s: cancelling them", self.limits.active_calls, grace
+            )
+        # Then the rest of the grace for everything else in flight (a handler's last frames and status, a
+        # health Watch); gRPC refuses new calls from here on.
+        remaining = max(grace - (time.monotonic() - began), 0.0)
+        self.server.stop(remaining if drained else 0).wait()
+        if self.metrics_port is not None:
+            observability.stop_metrics_http(self.metrics_port)
 
 
 def create_server(config: ServerConfig | None = None) -> RunningServer:
     """Builds, binds and starts a server; with ``port=0`` the returned ``port`` is the one picked."""
     config = config or ServerConfig()
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    # Every call is counted and logged (one JSON line on logger paramsel.calls); the metrics are
+    # served over HTTP only when asked, on the server's own address.
+    interceptors: list[grpc.ServerInterceptor] = [observability.interceptor(None)]  # type: ignore[type-arg]
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = observability.start_metrics_http(config.metrics_port, addr=config.host)
+    if config.tokens:
+        interceptors.append(TokenAuthInterceptor(config.tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="paramsel"),
+        interceptors=interceptors,
         # Without this a second server on a fixed port would silently share it.
         options=[("grpc.so_reuseport", 0)],
     )
-    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(config)),))
+    servicer = ParameterSelectionServicer(config)
+    server.add_generic_rpc_handlers((service_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise OSError(f"could not bind {address}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, config)
+    log.info(
+        "serving on port %d: tls=%s, mtls=%s, token auth=%s, reflection=%s, metrics port=%s",
+        port,
+        credentials is not None,
+        config.tls_client_ca_file is not None,
+        bool(config.tokens),
+        config.reflection,
+        metrics_port,
+    )
+    return RunningServer(server, port, health_servicer, config, servicer.limits, metrics_port)
 
 
 def serve(config: ServerConfig, *, announce: Any = print) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
 
@@ -23,7 +23,7 @@ class ServerConfig:
     max_call_bytes: int = 8 << 30
     """Largest total of tensor bytes one call may declare; more is refused with RESOURCE_EXHAUSTED."""
 
-    max_workers: int = 8
+    max_workers: int = 20
     """Threads serving calls; calls beyond this wait in gRPC's queue."""
 
     grace_seconds: float = 10.0
@@ -32,6 +32,37 @@ class ServerConfig:
     model_cache_bytes: int = 2 << 30
     """Initial models kept by digest for reuse (least recently used out first); 0 keeps none."""
 
+    max_concurrent_calls: int = 16
+    """paramsel.v1 calls running at once; one more is refused at once with RESOURCE_EXHAUSTED (not queued).
+    Keep it below ``max_workers`` so that health checks and refusals always find a thread."""
+
+    max_inflight_bytes: int = 12 << 30
+    """Tensor bytes declared by all running calls together; a manifest that would pass it is refused."""
+
+    max_tensors_per_call: int = 100_000
+    """Tensors (layout entries and manifest entries) one call may declare."""
+
+    max_elements_per_tensor: int = 2**31
+    """Elements of one declared tensor (for a sparse one: of its shape, and its nnz)."""
+
+    tls_cert_file: str | None = None
+    """PEM certificate chain; with ``tls_key_file`` the server speaks TLS only."""
+
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file``."""
+
+    tls_client_ca_file: str | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."""
+
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens accepted on paramsel.v1 calls; empty: no token needed. Never shown in a repr."""
+
+    reflection: bool = True
+    """Serve gRPC reflection (``paramsel serve --production`` turns it off unless ``--reflection``)."""
+
+    metrics_port: int | None = None
+    """Port of a Prometheus /metrics HTTP endpoint (0 picks one); None: no endpoint."""
+
     def __post_init__(self) -> None:
         if not 0 < self.chunk_size_bytes <= MAX_CHUNK_SIZE_BYTES:
             raise ValueError(f"chunk_size_bytes must be in (0, {MAX_CHUNK_SIZE_BYTES}]")
@@ -39,3 +70,20 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_call_bytes <= 0 or self.max_workers <= 0 or self.model_cache_bytes < 0:
             raise ValueError("max_call_bytes and max_workers must be positive, model_cache_bytes >= 0")
+        limits = (
+            self.max_concurrent_calls,
+            self.max_inflight_bytes,
+            self.max_tensors_per_call,
+            self.max_elements_per_tensor,
+        )
+        if min(limits) <= 0:
+            raise ValueError(
+                "max_concurrent_calls, max_inflight_bytes, max_tensors_per_call and "
+                "max_elements_per_tensor must be positive"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both a certificate file and its key file (--tls-cert and --tls-key)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("a client CA (--tls-client-ca) needs a server certificate and key too")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")

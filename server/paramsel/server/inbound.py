@@ -9,7 +9,7 @@ import torch
 
 from paramsel import engine
 from paramsel.v1 import service_pb2, tensor_pb2
-from paramsel.wire import DenseDecl, WireError
+from paramsel.wire import DenseDecl, WireError, WireLimitError
 from paramsel.wire.streams import Received, read_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
@@ -39,6 +39,17 @@ def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
     )
     if not received.layout:
         raise WireError("no layout was sent: declare the model's state in 'layout' frames")
+    # A small payload can name large tensors, and the answer is those tensors, dense: their size counts
+    # against the call's limit too, before anything is built.
+    named = {d.name for d, _ in received.dense.get(PAYLOAD, [])} | {
+        s.decl.name for s in received.sparse.get(PAYLOAD, [])
+    }
+    answer = sum(d.nbytes for d in received.layout if d.name in named)
+    if answer > max_bytes:
+        raise WireLimitError(
+            f"the tensors the payload names take {answer} bytes in the answer, over the server's {max_bytes} "
+            "bytes per call"
+        )
     return received
 
 

@@ -12,6 +12,7 @@ from paramsel import engine
 from paramsel.server import inbound, outbound
 from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import Selection, run_criterion
+from paramsel.server.limits import CallLimits, Limits
 from paramsel.server.models import ModelStore, check_held_early, resolve_initial
 from paramsel.server.status import statuses
 from paramsel.v1 import service_pb2, service_pb2_grpc
@@ -31,12 +32,23 @@ def _model(received: Received) -> dict[str, torch.Tensor]:
     return model
 
 
+def limits_of(config: ServerConfig) -> Limits:
+    return Limits(
+        max_concurrent_calls=config.max_concurrent_calls,
+        max_inflight_bytes=config.max_inflight_bytes,
+        max_call_bytes=config.max_call_bytes,
+        max_tensors_per_call=config.max_tensors_per_call,
+        max_elements_per_tensor=config.max_elements_per_tensor,
+    )
+
+
 class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServicer):
     """The paramsel.v1 service over :mod:`paramsel.engine`."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, limits: CallLimits | None = None) -> None:
         self._config = config
         self._models = ModelStore(config.model_cache_bytes)
+        self.limits = limits or CallLimits(limits_of(config))
 
     def _selection(self, frames: Iterator[Any]) -> tuple[Any, int, Selection]:
         """Select's and Push's common part: read the models, resolve the initial one, select."""
@@ -51,8 +63,8 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     def Select(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.SelectResponse]:
-        with statuses(context, "Select"):
-            start, size, selection = self._selection(request_iterator)
+        with statuses(context, "Select"), self.limits.call() as call:
+            start, size, selection = self._selection(call.watch(request_iterator))
             encoding = inbound.position_encoding(start.position_encoding)
             value_dtype = inbound.value_dtype(start.value_dtype)
             yield from outbound.select_frames(selection, encoding, size, value_dtype)
@@ -60,15 +72,15 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PushResponse]:
-        with statuses(context, "Push"):
-            _, size, selection = self._selection(request_iterator)
+        with statuses(context, "Push"), self.limits.call() as call:
+            _, size, selection = self._selection(call.watch(request_iterator))
             yield from outbound.push_frames(selection, size)
 
     def Pull(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PullRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PullResponse]:
-        with statuses(context, "Pull"):
-            received = inbound.read_pull(request_iterator, max_bytes=self._config.max_call_bytes)
+        with statuses(context, "Pull"), self.limits.call() as call:
+            received = inbound.read_pull(call.watch(request_iterator), max_bytes=self._config.max_call_bytes)
             start: service_pb2.PullStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
             if start.mode not in _PULL_MODES:
@@ -100,8 +112,10 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     def Aggregate(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.AggregateRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.AggregateResponse]:
-        with statuses(context, "Aggregate"):
-            received = inbound.read_contributions(request_iterator, max_bytes=self._config.max_call_bytes)
+        with statuses(context, "Aggregate"), self.limits.call() as call:
+            received = inbound.read_contributions(
+                call.watch(request_iterator), max_bytes=self._config.max_call_bytes
+            )
             start: service_pb2.AggregateStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
             weighted = start.weighted if start.HasField("weighted") else True

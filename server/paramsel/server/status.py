@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from paramsel import engine
+from paramsel.server.limits import ServerDrainingError
 from paramsel.server.models import ModelNotHeldError
 from paramsel.wire import WireError, WireLimitError
 
@@ -25,6 +26,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (engine.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (engine.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelNotHeldError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ServerDrainingError, grpc.StatusCode.UNAVAILABLE),
 )
 DOMAIN = "paramsel.v1"
 

@@ -1,0 +1,88 @@
+"""``paramsel serve`` drains on SIGTERM: health NOT_SERVING first, new calls UNAVAILABLE, the in-flight call
+finishes within the grace, exit 0. A real process on a port it picks."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import serve_process
+
+from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from paramsel.wire.streams import write_frames
+
+TIMEOUT = 30
+
+
+def select_frames(numel: int) -> list[Any]:
+    criterion = criteria_pb2.Criterion(
+        top_k=criteria_pb2.TopKCriterion(
+            sparsity_level=0.5, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
+        )
+    )
+    first = ("start", service_pb2.SelectStart(criterion=criterion))
+    dense = [(tensor_pb2.SECTION_MODEL, [("w", torch.randn(numel))])]
+    return list(write_frames(service_pb2.SelectRequest, first, chunk_size=1 << 20, dense=dense))
+
+
+def health_status(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_then_exits_zero() -> None:
+    frames = select_frames(4 << 20)  # 16 MiB in 16 chunks
+    with serve_process("--grace-seconds", "60") as (proc, target), grpc.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        halfway = threading.Event()
+        go = threading.Event()
+        outcome: list[Any] = []
+
+        def slow_upload() -> Iterator[Any]:
+            for i, frame in enumerate(frames):
+                if i == len(frames) // 2:
+                    halfway.set()
+                    go.wait(TIMEOUT)
+                yield frame
+                time.sleep(0.01)
+
+        def in_flight() -> None:
+            try:
+                outcome.append(list(stub.Select(slow_upload(), timeout=TIMEOUT * 2)))
+            except grpc.RpcError as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=in_flight, daemon=True)
+        thread.start()
+        try:
+            assert halfway.wait(TIMEOUT)
+            time.sleep(0.3)  # the first half reaches the server
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + TIMEOUT
+            while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health never went NOT_SERVING"
+                time.sleep(0.05)
+            with grpc.insecure_channel(target) as fresh:
+                new_stub = service_pb2_grpc.ParameterSelectionServiceStub(fresh)
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(new_stub.Select(iter(select_frames(16)), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (refused.value.details() or "")
+            assert proc.poll() is None, "the server exited with a call in flight"
+        finally:
+            go.set()
+        thread.join(TIMEOUT)
+        assert outcome, "the in-flight call did not end"
+        result = outcome[0]
+        assert isinstance(result, list), result
+        assert result[0].WhichOneof("frame") == "header"
+        assert proc.wait(timeout=TIMEOUT) == 0
