@@ -9,6 +9,7 @@ def test_public_exports_are_pinned() -> None:
     assert sorted(paramsel.client.__all__) == [
         "AggregateResult",
         "Client",
+        "Connection",
         "DynamicLayerExchanger",
         "ENV_TARGET",
         "FedPmExchanger",

@@ -4,13 +4,15 @@ Swap the imports of an FL4Health client::
 
     from paramsel.client import SparseCooParameterExchanger, largest_magnitude_change_scores
 
-and keep the rest. Calls go to ``target=`` if given, else to ``$PARAMSEL_TARGET``, else to a server
-embedded in this process (started on first use). Failures raise :class:`ParamselError`.
+and keep the rest. Calls go to ``target=`` (or ``connection=Connection(...)``: TLS, bearer token,
+deadline, retries) if given, else to ``$PARAMSEL_TARGET``, else to a server embedded in this process
+(started on first use). Failures raise :class:`ParamselError`.
 """
 
 from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
 from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
 from paramsel.client._compact import unpack_compact
+from paramsel.client._connection import Connection
 from paramsel.client._criteria import (
     LayerSelectionFunction,
     LayerSelectionFunctionConstructor,
@@ -30,6 +32,7 @@ __all__ = [
     "ENV_TARGET",
     "AggregateResult",
     "Client",
+    "Connection",
     "DynamicLayerExchanger",
     "FedPmExchanger",
     "LayerSelectionFunction",

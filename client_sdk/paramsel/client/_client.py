@@ -10,8 +10,9 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
+from paramsel.client._connection import Connection, Resolved, channel_for, resolve, with_target
 from paramsel.client._errors import ParamselError, StatusCode
-from paramsel.client._target import channel_for, resolve_target
+from paramsel.client._retry import with_retries
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.digest import model_digest
@@ -79,17 +80,31 @@ def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tenso
 
 
 class Client:
-    """Calls one paramsel server. Thread-safe; cheap to create (channels are shared per target)."""
+    """Calls one paramsel server. Thread-safe; cheap to create (channels are shared per target).
+
+    ``connection`` says where and how (TLS, token, deadline, retries); ``target`` is a shortcut that
+    overrides its address. Each call has a deadline and is retried, whole upload included, while the
+    server is unreachable (UNAVAILABLE); other failures raise :class:`ParamselError` at once.
+    """
 
     def __init__(
-        self, *, target: str | None = None, chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
+        self,
+        *,
+        target: str | None = None,
+        connection: Connection | None = None,
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         if not 0 < chunk_size_bytes <= MAX_CHUNK_SIZE_BYTES:
             raise ValueError(
                 f"chunk_size_bytes must be in (0, {MAX_CHUNK_SIZE_BYTES}], got {chunk_size_bytes}"
             )
-        self._target = target
+        self._connection = with_target(connection, target)
         self._chunk_size = chunk_size_bytes
+
+    @property
+    def connection(self) -> Connection:
+        """Where and how this client calls."""
+        return self._connection
 
     @property
     def chunk_size(self) -> int:
@@ -106,28 +121,42 @@ class Client:
         """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors)."""
         return _aggregate(self, payload_kind, contributions, weighted=weighted)
 
-    def _rpc(self, method: str) -> Callable[..., Any]:
+    @staticmethod
+    def _rpc(resolved: Resolved, method: str) -> Callable[..., Any]:
         """A streaming call of the service whose chunk frames skip protobuf's copies both ways."""
         service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
         response = getattr(service_pb2, service.methods_by_name[method].output_type.name)
-        return channel_for(resolve_target(self._target)).stream_stream(
+        return channel_for(resolved).stream_stream(
             f"/{service.full_name}/{method}",
             request_serializer=serialize_frame,
             response_deserializer=frame_parser(response),
         )
 
     def _call(
-        self, rpc: Callable[..., Any], frames: Iterator[Any], read: Callable[[Any], T], *, upload_bytes: int
+        self,
+        method: str,
+        frames: Callable[[], Iterator[Any]],
+        read: Callable[[Any], T],
+        *,
+        upload_bytes: int,
     ) -> T:
-        if upload_bytes >= PROGRESS_MIN_BYTES:
-            frames = _with_progress(frames, upload_bytes)
-        try:
-            return read(rpc(frames))
-        except grpc.RpcError as error:
-            raise ParamselError.from_rpc_error(error) from None
-        except WireError as error:
-            # Raised while encoding our own request (e.g. an unsupported dtype) or reading a bad answer.
-            raise ParamselError(StatusCode.INVALID_ARGUMENT, str(error)) from None
+        """One call: ``frames()`` builds the whole request afresh for every attempt."""
+        resolved = resolve(self._connection)
+        rpc = self._rpc(resolved, method)
+
+        def attempt(timeout: float) -> T:
+            requests = frames()
+            if upload_bytes >= PROGRESS_MIN_BYTES:
+                requests = _with_progress(requests, upload_bytes)
+            try:
+                return read(rpc(requests, timeout=max(timeout, 0.001), metadata=resolved.metadata))
+            except grpc.RpcError as error:
+                raise ParamselError.from_rpc_error(error) from None
+            except WireError as error:
+                # Raised while encoding our own request (e.g. an unsupported dtype) or reading a bad answer.
+                raise ParamselError(StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+        return with_retries(self._connection, attempt)
 
     def _reusing(
         self,
@@ -168,13 +197,15 @@ class Client:
             )
             if digest is not None:
                 start.initial_model_digest.sha256 = digest
-            frames = write_frames(
-                service_pb2.SelectRequest,
-                ("start", start),
-                chunk_size=self._chunk_size,
-                encoded_chunks=True,
-                dense=_models(model, initial),
-            )
+
+            def frames() -> Iterator[Any]:
+                return write_frames(
+                    service_pb2.SelectRequest,
+                    ("start", start),
+                    chunk_size=self._chunk_size,
+                    encoded_chunks=True,
+                    dense=_models(model, initial),
+                )
 
             def read(responses: Any) -> SelectResult:
                 kept: list[Any] | None = [] if keep_frames else None
@@ -183,7 +214,7 @@ class Client:
                     got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got), kept
                 )
 
-            return self._call(self._rpc("Select"), frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call("Select", frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -201,13 +232,15 @@ class Client:
             start = service_pb2.PushStart(criterion=criterion, response_chunk_size_bytes=self._chunk_size)
             if digest is not None:
                 start.initial_model_digest.sha256 = digest
-            frames = write_frames(
-                service_pb2.PushRequest,
-                ("start", start),
-                chunk_size=self._chunk_size,
-                encoded_chunks=True,
-                dense=_models(model, initial),
-            )
+
+            def frames() -> Iterator[Any]:
+                return write_frames(
+                    service_pb2.PushRequest,
+                    ("start", start),
+                    chunk_size=self._chunk_size,
+                    encoded_chunks=True,
+                    dense=_models(model, initial),
+                )
 
             def read(responses: Any) -> PushResult:
                 got = read_frames(
@@ -219,7 +252,7 @@ class Client:
                 )
                 return PushResult(got.first, _named(got))
 
-            return self._call(self._rpc("Push"), frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call("Push", frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -247,22 +280,24 @@ class Client:
         sparse_sections = (
             [(tensor_pb2.SECTION_PAYLOAD, sparse, tensor_pb2.POSITION_ENCODING_COO_INT64)] if sparse else []
         )
-        frames = write_frames(
-            service_pb2.PullRequest,
-            ("start", start),
-            chunk_size=self._chunk_size,
-            encoded_chunks=True,
-            layout=list(layout.items()),
-            dense=dense,
-            sparse=sparse_sections,
-        )
+
+        def frames() -> Iterator[Any]:
+            return write_frames(
+                service_pb2.PullRequest,
+                ("start", start),
+                chunk_size=self._chunk_size,
+                encoded_chunks=True,
+                layout=list(layout.items()),
+                dense=dense,
+                sparse=sparse_sections,
+            )
 
         def read(responses: Any) -> dict[str, torch.Tensor]:
             got = read_frames(responses, first="header", dense_sections=RESULT, max_bytes=_MAX_RESPONSE_BYTES)
             return dict(_named(got))
 
         return self._call(
-            self._rpc("Pull"),
+            "Pull",
             frames,
             read,
             upload_bytes=sum(t.values.nbytes for t in sparse) + _nbytes(dict(tensors)),
@@ -310,15 +345,17 @@ def _aggregate(
         position_encoding=tensor_pb2.POSITION_ENCODING_COMPACT,
         response_chunk_size_bytes=client.chunk_size,
     )
-    frames = write_contributions(
-        service_pb2.AggregateRequest,
-        ("start", start),
-        contributions,
-        section=tensor_pb2.SECTION_PAYLOAD,
-        encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
-        chunk_size=client.chunk_size,
-        encoded_chunks=True,
-    )
+
+    def frames() -> Iterator[Any]:
+        return write_contributions(
+            service_pb2.AggregateRequest,
+            ("start", start),
+            contributions,
+            section=tensor_pb2.SECTION_PAYLOAD,
+            encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
+            chunk_size=client.chunk_size,
+            encoded_chunks=True,
+        )
 
     def read(responses: Any) -> AggregateResult:
         got = read_frames(
@@ -333,4 +370,4 @@ def _aggregate(
     upload = sum(
         _nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in contributions
     )
-    return client._call(client._rpc("Aggregate"), frames, read, upload_bytes=upload)
+    return client._call("Aggregate", frames, read, upload_bytes=upload)

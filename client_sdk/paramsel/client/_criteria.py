@@ -16,6 +16,7 @@ from torch import nn
 
 from paramsel import engine
 from paramsel.client._client import Client
+from paramsel.client._connection import Connection, with_target
 from paramsel.client._state import NDArrays, state_of, to_numpy
 from paramsel.v1 import criteria_pb2
 
@@ -105,14 +106,23 @@ def score_criterion(
 class LayerSelectionFunction:
     """A layer selection function, callable as FL4Health's: ``(model, initial_model) -> (arrays, names)``."""
 
-    def __init__(self, criterion: criteria_pb2.Criterion, *, target: str | None = None) -> None:
+    def __init__(
+        self,
+        criterion: criteria_pb2.Criterion,
+        *,
+        target: str | None = None,
+        connection: Connection | None = None,
+    ) -> None:
         self.criterion = criterion
         self.target = target
+        self.connection = connection
 
     def __call__(
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, list[str]]:
-        return select_layers(self.criterion, model, initial_model, Client(target=self.target))
+        return select_layers(
+            self.criterion, model, initial_model, Client(target=self.target, connection=self.connection)
+        )
 
     def __repr__(self) -> str:
         return f"LayerSelectionFunction({self.criterion.WhichOneof('kind')})"
@@ -139,6 +149,7 @@ class LayerSelectionFunctionConstructor:
         select_drift_more: bool = True,
         *,
         target: str | None = None,
+        connection: Connection | None = None,
     ) -> None:
         if not 0 < exchange_percentage <= 1:
             raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
@@ -149,6 +160,7 @@ class LayerSelectionFunctionConstructor:
         self.normalize = normalize
         self.select_drift_more = select_drift_more
         self.target = target
+        self.connection = connection
 
     def select_by_threshold(self) -> LayerSelectionFunction:
         return LayerSelectionFunction(
@@ -160,6 +172,7 @@ class LayerSelectionFunctionConstructor:
                 )
             ),
             target=self.target,
+            connection=self.connection,
         )
 
     def select_by_percentage(self) -> LayerSelectionFunction:
@@ -172,6 +185,7 @@ class LayerSelectionFunctionConstructor:
                 )
             ),
             target=self.target,
+            connection=self.connection,
         )
 
 
@@ -184,10 +198,13 @@ select_scores_and_sample_masks = LayerSelectionFunction(fedpm_criterion())
 """FedPM's selection: every ``weight_scores`` / ``bias_scores`` tensor as a Bernoulli(sigmoid) mask."""
 
 
-def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion, str | None]:
-    """The criterion of a layer selection function: ours, or one FL4Health's constructor built."""
+def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion, Connection | None]:
+    """The criterion of a layer selection function (ours, or one FL4Health's constructor built), and
+    the connection it was built with, if any."""
     if isinstance(function, LayerSelectionFunction):
-        return function.criterion, function.target
+        if function.target is None and function.connection is None:
+            return function.criterion, None
+        return function.criterion, with_target(function.connection, function.target)
     inner = function.func if isinstance(function, functools.partial) else function
     name = getattr(inner, "__name__", "")
     if name == "select_scores_and_sample_masks":

@@ -13,6 +13,7 @@ from torch import nn
 from paramsel import engine
 from paramsel.client._client import Client, SelectResult
 from paramsel.client._compact import compact_payload, fl4health_sparse
+from paramsel.client._connection import Connection
 from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
@@ -56,6 +57,7 @@ class SparseCooParameterExchanger:
         score_gen_function: Callable[..., Any],
         *,
         target: str | None = None,
+        connection: Connection | None = None,
         exact_k: bool = False,
         pull_mode: str = "replace",
         reuse_initial_model: bool = True,
@@ -70,7 +72,7 @@ class SparseCooParameterExchanger:
         self.criterion = score_criterion(score_gen_function, sparsity_level, exact_k=exact_k)
         self.pull_mode = pull_mode
         self.reuse_initial_model = reuse_initial_model
-        self.client = Client(target=target, chunk_size_bytes=chunk_size_bytes)
+        self.client = Client(target=target, connection=connection, chunk_size_bytes=chunk_size_bytes)
 
     def generate_parameter_scores(self, model: nn.Module, initial_model: nn.Module | None) -> dict[str, Any]:
         """The scores of every state entry, computed locally by the score function."""
@@ -165,11 +167,14 @@ class DynamicLayerExchanger:
         layer_selection_function: Callable[..., Any],
         *,
         target: str | None = None,
+        connection: Connection | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         self.layer_selection_function = layer_selection_function
-        self.criterion, own_target = layer_criterion(layer_selection_function)
-        self.client = Client(target=target or own_target, chunk_size_bytes=chunk_size_bytes)
+        self.criterion, own = layer_criterion(layer_selection_function)
+        if target is None and connection is None:  # the selection function's own server, if it has one
+            connection = own
+        self.client = Client(target=target, connection=connection, chunk_size_bytes=chunk_size_bytes)
 
     def select_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None
@@ -216,9 +221,15 @@ class FedPmExchanger(DynamicLayerExchanger):
         *,
         seed: int | None = None,
         target: str | None = None,
+        connection: Connection | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         from paramsel.client._criteria import select_scores_and_sample_masks
 
-        super().__init__(select_scores_and_sample_masks, target=target, chunk_size_bytes=chunk_size_bytes)
+        super().__init__(
+            select_scores_and_sample_masks,
+            target=target,
+            connection=connection,
+            chunk_size_bytes=chunk_size_bytes,
+        )
         self.criterion = fedpm_criterion(seed)

@@ -1,19 +1,15 @@
-"""Which server to call: ``target=``, else ``PARAMSEL_TARGET``, else an embedded in-process server."""
+"""The server of last resort: one embedded in this process when no target is given or set."""
 
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from typing import Any
-
-import grpc
 
 ENV_TARGET = "PARAMSEL_TARGET"
 
 _lock = threading.Lock()
 _embedded: Any = None
-_channels: dict[str, grpc.Channel] = {}
 
 
 def embedded_target() -> str:
@@ -26,19 +22,3 @@ def embedded_target() -> str:
             _embedded = create_server(ServerConfig(host="127.0.0.1", port=0))
             atexit.register(_embedded.stop, 0)
         return str(_embedded.target)
-
-
-def resolve_target(target: str | None) -> str:
-    """The address to call."""
-    if target:
-        return target
-    return os.environ.get(ENV_TARGET) or embedded_target()
-
-
-def channel_for(target: str) -> grpc.Channel:
-    """One shared channel per target: channels are expensive and safe to share across threads."""
-    with _lock:
-        channel = _channels.get(target)
-        if channel is None:
-            channel = _channels[target] = grpc.insecure_channel(target)
-        return channel
