@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,18 +18,28 @@ from paramsel.server.app import SERVICE_NAME
 _ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
 
 
+class Output(list[str]):
+    """The lines a process printed after announcing itself, collected by a thread as they come."""
+
+
 @contextmanager
-def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Runs ``paramsel serve --port 0`` and yields the process and its ``host:port``; SIGTERMs it after."""
+def serve_process(*args: str, output: Output | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Runs ``paramsel serve --port 0`` and yields the process and its ``host:port``; SIGTERMs it after.
+
+    The rest of its output (one JSON line per call, among others) is drained by a thread, so the pipe
+    never fills, and kept in ``output`` when one is given.
+    """
     cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
     )
+    sink = output if output is not None else Output()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             match = _ANNOUNCE.search(line)
             if match:
+                threading.Thread(target=sink.extend, args=(proc.stdout,), daemon=True).start()
                 yield proc, f"{match.group(1)}:{match.group(2)}"
                 break
         else:
