@@ -132,7 +132,7 @@ def _add_security(s: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve Prometheus /metrics on this port on 127.0.0.1, 0 picks one (default: off)",
+        help="serve Prometheus /metrics on this port, on the --host address; 0 picks one (default: off)",
     )
 
 
