@@ -21,8 +21,9 @@ check-proto: setup  ## fail when gen/python is stale
 check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)
 	scripts/check_container.sh
 
-lint: setup  ## buf lint, ruff, mypy
+lint: setup  ## buf lint and buf breaking (against the last release's image), ruff, mypy
 	.venv/bin/buf lint
+	.venv/bin/buf breaking --against proto/releases/paramsel-v1-0.1.0.binpb
 	.venv/bin/ruff check $(SOURCES)
 	.venv/bin/ruff format --check $(SOURCES)
 	.venv/bin/mypy

@@ -121,6 +121,29 @@ class Client:
         """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors)."""
         return _aggregate(self, payload_kind, contributions, weighted=weighted)
 
+    def server_info(self) -> service_pb2.GetServerInfoResponse:
+        """What the server is and speaks: version, encodings, dtypes, criteria, limits (GetServerInfo)."""
+        resolved = resolve(self._connection)
+        service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
+        rpc = channel_for(resolved).unary_unary(
+            f"/{service.full_name}/GetServerInfo",
+            request_serializer=service_pb2.GetServerInfoRequest.SerializeToString,
+            response_deserializer=service_pb2.GetServerInfoResponse.FromString,
+        )
+
+        def attempt(timeout: float) -> service_pb2.GetServerInfoResponse:
+            try:
+                reply: service_pb2.GetServerInfoResponse = rpc(
+                    service_pb2.GetServerInfoRequest(),
+                    timeout=max(timeout, 0.001),
+                    metadata=resolved.metadata,
+                )
+                return reply
+            except grpc.RpcError as error:
+                raise ParamselError.from_rpc_error(error) from None
+
+        return with_retries(self._connection, attempt)
+
     @staticmethod
     def _rpc(resolved: Resolved, method: str) -> Callable[..., Any]:
         """A streaming call of the service whose chunk frames skip protobuf's copies both ways."""

@@ -33,14 +33,22 @@ def service_handlers(servicer: Any) -> grpc.GenericRpcHandler:  # type: ignore[t
     each byte); :mod:`paramsel.wire.fastframes` reads canonical chunk frames in place instead.
     """
     service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
-    handlers = {
-        method.name: grpc.stream_stream_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=frame_parser(getattr(service_pb2, method.input_type.name)),
-            response_serializer=serialize_frame,
-        )
-        for method in service.methods
-    }
+    handlers = {}
+    for method in service.methods:
+        request = getattr(service_pb2, method.input_type.name)
+        response = getattr(service_pb2, method.output_type.name)
+        if method.client_streaming and method.server_streaming:  # the tensor-carrying rpcs
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name),
+                request_deserializer=frame_parser(request),
+                response_serializer=serialize_frame,
+            )
+        else:  # small unary calls (GetServerInfo): plain protobuf
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, method.name),
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

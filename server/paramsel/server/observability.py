@@ -98,7 +98,7 @@ def sent_entries(frame: Any) -> int:
     """``TopKSummary.sent_entries`` when ``frame`` is a selection header with a top-k summary, else 0."""
     if isinstance(frame, ChunkFrame) or getattr(frame, "WhichOneof", None) is None:
         return 0
-    if frame.WhichOneof("frame") != "header":
+    if "frame" not in frame.DESCRIPTOR.oneofs_by_name or frame.WhichOneof("frame") != "header":
         return 0
     header = frame.header
     if "summary" not in {o.name for o in header.DESCRIPTOR.oneofs}:

@@ -12,6 +12,7 @@ from paramsel import engine
 from paramsel.server import inbound, outbound
 from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import Selection, run_criterion
+from paramsel.server.info import server_info
 from paramsel.server.limits import CallLimits, Limits
 from paramsel.server.models import ModelStore, check_held_early, resolve_initial
 from paramsel.server.status import statuses
@@ -129,3 +130,8 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
             else:
                 layers = engine.aggregate_layers(contributions, weighted=weighted)
                 yield from outbound.aggregate_frames(len(contributions), size, layers=layers)
+
+    def GetServerInfo(  # noqa: N802 - gRPC method name
+        self, request: service_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> service_pb2.GetServerInfoResponse:
+        return server_info(self._config)

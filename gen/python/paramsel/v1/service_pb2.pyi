@@ -797,3 +797,90 @@ class AggregateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___AggregateResponse: _TypeAlias = AggregateResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    """Asks for the server's description. No fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    """A server's description."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    API_PACKAGE_FIELD_NUMBER: _builtins.int
+    POSITION_ENCODINGS_FIELD_NUMBER: _builtins.int
+    DATA_TYPES_FIELD_NUMBER: _builtins.int
+    SCORE_FUNCTIONS_FIELD_NUMBER: _builtins.int
+    CRITERIA_FIELD_NUMBER: _builtins.int
+    PAYLOAD_KINDS_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CALL_BYTES_FIELD_NUMBER: _builtins.int
+    REQUIRES_TOKEN_FIELD_NUMBER: _builtins.int
+    server_version: _builtins.str
+    """The server's release, e.g. "0.1.0"."""
+    api_package: _builtins.str
+    """The contract's proto package, "paramsel.v1"."""
+    max_chunk_size_bytes: _builtins.int
+    """Largest chunk of tensor data the server sends when asked (3 MiB); it accepts any chunk that fits
+    gRPC's message limit.
+    """
+    max_call_bytes: _builtins.int
+    """Tensor bytes one call may declare."""
+    requires_token: _builtins.bool
+    """Whether paramsel calls need a bearer token."""
+    @_builtins.property
+    def position_encodings(self) -> _containers.RepeatedScalarFieldContainer[_tensor_pb2.PositionEncoding.ValueType]:
+        """Position encodings the server reads and writes (COMPACT included, as a request option)."""
+
+    @_builtins.property
+    def data_types(self) -> _containers.RepeatedScalarFieldContainer[_tensor_pb2.DataType.ValueType]:
+        """Element types the server accepts."""
+
+    @_builtins.property
+    def score_functions(self) -> _containers.RepeatedScalarFieldContainer[_criteria_pb2.ScoreFunction.ValueType]:
+        """Score functions TopKCriterion may name."""
+
+    @_builtins.property
+    def criteria(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Criterion kinds (the Criterion oneof's field names, e.g. "top_k")."""
+
+    @_builtins.property
+    def payload_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___PayloadKind.ValueType]:
+        """Payload kinds Pull applies."""
+
+    def __init__(
+        self,
+        *,
+        server_version: _builtins.str = ...,
+        api_package: _builtins.str = ...,
+        position_encodings: _abc.Iterable[_tensor_pb2.PositionEncoding.ValueType] | None = ...,
+        data_types: _abc.Iterable[_tensor_pb2.DataType.ValueType] | None = ...,
+        score_functions: _abc.Iterable[_criteria_pb2.ScoreFunction.ValueType] | None = ...,
+        criteria: _abc.Iterable[_builtins.str] | None = ...,
+        payload_kinds: _abc.Iterable[Global___PayloadKind.ValueType] | None = ...,
+        max_chunk_size_bytes: _builtins.int = ...,
+        max_call_bytes: _builtins.int = ...,
+        requires_token: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_package", b"api_package", "criteria", b"criteria", "data_types", b"data_types", "max_call_bytes", b"max_call_bytes", "max_chunk_size_bytes", b"max_chunk_size_bytes", "payload_kinds", b"payload_kinds", "position_encodings", b"position_encodings", "requires_token", b"requires_token", "score_functions", b"score_functions", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015

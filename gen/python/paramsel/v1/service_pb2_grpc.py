@@ -67,6 +67,11 @@ class ParameterSelectionServiceStub(object):
                 request_serializer=paramsel_dot_v1_dot_service__pb2.AggregateRequest.SerializeToString,
                 response_deserializer=paramsel_dot_v1_dot_service__pb2.AggregateResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/paramsel.v1.ParameterSelectionService/GetServerInfo',
+                request_serializer=paramsel_dot_v1_dot_service__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=paramsel_dot_v1_dot_service__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterSelectionServiceServicer(object):
@@ -124,6 +129,15 @@ class ParameterSelectionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
+        criteria and limits it supports, so that a client can tell before it sends anything. Never fails
+        on its own; UNAUTHENTICATED when the server requires a token and none was sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterSelectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_ParameterSelectionServiceServicer_to_server(servicer, server):
                     servicer.Aggregate,
                     request_deserializer=paramsel_dot_v1_dot_service__pb2.AggregateRequest.FromString,
                     response_serializer=paramsel_dot_v1_dot_service__pb2.AggregateResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=paramsel_dot_v1_dot_service__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=paramsel_dot_v1_dot_service__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class ParameterSelectionService(object):
             '/paramsel.v1.ParameterSelectionService/Aggregate',
             paramsel_dot_v1_dot_service__pb2.AggregateRequest.SerializeToString,
             paramsel_dot_v1_dot_service__pb2.AggregateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramsel.v1.ParameterSelectionService/GetServerInfo',
+            paramsel_dot_v1_dot_service__pb2.GetServerInfoRequest.SerializeToString,
+            paramsel_dot_v1_dot_service__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

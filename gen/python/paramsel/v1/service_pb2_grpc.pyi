@@ -69,6 +69,11 @@ class ParameterSelectionServiceStub:
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
     one name with different shapes or dtypes across contributions, or a name twice in one.
     """
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_service_pb2.GetServerInfoRequest, _service_pb2.GetServerInfoResponse]
+    """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
+    criteria and limits it supports, so that a client can tell before it sends anything. Never fails
+    on its own; UNAUTHENTICATED when the server requires a token and none was sent.
+    """
 
 @_typing.type_check_only
 class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
@@ -110,6 +115,11 @@ class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
     sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
     one name with different shapes or dtypes across contributions, or a name twice in one.
+    """
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_service_pb2.GetServerInfoRequest, _service_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
+    criteria and limits it supports, so that a client can tell before it sends anything. Never fails
+    on its own; UNAUTHENTICATED when the server requires a token and none was sent.
     """
 
 class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +183,17 @@ class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
         Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
         one name with different shapes or dtypes across contributions, or a name twice in one.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _service_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.GetServerInfoResponse, _abc.Awaitable[_service_pb2.GetServerInfoResponse]]:
+        """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
+        criteria and limits it supports, so that a client can tell before it sends anything. Never fails
+        on its own; UNAUTHENTICATED when the server requires a token and none was sent.
         """
 
 def add_ParameterSelectionServiceServicer_to_server(servicer: ParameterSelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
