@@ -1,7 +1,7 @@
 # One entry point for every task. Each target sets up what it needs first (the .venv stamp).
 PY := .venv/bin/python
 STAMP := .venv/.installed
-SOURCES := server client_sdk tests examples benchmarks
+SOURCES := server client_sdk tests examples benchmarks scripts
 
 .PHONY: setup proto check-proto check-container lint format test demo example bench serve ci clean
 

@@ -41,8 +41,11 @@ class SelectResult:
     """A Select answer: the header (kind and figures) and the sparse or whole tensors."""
 
     header: service_pb2.SelectionHeader
+    """What was selected: the kind and its figures (k, threshold, selected and sent entries, drifts)."""
     sparse: list[SparseData]
+    """Sparse tensors (top-k): declaration, values and flat int64 positions."""
     tensors: list[tuple[str, torch.Tensor]]
+    """Whole tensors (layers, FedPM masks), named."""
     frames: list[Any] | None = None
     """The response frames as they came off the wire, when asked for (``keep_frames``)."""
 
@@ -69,7 +72,9 @@ class PushResult:
     """A Push answer: the header and FL4Health's packed arrays, each named after its tensor."""
 
     header: service_pb2.SelectionHeader
+    """What was selected: the kind and its figures."""
     arrays: list[tuple[str, torch.Tensor]]
+    """FL4Health's packed arrays in order, each named after its tensor (the names array is not sent)."""
 
 
 def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor] | None) -> list[Any]:
@@ -351,8 +356,11 @@ class AggregateResult:
     """An Aggregate answer: the header and the sparse or whole aggregated tensors."""
 
     header: service_pb2.AggregateHeader
+    """How many contributions and tensors were averaged."""
     sparse: list[SparseData]
+    """The sparse aggregate (sparse COO payloads)."""
     tensors: list[tuple[str, torch.Tensor]]
+    """The layer aggregate (whole-layer payloads), named."""
 
 
 def _aggregate(
