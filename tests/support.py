@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,3 +56,29 @@ def assert_serving(channel: grpc.Channel) -> None:
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
     reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def instrumented_server(registry: Any, *, workers: int = 8) -> tuple[grpc.Server, str]:
+    """A server like ``create_server``'s, its observability interceptor on ``registry``, on a free
+    loopback port; returns the server and its ``host:port`` (stop it with ``server.stop(0)``)."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+
+    from paramsel.server.app import service_handlers
+    from paramsel.server.config import ServerConfig
+    from paramsel.server.observability import interceptor
+    from paramsel.server.servicer import ParameterSelectionServicer
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[interceptor(registry)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(ServerConfig(port=0))),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"

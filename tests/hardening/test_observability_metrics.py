@@ -9,21 +9,16 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from support import assert_serving
+from support import assert_serving, instrumented_server
 
-from paramsel.server.app import SERVICE_NAME, service_handlers
-from paramsel.server.config import ServerConfig
-from paramsel.server.observability import interceptor, start_metrics_http, stop_metrics_http
-from paramsel.server.servicer import ParameterSelectionServicer
+from paramsel.server.observability import start_metrics_http, stop_metrics_http
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, write_frames
 
@@ -45,19 +40,9 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     registry = CollectorRegistry()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[interceptor(registry)],
-        options=[("grpc.so_reuseport", 0)],
-    )
-    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(ServerConfig(port=0))),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, target = instrumented_server(registry, workers=4)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(target) as channel:
             yield Served(registry, channel)
     finally:
         server.stop(0).wait()

@@ -7,21 +7,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from support import assert_serving
+from support import assert_serving, instrumented_server
 
-from paramsel.server.app import SERVICE_NAME, service_handlers
-from paramsel.server.config import ServerConfig
-from paramsel.server.observability import interceptor
-from paramsel.server.servicer import ParameterSelectionServicer
+from paramsel.server.app import SERVICE_NAME
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire.streams import SparseOut, read_frames, write_contributions, write_frames
 
@@ -161,22 +156,6 @@ def cases() -> list[Case]:
         Case("cut_short", "Select", encoded(good_select[:-1]), INVALID),
         Case("unheld_initial", "Select", encoded(select_frames(0.5, start=unheld)), PRECONDITION),
     ]
-
-
-def instrumented_server(registry: CollectorRegistry) -> tuple[grpc.Server, str]:
-    """A server like ``create_server``'s, with the observability interceptor, on a free loopback port."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        interceptors=[interceptor(registry)],
-        options=[("grpc.so_reuseport", 0)],
-    )
-    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(ServerConfig(port=0))),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
 
 
 def run_case(channel: grpc.Channel, case: Case) -> None:
