@@ -10,14 +10,13 @@ from google.protobuf.message import DecodeError
 
 from paramsel.client._client import read_selection
 from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse
 from paramsel.client._state import NDArrays, to_numpy
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import WireError
 from paramsel.wire.fastframes import ChunkFrame
 from paramsel.wire.positions import flat_to_coo
 from paramsel.wire.streams import SparseData
-
-SparseInfo = tuple[NDArrays, NDArrays, list[str]]
 
 
 def fl4health_sparse(sparse: Sequence[SparseData]) -> tuple[NDArrays, SparseInfo]:
@@ -46,7 +45,6 @@ def unpack_compact(payload: bytes) -> NDArrays:
         raise ParamselError(StatusCode.INVALID_ARGUMENT, f"not a paramsel compact payload: {error}") from None
     sparse = got.sparse.get(tensor_pb2.SECTION_RESULT, [])
     if sparse:
-        values, (indices, shapes, names) = fl4health_sparse(sparse)
-        return [*values, *indices, *shapes, np.array(names)]
+        return pack_sparse(*fl4health_sparse(sparse))
     dense = got.dense.get(tensor_pb2.SECTION_RESULT, [])
-    return [*(to_numpy(t) for _, t in dense), np.array([d.name for d, _ in dense])]
+    return pack_layers([to_numpy(t) for _, t in dense], [d.name for d, _ in dense])

@@ -16,12 +16,12 @@ from paramsel.client._compact import compact_payload, fl4health_sparse
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
 from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
-SparseInfo = tuple[NDArrays, NDArrays, list[str]]
 _PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}
 
 
@@ -140,18 +140,10 @@ class SparseCooParameterExchanger:
             engine.pull_sparse_into(model.state_dict(), payload, mode=_PULL_MODES[self.pull_mode])
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
-        indices, shapes, names = additional_parameters
-        return [*model_weights, *indices, *shapes, np.array(names)]
+        return pack_sparse(model_weights, additional_parameters)
 
     def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, SparseInfo]:
-        if len(packed_parameters) % 3 != 1:
-            raise ValueError(
-                f"a sparse COO packed list has 3n + 1 arrays (values, indices, shapes, names); "
-                f"got {len(packed_parameters)}"
-            )
-        n = (len(packed_parameters) - 1) // 3
-        names = [str(name) for name in np.asarray(packed_parameters[-1]).tolist()]
-        return packed_parameters[:n], (packed_parameters[n : 2 * n], packed_parameters[2 * n : 3 * n], names)
+        return unpack_sparse(packed_parameters)
 
 
 class DynamicLayerExchanger:
@@ -188,7 +180,7 @@ class DynamicLayerExchanger:
         result = self.client.push(
             self.criterion, state_of(model), state_of(initial_model) if initial_model else None
         )
-        return [*(to_numpy(t) for _, t in result.arrays), np.array([name for name, _ in result.arrays])]
+        return pack_layers([to_numpy(t) for _, t in result.arrays], [name for name, _ in result.arrays])
 
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
         arrays, names = self.unpack_parameters(parameters)
@@ -199,13 +191,10 @@ class DynamicLayerExchanger:
             load_changed(model, self._pull(specs, tensors))
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: list[str]) -> NDArrays:
-        return [*model_weights, np.array(additional_parameters)]
+        return pack_layers(model_weights, additional_parameters)
 
     def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, list[str]]:
-        if not packed_parameters:
-            raise ValueError("a layer packed list ends with the names array; got an empty list")
-        names = [str(name) for name in np.asarray(packed_parameters[-1]).tolist()]
-        return packed_parameters[:-1], names
+        return unpack_layers(packed_parameters)
 
 
 class FedPmExchanger(DynamicLayerExchanger):
