@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -21,6 +22,20 @@ def _calls(output: Output) -> int:
         if '"event":"call"' in line.replace(" ", "")
     ]
     return sum(1 for line in lines if line["code"] == "OK")
+
+
+def _settled_calls(outputs: list[Output], total: int) -> list[int]:
+    """Calls per replica once ``total`` have been logged.
+
+    A replica writes its call line after the reply has left, and a thread drains its pipe, so the
+    last line can reach ``outputs`` a moment after the client has its answer.
+    """
+    deadline = time.monotonic() + 10
+    counts = [_calls(out) for out in outputs]
+    while sum(counts) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+        counts = [_calls(out) for out in outputs]
+    return counts
 
 
 def test_round_robin_spreads_calls_and_survives_a_lost_replica() -> None:
@@ -43,7 +58,7 @@ def test_round_robin_spreads_calls_and_survives_a_lost_replica() -> None:
         for _ in range(9):
             packed = exchanger.push_parameters(current, initial)
             assert all(np.array_equal(a, b) for a, b in zip(packed, reference, strict=True))
-        spread = [_calls(out) for out in outputs]
+        spread = _settled_calls(outputs, 9)
         assert sum(spread) == 9
         assert all(count >= 1 for count in spread), f"calls per replica: {spread}"
         # Lose one replica abruptly: every later push still returns the right answer.
@@ -53,5 +68,5 @@ def test_round_robin_spreads_calls_and_survives_a_lost_replica() -> None:
         for _ in range(6):
             packed = exchanger.push_parameters(current, initial)
             assert all(np.array_equal(a, b) for a, b in zip(packed, reference, strict=True))
-        survivors = [_calls(out) for out in outputs[1:]]
+        survivors = _settled_calls(outputs[1:], sum(spread[1:]) + 6)
         assert sum(survivors) - sum(spread[1:]) == 6
