@@ -35,10 +35,49 @@ def test_band_path_matches_sort(data: list[list[int]], fraction: float, dtype: t
         assert kth.kth_largest(scores, k) == sorted_kth(scores, k)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.lists(st.integers(-6, 6), min_size=0, max_size=40), min_size=1, max_size=4).filter(
+        lambda parts: sum(map(len, parts)) > 0
+    ),
+    fraction=st.floats(0.0, 1.0, exclude_min=True),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_collected_candidates_hold_every_entry_at_or_above_the_answer(
+    data: list[list[int]], fraction: float, dtype: torch.dtype
+) -> None:
+    scores = [torch.tensor(part, dtype=dtype) / 4 for part in data]
+    k = math.ceil(sum(map(len, data)) * fraction)
+    with tiny_band(), mock.patch.object(kth, "_MAX_CANDIDATE_SHARE", 1.0):
+        found = kth.find_kth(scores, k, collect=True)
+    assert found.value == sorted_kth(scores, k)
+    if found.candidates is None:
+        return
+    for score, (positions, values) in zip(scores, found.candidates, strict=True):
+        flat = score.numpy()
+        assert (values == flat[positions]).all()
+        assert set(positions.tolist()) >= {int(i) for i in (flat >= found.value).nonzero()[0]}
+        assert list(positions) == sorted(positions)
+
+
+def test_candidates_are_collected_for_a_narrow_band_near_the_top() -> None:
+    generator = torch.Generator().manual_seed(3)
+    scores = [torch.rand(40_000, generator=generator), torch.rand(25_000, generator=generator)]
+    k = 6_500
+    with mock.patch.multiple(kth, _SAMPLING_MIN_ENTRIES=0, _SAMPLE_SIZE=4096, _BAND_HALF_WIDTH=256):
+        found = kth.find_kth(scores, k, collect=True)
+        counted = kth.find_kth(scores, k)
+    assert found.value == counted.value == sorted_kth(scores, k)
+    assert counted.candidates is None
+    assert found.candidates is not None
+    kept = sum(positions.size for positions, _ in found.candidates)
+    assert k <= kept < 0.2 * 65_000  # about 10 % plus the band, far from all of them
+
+
 def test_band_hits_on_distinct_values() -> None:
     scores = [torch.randperm(5000, generator=torch.Generator().manual_seed(1)).float()]
     with mock.patch.multiple(kth, _SAMPLE_SIZE=1024, _BAND_HALF_WIDTH=64):
-        hit = kth._kth_by_band(scores, 5000, 1234)
+        hit, _ = kth._kth_by_band(scores, 5000, 1234)
     assert hit is not None
     assert hit.item() == 5000 - 1234
 
@@ -46,7 +85,7 @@ def test_band_hits_on_distinct_values() -> None:
 def test_a_mass_of_ties_at_the_answer_is_counted_not_partitioned() -> None:
     scores = [torch.zeros(10_000), torch.arange(1, 101).float()]
     with mock.patch.multiple(kth, _SAMPLE_SIZE=256, _BAND_HALF_WIDTH=4):
-        hit = kth._kth_by_band(scores, 10_100, 5000)
+        hit, _ = kth._kth_by_band(scores, 10_100, 5000)
     assert hit is not None
     assert hit.item() == 0.0
 

@@ -1,12 +1,14 @@
 """select_top_k against FL4Health's algorithm, written out naively: concatenate, sort, threshold."""
 
 import math
+from contextlib import AbstractContextManager, nullcontext
+from unittest import mock
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paramsel.engine import ScoreFunction, select_top_k
+from paramsel.engine import ScoreFunction, kth, select_top_k
 
 # A small pool of values makes ties (and exact zeros) common.
 VALUES = st.one_of(
@@ -14,6 +16,17 @@ VALUES = st.one_of(
     st.floats(-4.0, 4.0, width=32),
 )
 SHAPES = st.sampled_from([(), (1,), (3,), (2, 2), (0,), (2, 3, 1)])
+# Mostly float32, the usual model; other dtypes make the scores' promoted dtype differ from some tensors'.
+DTYPES = st.sampled_from([torch.float32] * 4 + [torch.float64, torch.float16, torch.int64])
+
+
+def threshold_path(path: str) -> AbstractContextManager[object]:
+    """Forces one of the k-th largest search's paths on these small models."""
+    if path == "partition":
+        return nullcontext()
+    tiny = {"_SAMPLING_MIN_ENTRIES": 0, "_SAMPLE_SIZE": 8, "_BAND_HALF_WIDTH": 1}
+    share = 1.0 if path == "candidates" else 0.0
+    return mock.patch.multiple(kth, **tiny, _MAX_CANDIDATE_SHARE=share)
 
 
 def reference_scores(fn: ScoreFunction, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -56,26 +69,29 @@ def models(draw: st.DrawFn) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     initial: dict[str, torch.Tensor] = {}
     for i, shape in enumerate(shapes):
         size = math.prod(shape)
+        dtype = draw(DTYPES)
         for state in (current, initial):
             values = draw(st.lists(VALUES, min_size=size, max_size=size))
-            state[f"t{i}"] = torch.tensor(values, dtype=torch.float32).reshape(shape)
+            state[f"t{i}"] = torch.tensor(values, dtype=torch.float32).reshape(shape).to(dtype)
     return current, initial
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     model=models(),
     level=st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
     fn=st.sampled_from(list(ScoreFunction)),
+    path=st.sampled_from(["partition", "counting", "candidates"]),
 )
 def test_matches_the_sorting_reference(
-    model: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], level: float, fn: ScoreFunction
+    model: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], level: float, fn: ScoreFunction, path: str
 ) -> None:
     current, initial = model
     if sum(t.numel() for t in current.values()) == 0:
         return
     threshold, selected, expected = reference_top_k(current, initial, level, fn)
-    result = select_top_k(current, initial, sparsity_level=level, score_function=fn)
+    with threshold_path(path):
+        result = select_top_k(current, initial, sparsity_level=level, score_function=fn)
     assert result.threshold == threshold
     assert result.selected_entries == selected
     got = {t.name: (t.values.tolist(), t.positions.tolist()) for t in result.tensors}

@@ -6,6 +6,10 @@ sample brackets the k-th largest in a band [lo, hi]; one pass counts the entries
 those inside the band, and the answer is then the right order statistic of the (small) band. The
 sample only decides how fast this is, never the answer: when the band misses, a full partition
 decides.
+
+When the band is narrow and near the top (the usual sparsity levels), that one pass instead keeps
+every entry at or above the band's lower bound, as flat positions and scores: the counts and the band
+come from those few, and the caller picks its selection from them too, without another pass over N.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +30,29 @@ _SAMPLE_SIZE = 1 << 16
 # Sample ranks scatter by at most sqrt(m)/2 (one standard deviation); 8 of those on each side make a
 # miss a freak event while keeping the band near 1/32 of the entries.
 _BAND_HALF_WIDTH = 4 * math.isqrt(_SAMPLE_SIZE)
+# Entries kept as candidates cost 12 bytes or more each (position and score): above this share of
+# them, by the sample's estimate, the counting pass runs instead.
+_MAX_CANDIDATE_SHARE = 0.25
+# numpy compares these in place, with the same rounding as torch.
+_CANDIDATE_DTYPES = (torch.float32, torch.float64)
+
+Candidates = list[
+    tuple["np.ndarray[tuple[int], np.dtype[np.intp]]", "np.ndarray[tuple[int], np.dtype[np.floating]]"]
+]
+"""Per score tensor: the flat positions and (promoted) scores of every entry at or above some bound
+that is at most the k-th largest, positions increasing."""
+
+
+@dataclass(frozen=True)
+class Kth:
+    """The k-th largest, and what was learnt finding it."""
+
+    value: int | float
+    """As ``Tensor.item()`` gives it."""
+    dtype: torch.dtype
+    """The promoted dtype the scores were compared in."""
+    candidates: Candidates | None
+    """Every entry scoring at least ``value`` is among these; None when they were not collected."""
 
 
 def promoted_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
@@ -37,6 +65,11 @@ def promoted_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
 
 def kth_largest(scores: Sequence[torch.Tensor], k: int) -> int | float:
     """The k-th largest entry (1-based, ties counted) of all ``scores`` taken as one promoted tensor."""
+    return find_kth(scores, k).value
+
+
+def find_kth(scores: Sequence[torch.Tensor], k: int, *, collect: bool = False) -> Kth:
+    """:func:`kth_largest`, with the candidates it kept when ``collect`` asks for them and they are cheap."""
     promoted = promoted_dtype(scores)
     total = sum(score.numel() for score in scores)
     if not 1 <= k <= total:
@@ -44,14 +77,17 @@ def kth_largest(scores: Sequence[torch.Tensor], k: int) -> int | float:
     # The comparisons below must happen in the promoted dtype, as they would inside torch.cat's output.
     promoted_scores = [score.reshape(-1).to(promoted) for score in scores]
     value = None
+    candidates = None
     if total >= _SAMPLING_MIN_ENTRIES:
-        value = _kth_by_band(promoted_scores, total, k)
+        value, candidates = _kth_by_band(promoted_scores, total, k, collect=collect)
     if value is None:
         value = _kth_by_partition(torch.cat(promoted_scores), k)
-    return _as_python_number(value)
+    return Kth(_as_python_number(value), promoted, candidates)
 
 
-def _kth_by_band(scores: Sequence[torch.Tensor], total: int, k: int) -> torch.Tensor | None:
+def _kth_by_band(
+    scores: Sequence[torch.Tensor], total: int, k: int, *, collect: bool = False
+) -> tuple[torch.Tensor | None, Candidates | None]:
     descending = _sample(scores, total).sort(descending=True).values
     size = descending.numel()
     rank = k * size / total  # where the answer sits among the sorted sample, give or take
@@ -64,6 +100,25 @@ def _kth_by_band(scores: Sequence[torch.Tensor], total: int, k: int) -> torch.Te
     # bounds are only counted, so a large mass of equal scores (unchanged weights all scoring 0, say)
     # is never collected and partitioned; when lo == hi nothing is strictly between.
     distinct = hi is None or lo is None or bool(lo < hi)
+    if (
+        collect
+        and lo is not None
+        and distinct
+        and descending.dtype in _CANDIDATE_DTYPES
+        and int(torch.count_nonzero(descending >= lo)) <= _MAX_CANDIDATE_SHARE * size
+    ):
+        return _kth_by_candidates(scores, k, hi, lo)
+    return _kth_by_counting(scores, k, hi, lo, distinct, descending[:0]), None
+
+
+def _kth_by_counting(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    hi: torch.Tensor | None,
+    lo: torch.Tensor | None,
+    distinct: bool,
+    empty: torch.Tensor,
+) -> torch.Tensor | None:
     above = at_hi = at_lo = 0
     between: list[torch.Tensor] = []
     for score in scores:
@@ -81,12 +136,43 @@ def _kth_by_band(scores: Sequence[torch.Tensor], total: int, k: int) -> torch.Te
         return None
     if hi is not None and k <= above + at_hi:
         return hi.reshape(1)
-    band = torch.cat(between) if between else descending[:0]
+    band = torch.cat(between) if between else empty
     if k <= above + at_hi + band.numel():
         return _kth_by_partition(band, k - above - at_hi)
     if lo is not None and k <= above + at_hi + band.numel() + at_lo:
         return lo.reshape(1)
     return None
+
+
+def _kth_by_candidates(
+    scores: Sequence[torch.Tensor], k: int, hi: torch.Tensor | None, lo: torch.Tensor
+) -> tuple[torch.Tensor | None, Candidates | None]:
+    """The band search over the entries at or above ``lo`` only, which are kept and returned."""
+    low = lo.item()  # exact in the scores' dtype, so numpy compares without rounding
+    candidates: Candidates = []
+    for score in scores:
+        array = score.numpy()
+        positions = np.flatnonzero(array >= low)
+        candidates.append((positions, array[positions]))
+    kept = np.concatenate([values for _, values in candidates])
+    above = at_hi = 0
+    if hi is not None:
+        high = hi.item()
+        above = int(np.count_nonzero(kept > high))
+        at_hi = int(np.count_nonzero(kept == high))
+        band = kept[(kept > low) & (kept < high)]
+    else:
+        band = kept[kept > low]
+    at_lo = int(np.count_nonzero(kept == low))
+    if k <= above:  # a miss above the band: the candidates still hold every entry at or above the answer
+        return None, candidates
+    if hi is not None and k <= above + at_hi:
+        return hi.reshape(1), candidates
+    if k <= above + at_hi + band.size:
+        return _kth_by_partition(torch.from_numpy(band), k - above - at_hi), candidates
+    if k <= above + at_hi + band.size + at_lo:
+        return lo.reshape(1), candidates
+    return None, None  # a miss below the band: the answer is below lo, among entries not kept
 
 
 def _sample(scores: Sequence[torch.Tensor], total: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgument
-from .kth import kth_largest
+from .kth import find_kth
 from .scores import ScoreFunction, score_tensors
 from .state import State, require_fraction, require_nonempty
 
@@ -72,7 +72,9 @@ def select_top_k(
     if total == 0:
         raise InvalidArgument("every tensor of the model state is empty: there are no entries to select")
     k = math.ceil(total * sparsity_level)
-    threshold = kth_largest(list(scores.values()), k)
+    kth = find_kth(list(scores.values()), k, collect=not exact_k)
+    threshold = kth.value
+    candidates = dict(zip(scores, kth.candidates, strict=True)) if kth.candidates is not None else {}
 
     sent: list[SparseTensor] = []
     selected_entries = 0
@@ -85,6 +87,10 @@ def select_top_k(
             score = scores.pop(name)
             if exact_k:
                 positions, room = _exactly(score, threshold, room)
+            elif name in candidates and score.dtype == kth.dtype:
+                # Every entry at or above the threshold is a candidate, and compared in the same dtype.
+                kept, kept_scores = candidates.pop(name)
+                positions = kept[kept_scores >= threshold]
             else:
                 positions = np.flatnonzero((score >= threshold).reshape(-1).numpy())
             selected_entries += positions.size
