@@ -2,22 +2,32 @@
 
 Nothing here knows about selection; it turns tensors into the frames of ``proto/paramsel/v1`` and
 back, and refuses malformed frames with :class:`WireError` / :class:`WireLimitError`.
+
+The errors and the chunk sizes are imported with the package; everything else (all of it needs
+torch) is imported from its module on first use (PEP 562), so that ``paramsel health`` and the
+server's settings do not pay for torch.
 """
 
-from paramsel.wire.codec import (
-    DEFAULT_CHUNK_SIZE_BYTES,
-    MAX_CHUNK_SIZE_BYTES,
-    DenseDecl,
-    SparseDecl,
-    dense_decl,
-    sparse_decl,
-    tensor_bytes,
-    tensor_from_bytes,
-)
-from paramsel.wire.dtypes import DTYPES, dtype_from_proto, dtype_to_proto, itemsize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from paramsel.wire.errors import WireError, WireLimitError
-from paramsel.wire.positions import decode_positions, encode_positions
-from paramsel.wire.sections import Inbound, chunk_frames, spec_batches
+from paramsel.wire.sizes import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
+
+if TYPE_CHECKING:
+    from paramsel.wire.codec import (
+        DenseDecl,
+        SparseDecl,
+        dense_decl,
+        sparse_decl,
+        tensor_bytes,
+        tensor_from_bytes,
+    )
+    from paramsel.wire.dtypes import DTYPES, dtype_from_proto, dtype_to_proto, itemsize
+    from paramsel.wire.positions import decode_positions, encode_positions
+    from paramsel.wire.sections import Inbound, chunk_frames, spec_batches
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
@@ -40,3 +50,28 @@ __all__ = [
     "tensor_bytes",
     "tensor_from_bytes",
 ]
+
+# Each lazily imported name, and the module that defines it.
+_LAZY = {
+    **dict.fromkeys(
+        ("DenseDecl", "SparseDecl", "dense_decl", "sparse_decl", "tensor_bytes", "tensor_from_bytes"),
+        "paramsel.wire.codec",
+    ),
+    **dict.fromkeys(("DTYPES", "dtype_from_proto", "dtype_to_proto", "itemsize"), "paramsel.wire.dtypes"),
+    **dict.fromkeys(("decode_positions", "encode_positions"), "paramsel.wire.positions"),
+    **dict.fromkeys(("Inbound", "chunk_frames", "spec_batches"), "paramsel.wire.sections"),
+}
+
+if not TYPE_CHECKING:  # type checkers see the imports above; a misspelt name stays an error for them
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups find it without coming here
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

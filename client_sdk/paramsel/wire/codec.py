@@ -12,9 +12,10 @@ from paramsel.wire.compact import bitmap_nbytes, check_distinct, elias_fano_nbyt
 from paramsel.wire.dtypes import dtype_from_proto, dtype_to_proto, itemsize
 from paramsel.wire.errors import WireError
 
-DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
-# Framing adds a few bytes per chunk; 3 MiB of data keeps every message under gRPC's 4 MiB default.
-MAX_CHUNK_SIZE_BYTES = 3 << 20
+# Defined in the torch-free sizes module; re-exported for ``from paramsel.wire.codec import ...``.
+from paramsel.wire.sizes import DEFAULT_CHUNK_SIZE_BYTES as DEFAULT_CHUNK_SIZE_BYTES
+from paramsel.wire.sizes import MAX_CHUNK_SIZE_BYTES as MAX_CHUNK_SIZE_BYTES
+
 MAX_NAME_LENGTH = 4096
 _MAX_BYTES = (1 << 63) - 1
 

@@ -1,4 +1,8 @@
-"""The ``paramsel`` command."""
+"""The ``paramsel`` command.
+
+The container's HEALTHCHECK runs ``paramsel health`` every few seconds, so this module imports
+no torch: the server, and torch with it, loads only when ``serve`` runs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import sys
 from collections.abc import Sequence
 
 from paramsel.demo.cli import register as register_demo
-from paramsel.server.app import serve
 from paramsel.server.config import ServerConfig
 from paramsel.server.health_check import DEFAULT_TIMEOUT_SECONDS, default_target, run_health
 from paramsel.server.security import TOKENS_ENV, ConfigError, load_tokens
@@ -160,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from paramsel.server.app import serve
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         config = config_from_args(args)
