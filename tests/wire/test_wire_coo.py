@@ -1,0 +1,34 @@
+"""coo_to_flat: FL4Health's (nnz, ndim) coordinates to flat row-major positions, range-checked."""
+
+import numpy as np
+import pytest
+
+from paramsel.wire import WireError
+from paramsel.wire.positions import coo_to_flat
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (1, 1)])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
+def test_matches_numpy_ravel_multi_index(shape: tuple[int, ...], dtype: type) -> None:
+    rng = np.random.default_rng(len(shape))
+    coords = np.stack([rng.integers(0, d, 50) for d in shape], axis=1).astype(dtype)
+    flat = coo_to_flat(coords, shape, what="t")
+    assert flat.dtype == np.int64
+    assert flat.tolist() == np.ravel_multi_index(tuple(coords.T.astype(np.int64)), shape).tolist()
+    # The caller's array is read, never written.
+    assert coords.dtype == dtype
+
+
+def test_hand_computed_and_edge_cases() -> None:
+    assert coo_to_flat(np.array([[0, 0], [1, 2], [2, 4]]), (3, 5), what="t").tolist() == [0, 7, 14]
+    assert coo_to_flat(np.zeros((0, 2), dtype=np.int64), (3, 5), what="t").tolist() == []
+    assert coo_to_flat(np.zeros((2, 0), dtype=np.int64), (), what="t").tolist() == [0, 0]
+
+
+@pytest.mark.parametrize(("row", "axis", "bad"), [([3, 0], 0, 3), ([0, 5], 1, 5), ([-1, 0], 0, -1)])
+def test_a_coordinate_out_of_range_is_named(row: list[int], axis: int, bad: int) -> None:
+    coords = np.array([[0, 0], row])
+    with pytest.raises(
+        WireError, match=rf"t: coordinate {bad} on axis {axis} is out of range for shape \[3, 5\]"
+    ):
+        coo_to_flat(coords, (3, 5), what="t")
