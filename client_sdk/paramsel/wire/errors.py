@@ -7,3 +7,11 @@ class WireError(ValueError):
 
 class WireLimitError(WireError):
     """A call declares more than the receiver accepts: the server answers RESOURCE_EXHAUSTED."""
+
+
+class StreamEndedError(WireError):
+    """The stream ended before everything it declared had arrived (INVALID_ARGUMENT).
+
+    A receiver cannot always tell this from a sender that went away: gRPC may end a cancelled call's
+    request stream before it reports the cancellation.
+    """

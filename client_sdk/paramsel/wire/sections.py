@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from paramsel.v1 import tensor_pb2
 from paramsel.wire.codec import MAX_CHUNK_SIZE_BYTES
-from paramsel.wire.errors import WireError, WireLimitError
+from paramsel.wire.errors import StreamEndedError, WireError, WireLimitError
 
 M = TypeVar("M", bound=Message)
 
@@ -70,7 +70,7 @@ class _Section:
 
     def finish(self) -> list[torch.Tensor]:
         if self.received != self.total:
-            raise WireError(
+            raise StreamEndedError(
                 f"{self.name}: the stream ended after {self.received} of the {self.total} bytes declared "
                 "(chunks missing)"
             )

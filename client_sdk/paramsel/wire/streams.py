@@ -23,7 +23,7 @@ from paramsel.wire.codec import (
     tensor_bytes,
     tensor_from_bytes,
 )
-from paramsel.wire.errors import WireError
+from paramsel.wire.errors import StreamEndedError, WireError
 from paramsel.wire.fastframes import encode_chunk_frame
 from paramsel.wire.positions import decode_positions, encode_positions
 from paramsel.wire.sections import (
@@ -177,7 +177,7 @@ def read_frames(
         else:
             raise WireError(f"frame {index}: '{kind}' is not accepted in this stream")
     if received is None:
-        raise WireError(f"the stream is empty; its first frame must be '{first}'")
+        raise StreamEndedError(f"the stream is empty; its first frame must be '{first}'")
     segments = inbound.finish()
     _check_bools(segments, dense_decls, sparse_decls)
     for section, dense_list in dense_decls.items():

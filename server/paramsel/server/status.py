@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from paramsel import engine
 from paramsel.server.limits import ServerDrainingError
 from paramsel.server.models import ModelNotHeldError
 from paramsel.wire import WireError, WireLimitError
+from paramsel.wire.errors import StreamEndedError
 
 log = logging.getLogger("paramsel.server")
 
@@ -29,6 +31,8 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ServerDrainingError, grpc.StatusCode.UNAVAILABLE),
 )
 DOMAIN = "paramsel.v1"
+# How long a cut-short request stream waits to learn whether the client cancelled.
+CANCEL_GRACE_SECONDS = 0.05
 
 
 def status_of(error: Exception) -> grpc.StatusCode | None:
@@ -45,7 +49,7 @@ def statuses(context: grpc.ServicerContext, method: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if isinstance(error, grpc.RpcError) or not context.is_active():
+        if isinstance(error, grpc.RpcError) or not context.is_active() or _cancelled(context, error):
             raise  # the client went away or the call was already aborted: nothing to answer
         code = status_of(error)
         if code is not None:
@@ -60,3 +64,19 @@ def statuses(context: grpc.ServicerContext, method: str) -> Iterator[None]:
         incident = uuid.uuid4().hex[:12]
         log.exception("%s failed unexpectedly (incident %s)", method, incident)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (incident {incident})")
+
+
+def _cancelled(context: grpc.ServicerContext, error: Exception) -> bool:
+    """Whether a request stream that ended early was in fact cancelled by the client.
+
+    gRPC can end a cancelled call's request stream a moment before it marks the call inactive; waiting
+    that moment keeps a cancellation from being answered, and counted, as INVALID_ARGUMENT.
+    """
+    if not isinstance(error, StreamEndedError):
+        return False
+    deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        if not context.is_active():
+            return True
+        time.sleep(0.005)
+    return not context.is_active()
