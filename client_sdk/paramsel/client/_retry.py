@@ -17,6 +17,14 @@ T = TypeVar("T")
 RETRYABLE = frozenset({StatusCode.UNAVAILABLE})
 
 
+def _retryable(error: ParamselError) -> bool:
+    """UNAVAILABLE, unless TLS itself refused the server (an untrusted certificate, a plaintext port):
+    gRPC reports that as UNAVAILABLE too, but it fails the same way on every attempt."""
+    return error.status in RETRYABLE and not (
+        "handshake failed" in error.message and "SSL_ERROR_SSL" in error.message
+    )
+
+
 def backoff(connection: Connection, retry: int) -> float:
     """The wait before retry number ``retry`` (1-based): doubling, capped, jittered to [d/2, d]."""
     cap = min(connection.max_backoff_seconds, connection.initial_backoff_seconds * 2.0 ** (retry - 1))
@@ -38,7 +46,7 @@ def with_retries(
         try:
             return attempt(deadline - time.monotonic())
         except ParamselError as error:
-            if error.status not in RETRYABLE:
+            if not _retryable(error):
                 raise
             last = error
         if number == connection.max_attempts:
