@@ -116,3 +116,32 @@ def test_aggregate_stream_without_a_contribution_frame(channel: grpc.Channel) ->
         list(service_pb2_grpc.ParameterSelectionServiceStub(channel).Aggregate(iter(frames), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "before the first contribution" in err.value.details()
+
+
+def test_clients_are_summed_in_fl4health_pseudo_sorted_order(server: RunningServer) -> None:
+    # FL4Health sorts results by (sum of each float array's first element) + num_examples before summing.
+    # C: 1e8 + 1; D: 1.0 + 3.0 + 1 = 5; E: -1e8 + 1. Sorted: E, D, C.
+    c = _pack(_sparse([1e8], [[0]], [1], "x"))
+    d = _pack(_sparse([1.0], [[0]], [1], "x"), _sparse([3.0], [[0]], [1], "y"))
+    e = _pack(_sparse([-1e8], [[0]], [1], "x"))
+    # In float32, E, D, C sums x as (-1e8 + 1) + 1e8 = 0 (the 1 is lost next to 1e8); the order C, E, D
+    # would give (1e8 - 1e8) + 1 = 1, an average of 1/3. Whatever the order given, x comes out 0.
+    for order in ([c, e, d], [d, c, e], [e, d, c], [c, d, e]):
+        packed = aggregate_sparse_coo([(r, 1) for r in order], weighted=False, target=server.target)
+        assert packed[-1].tolist() == ["x", "y"]  # first appearance in E, D, C: x, then y (from D)
+        assert packed[0].size == 0  # x's average is exactly 0, so no entry of it is sent
+        assert packed[1].tolist() == [3.0]  # y: only D sent it
+
+
+def test_layers_are_summed_in_fl4health_pseudo_sorted_order(server: RunningServer) -> None:
+    a = [np.array([2.0], dtype=np.float32), np.array(["x"])]  # key 2 + 5 = 7
+    b = [
+        np.array([0.5], dtype=np.float32),
+        np.array([9.0], dtype=np.float32),
+        np.array(["y", "x"]),
+    ]  # 9.5 + 1
+    for order in ([(a, 5), (b, 1)], [(b, 1), (a, 5)]):
+        packed = aggregate_layers(order, weighted=False, target=server.target)
+        assert packed[-1].tolist() == ["x", "y"]  # a (7) sorts before b (10.5): x appears first
+        assert packed[0].tolist() == [5.5]  # (2 + 9) / 2
+        assert packed[1].tolist() == [0.5]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,24 @@ from paramsel.wire.streams import SparseOut
 Results = Sequence[tuple[NDArrays, int]]
 
 
+def _pseudo_sort_key(result: tuple[NDArrays, int]) -> Any:
+    """FL4Health's pseudo-sort score of one client's result: the sum of the first element of each
+    floating-point array, plus the client's example count (numpy's arithmetic, as FL4Health's).
+    Empty arrays have no first element and count for nothing (FL4Health would fail on them)."""
+    arrays, num_examples = result
+    firsts = [
+        a[(0,) * a.ndim] for a in map(np.asarray, arrays) if np.issubdtype(a.dtype, np.floating) and a.size
+    ]
+    return np.sum(firsts) + num_examples
+
+
+def fl4health_order(results: Results) -> list[tuple[NDArrays, int]]:
+    """The results in the order FL4Health's strategies aggregate them (``decode_and_pseudo_sort_results``:
+    a stable sort by :func:`_pseudo_sort_key`), which fixes the summation order, and so the last bits of
+    the average, and the order of the aggregate's tensors."""
+    return sorted(results, key=_pseudo_sort_key)
+
+
 def aggregate_sparse_coo(
     results: Results,
     *,
@@ -26,10 +45,11 @@ def aggregate_sparse_coo(
     connection: Connection | None = None,
 ) -> NDArrays:
     """FedAvgSparseCooTensor's aggregate of clients' packed lists ([values..., indices..., shapes...,
-    names], with each client's example count), as the same packed list. ``connection`` / ``target``:
+    names], with each client's example count), as the same packed list. The clients are summed in
+    FL4Health's order (its pseudo-sort), whatever order they come in. ``connection`` / ``target``:
     as for :class:`Client`."""
     contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = []
-    for packed, num_examples in results:
+    for packed, num_examples in fl4health_order(results):
         values, (indices, shapes, names) = unpack_sparse(packed)
         tensors = [
             SparseOut(
@@ -55,9 +75,10 @@ def aggregate_layers(
     connection: Connection | None = None,
 ) -> NDArrays:
     """FedAvgDynamicLayer's aggregate of clients' packed lists ([arrays..., names] with each client's
-    example count), as the same packed list. ``connection`` / ``target``: as for :class:`Client`."""
+    example count), as the same packed list. The clients are summed in FL4Health's order (its
+    pseudo-sort), whatever order they come in. ``connection`` / ``target``: as for :class:`Client`."""
     contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = []
-    for packed, num_examples in results:
+    for packed, num_examples in fl4health_order(results):
         arrays, names = unpack_layers(packed)
         named = [(name, to_tensor(a)) for a, name in zip(arrays, names, strict=True)]
         contributions.append((int(num_examples), named, []))

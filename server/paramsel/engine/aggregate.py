@@ -7,7 +7,8 @@ contribution order, ``/ total``), in the payload's dtype. Results come out in or
 
 Contributions are aggregated in the order given. FL4Health's FedAvgSparseCooTensor first pseudo-sorts
 its results (``decode_and_pseudo_sort_results``), which decides both the summation order and the output
-order; a caller that wants that order passes the contributions already sorted.
+order; a caller that wants that order passes the contributions already sorted, as the SDK's
+``aggregate_sparse_coo`` and ``aggregate_layers`` do.
 
 The sparse average never builds the per-contribution dense tensors: it scatters each contribution's
 weighted values into one accumulator. Off the sent positions FL4Health adds ``0 * n = 0``, which
