@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from functools import reduce
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,13 +250,58 @@ def test_layers_float16_stays_float16_and_weighs_in_float16() -> None:
     assert aggregate_layers([big])[0][1].tolist() == [math.inf]  # 100 * 1000 overflows float16
 
 
-def test_layers_integer_layers_divide_to_float32() -> None:
+def test_layers_integer_layers_divide_to_float64_as_numpy_does() -> None:
     a = layers_of(1, ("n", torch.tensor([3])))
     b = layers_of(2, ("n", torch.tensor([4])))
     ((_, weighted),) = aggregate_layers([a, b])
-    assert weighted.dtype == torch.float32
-    assert weighted.tolist() == [3.6666667461395264]  # (3 + 8) / 3 in float32
+    assert weighted.dtype == torch.float64
+    assert weighted.tolist() == [11 / 3]  # (3 + 8) / 3 in float64
     assert aggregate_layers([a, b], weighted=False)[0][1].tolist() == [3.5]
+
+
+def test_layers_count_beyond_a_small_integer_dtype_is_still_averaged() -> None:
+    # numpy refuses uint8 * 300 (FL4Health would fail); the same formula runs in torch instead.
+    a = layers_of(300, ("u", torch.tensor([2], dtype=torch.uint8)))
+    ((_, tensor),) = aggregate_layers([a])
+    assert tensor.tolist() == [0.2933333218097687]  # uint8: 2 * 300 wraps to 88; 88 / 300 in float32
+    assert tensor.dtype == torch.float32
+
+
+def _fl4health_layers(contributions: list[Contribution], weighted: bool) -> dict[str, np.ndarray]:
+    """FedAvgDynamicLayer's aggregate written out as FL4Health writes it, in numpy."""
+    layers: dict[str, list[np.ndarray]] = {}
+    totals: dict[str, int] = {}
+    for c in contributions:
+        for name, layer in c.layers:
+            array = layer.numpy()
+            with np.errstate(over="ignore"):
+                layers.setdefault(name, []).append(array * c.num_examples if weighted else array)
+            totals[name] = totals.get(name, 0) + (c.num_examples if weighted else 1)
+    with np.errstate(over="ignore", invalid="ignore"):  # float16 weighting overflows, as it does there
+        return {name: reduce(np.add, arrays) / totals[name] for name, arrays in layers.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int64, torch.int32])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_layers_match_fl4health_bit_for_bit(dtype: torch.dtype, weighted: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    contributions = []
+    for i in range(5):
+        named = [
+            (name, (torch.randn(shape, generator=g) * 50).to(dtype))
+            for name, shape in (("w", (3, 4)), ("b", (4,)), ("s", ()))
+            if i % 2 == 0 or name != "b"
+        ]
+        # Counts up to 5000: above 2048 float16 cannot hold them exactly, and numpy rounds them first.
+        contributions.append(Contribution(int(torch.randint(1, 5000, (1,), generator=g)), layers=named))
+    expected = _fl4health_layers(contributions, weighted)
+    got = aggregate_layers(contributions, weighted=weighted)
+    assert [name for name, _ in got] == list(expected)
+    for name, tensor in got:
+        want = np.asarray(expected[name])
+        assert tensor.numpy().dtype == want.dtype
+        assert tensor.shape == want.shape
+        np.testing.assert_array_equal(tensor.numpy(), want)
 
 
 def test_layers_leave_inputs_untouched_and_return_new_tensors() -> None:

@@ -80,11 +80,11 @@ def aggregate_layers(
     Over the contributions that sent the name, in order of first appearance; the inputs are left
     untouched and never returned as they are.
 
-    Computed with torch ops in the layer's dtype. FL4Health does this one in numpy, which differs
-    in three corners: integer layers divide to float64 there but to float32 (torch's default float
-    dtype) here; in float16 (float32) numpy first rounds ``num_examples`` and the total to float16
-    (float32), so counts above 2048 (2**24) that the format cannot hold, or above 65504 in float16
-    (inf), are used exactly here instead; and bfloat16 does not exist in numpy at all.
+    Computed as FL4Health computes it, in numpy: ``layer * n`` per contribution, summed in order with
+    ``np.add``, divided by the total, with numpy's promotion rules (integer layers divide to float64;
+    in float16 ``n`` and the total are first rounded to float16, so 1000 examples of a 100.0 make inf).
+    Two corners numpy cannot do are computed with the same formula in torch: bfloat16, which numpy
+    lacks, and a count too large for the layer's integer dtype (numpy refuses ``uint8 * 300``).
     """
     counts = _checked_counts(contributions, "layers")
     groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -100,6 +100,11 @@ def aggregate_layers(
 
 
 def _average_layer(entries: list[tuple[int, torch.Tensor]], weighted: bool) -> torch.Tensor:
+    if entries[0][1].dtype != torch.bfloat16:
+        try:
+            return _average_layer_numpy(entries, weighted)
+        except OverflowError:
+            pass  # an example count beyond the integer dtype: numpy refuses, torch wraps
     total = 0
     acc: torch.Tensor | None = None
     for count, layer in entries:
@@ -108,6 +113,21 @@ def _average_layer(entries: list[tuple[int, torch.Tensor]], weighted: bool) -> t
         acc = term if acc is None else torch.add(acc, term)
     assert acc is not None  # every group has at least one entry
     return acc / total
+
+
+def _average_layer_numpy(entries: list[tuple[int, torch.Tensor]], weighted: bool) -> torch.Tensor:
+    total = 0
+    acc: np.ndarray | None = None
+    # Overflow to inf (float16 weighting, say) is part of the result, not something to warn about.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for count, layer in entries:
+            array = layer.cpu().numpy()
+            term = array * count if weighted else array
+            total += count if weighted else 1
+            acc = term if acc is None else np.add(acc, term)
+        assert acc is not None  # every group has at least one entry
+        # A 0-d array divides to a numpy scalar: asarray makes it an array again, torch needs one.
+        return torch.from_numpy(np.asarray(acc / total))
 
 
 def _average_sparse(
