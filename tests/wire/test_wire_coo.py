@@ -1,10 +1,11 @@
-"""coo_to_flat: FL4Health's (nnz, ndim) coordinates to flat row-major positions, range-checked."""
+"""coo_to_flat and flat_to_coo: FL4Health's (nnz, ndim) coordinates and flat row-major positions."""
 
 import numpy as np
 import pytest
+import torch
 
 from paramsel.wire import WireError
-from paramsel.wire.positions import coo_to_flat
+from paramsel.wire.positions import coo_to_flat, flat_to_coo
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (1, 1)])
@@ -32,3 +33,26 @@ def test_a_coordinate_out_of_range_is_named(row: list[int], axis: int, bad: int)
         WireError, match=rf"t: coordinate {bad} on axis {axis} is out of range for shape \[3, 5\]"
     ):
         coo_to_flat(coords, (3, 5), what="t")
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (1,), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_flat_to_coo_matches_numpy_unravel_index(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    numel = int(np.prod(shape))
+    flat = torch.randperm(numel, generator=torch.Generator().manual_seed(numel))[: max(1, numel // 2)]
+    coords = flat_to_coo(flat.to(dtype), shape)
+    assert coords.dtype == np.int64
+    assert coords.shape == (flat.numel(), len(shape))
+    assert coords.tolist() == np.stack(np.unravel_index(flat.numpy(), shape), axis=1).tolist()
+    assert coo_to_flat(coords, shape, what="t").tolist() == flat.tolist()
+
+
+def test_flat_to_coo_edge_cases_and_refusals() -> None:
+    assert flat_to_coo(torch.tensor([0, 7, 14]), (3, 5)).tolist() == [[0, 0], [1, 2], [2, 4]]
+    assert flat_to_coo(torch.zeros(0, dtype=torch.int64), (3, 5)).shape == (0, 2)
+    assert flat_to_coo(torch.tensor([0]), ()).shape == (1, 0)
+    for bad in (15, -1):
+        with pytest.raises(
+            WireError, match=r"position out of range for a tensor of shape \[3, 5\] \(15 elements\)"
+        ):
+            flat_to_coo(torch.tensor([0, bad]), (3, 5))

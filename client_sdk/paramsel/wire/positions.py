@@ -18,16 +18,21 @@ def flat_to_coo(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     if not shape:
         return np.zeros((flat.numel(), 0), dtype=np.int64)
     numel = math.prod(shape)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel):
+    rest = flat.numpy().astype(np.int64, copy=False)
+    # numpy's min and max of int64 are ~50x faster than torch's here.
+    if rest.size and (int(rest.min()) < 0 or int(rest.max()) >= numel):
         raise WireError(f"position out of range for a tensor of shape {list(shape)} ({numel} elements)")
-    # Peeling off one axis at a time into the output's columns is ~2x faster than np.unravel_index.
-    rest = flat.numpy().astype(np.int64, copy=True)
     coords = np.empty((rest.size, len(shape)), dtype=np.int64)
+    if len(shape) == 1:
+        coords[:, 0] = rest
+        return coords
+    # Peel off one axis at a time, quotient and remainder in one divmod, straight into the columns.
     for axis in range(len(shape) - 1):
         stride = math.prod(shape[axis + 1 :])
-        np.floor_divide(rest, stride, out=coords[:, axis])
-        rest -= coords[:, axis] * stride
-    coords[:, -1] = rest
+        last = axis == len(shape) - 2
+        remainder = coords[:, axis + 1] if last else np.empty_like(rest)
+        np.divmod(rest, stride, out=(coords[:, axis], remainder))
+        rest = remainder
     return coords
 
 
