@@ -25,6 +25,7 @@ def test_public_exports_are_pinned() -> None:
         "largest_final_magnitude_scores",
         "largest_increase_in_magnitude_scores",
         "largest_magnitude_change_scores",
+        "pack_compact",
         "select_scores_and_sample_masks",
         "smallest_final_magnitude_scores",
         "smallest_increase_in_magnitude_scores",

@@ -14,16 +14,21 @@ import grpc
 import numpy as np
 import pytest
 
+from paramsel.client import aggregate_sparse_coo, pack_compact, unpack_compact
 from paramsel.demo.coordinator import Coordinator, CoordinatorServer, service_aggregator
 from paramsel.demo.data import label_skew_split, load_shard
 from paramsel.demo.protocol import (
+    COMPACT_PAYLOAD,
     DENSE_RUN,
+    PACKED_LIST,
     SERVICE,
     SPARSE_RUN,
     SUBMIT,
     CoordinatorStub,
     DemoConfig,
     Message,
+    compact_arrays,
+    compact_payload,
     decode,
     encode,
 )
@@ -79,12 +84,23 @@ def test_short_run_writes_every_round_table_and_plot(
             assert len(r["accuracy_per_client"]) == 2
             assert all(0.0 <= a <= 1.0 for a in r["accuracy_per_client"])
             assert all(b > 0 for b in r["bytes_sent_per_client"] + r["bytes_received_per_client"])
+    assert figures["runs"][SPARSE_RUN]["payload"] == COMPACT_PAYLOAD
+    assert figures["runs"][DENSE_RUN]["payload"] == PACKED_LIST
     sparse, dense = figures["runs"][SPARSE_RUN]["rounds"], figures["runs"][DENSE_RUN]["rounds"]
     for s, d in zip(sparse, dense, strict=True):
-        assert max(s["bytes_sent_per_client"]) < min(d["bytes_sent_per_client"])
+        # the compact payloads, both ways, are well under the dense model (and the aggregate's union)
+        assert max(s["bytes_sent_per_client"]) < 0.6 * min(d["bytes_sent_per_client"])
+        assert max(s["bytes_received_per_client"]) < 0.6 * min(d["bytes_received_per_client"])
+        # the same selections as FL4Health's packed lists: 20 B per value instead of about 4.7 B
+        assert s["fl4health_list_bytes_sent"] > 2 * s["bytes_sent"]
+        assert s["fl4health_list_bytes_received"] > 2 * s["bytes_received"]
+        # a dense run exchanges FL4Health's packed list itself
+        assert d["fl4health_list_bytes_sent"] == d["bytes_sent"]
+        assert d["fl4health_list_bytes_received"] == d["bytes_received"]
     assert sparse[-1]["cumulative_bytes"] < dense[-1]["cumulative_bytes"]
     # dense: the whole float32 model (2410 parameters) plus the names array, both ways, every round
     assert all(b >= 2410 * 4 for b in dense[0]["bytes_sent_per_client"])
+    assert "sparse as FL4Health's packed lists" in proc.stdout
     plot = (out / "accuracy_vs_bytes.png").read_bytes()
     assert plot.startswith(PNG_SIGNATURE)
 
@@ -155,7 +171,16 @@ def test_coordinator_refuses_wrong_round_and_duplicate_client(coordinator: Coord
     )
     _refused(
         lambda: stub.report(
-            DENSE_RUN, 1, 0, accuracy=0.5, loss=1.0, train_loss=1.0, bytes_sent=1, bytes_received=1
+            DENSE_RUN,
+            1,
+            0,
+            accuracy=0.5,
+            loss=1.0,
+            train_loss=1.0,
+            bytes_sent=1,
+            bytes_received=1,
+            fl4health_list_bytes_sent=1,
+            fl4health_list_bytes_received=1,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "not been aggregated",
@@ -173,6 +198,45 @@ def test_coordinator_refuses_wrong_round_and_duplicate_client(coordinator: Coord
     _refused(
         lambda: stub.fetch(DENSE_RUN, 2, timeout=10), grpc.StatusCode.DEADLINE_EXCEEDED, "0 of 2 clients"
     )
+
+
+def _selection(values: list[float], flat: list[int]) -> list[np.ndarray]:
+    """A sparse COO packed list of one 3 x 4 tensor 'w'."""
+    coords = np.stack(np.unravel_index(np.array(flat, dtype=np.int64), (3, 4)), axis=1)
+    return [
+        np.array(values, dtype=np.float32),
+        coords.astype(np.int64),
+        np.array([3, 4], dtype=np.int64),
+        np.array(["w"]),
+    ]
+
+
+def test_top_k_runs_exchange_compact_payloads(coordinator: CoordinatorStub, server: RunningServer) -> None:
+    """Submissions are compact payloads, expanded for the aggregation; the aggregate goes back compactly."""
+    stub = coordinator
+    first, second = _selection([1.0, 2.0], [0, 5]), _selection([4.0, 8.0, 16.0], [5, 6, 11])
+    _refused(
+        lambda: stub.submit(SPARSE_RUN, 1, 0, 1, first),  # a packed list, not a compact payload
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed compact payload",
+        "one 1-d uint8 array",
+    )
+    _refused(
+        lambda: stub.submit(SPARSE_RUN, 1, 0, 1, compact_arrays(b"\xff\xff\xff")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed compact payload",
+        "not a paramsel compact payload",
+    )
+    stub.submit(SPARSE_RUN, 1, 0, 1, compact_arrays(pack_compact(first)))
+    stub.submit(SPARSE_RUN, 1, 1, 3, compact_arrays(pack_compact(second)))
+    got = stub.fetch(SPARSE_RUN, 1, timeout=10)
+    want = aggregate_sparse_coo([(first, 1), (second, 3)], target=server.target)
+    assert len(got) == 1
+    assert got[0].dtype == np.uint8
+    assert compact_payload(got) == pack_compact(want)
+    for mine, theirs in zip(unpack_compact(compact_payload(got)), want, strict=True):
+        assert mine.dtype == theirs.dtype
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_coordinator_refuses_malformed_messages(coordinator: CoordinatorStub) -> None:

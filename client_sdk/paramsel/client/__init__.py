@@ -11,7 +11,7 @@ deadline, retries) if given, else to ``$PARAMSEL_TARGET``, else to a server embe
 
 from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
 from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
-from paramsel.client._compact import unpack_compact
+from paramsel.client._compact import pack_compact, unpack_compact
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import (
     LayerSelectionFunction,
@@ -47,6 +47,7 @@ __all__ = [
     "largest_final_magnitude_scores",
     "largest_increase_in_magnitude_scores",
     "largest_magnitude_change_scores",
+    "pack_compact",
     "select_scores_and_sample_masks",
     "smallest_final_magnitude_scores",
     "smallest_increase_in_magnitude_scores",

@@ -1,11 +1,12 @@
 """A demo client: trains on its non-IID shard; per round pushes through the paramsel service, submits
-the packed list to the coordinator, pulls the aggregate, evaluates on the held-out split and reports.
+the selection to the coordinator, pulls the aggregate, evaluates on the held-out split and reports.
 
 Every run starts from the same seeded model. The sparse run exchanges what the criterion selects, with
-paramsel's drop-in exchangers: ``SparseCooParameterExchanger`` (top-k by a score function, pulled with
-``pull_mode="scatter"`` so the coordinates nobody sent keep their local values) or
-``DynamicLayerExchanger`` (whole layers by drift). The dense run sends the whole state, as
-FedAvgDynamicLayer's packed list (every layer, then the names).
+paramsel's drop-in exchangers: ``SparseCooParameterExchanger`` (top-k by a score function; submitted
+as ``push_compact``'s compact payload, the aggregate fetched as one and expanded by ``unpack_compact``;
+pulled with ``pull_mode="scatter"`` so the coordinates nobody sent keep their local values) or
+``DynamicLayerExchanger`` (whole layers by drift, as FL4Health's packed list). The dense run sends the
+whole state, as FedAvgDynamicLayer's packed list (every layer, then the names).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -26,14 +27,25 @@ from paramsel.demo.protocol import (
     SCORE_CRITERIA,
     CoordinatorStub,
     DemoConfig,
-    packed_bytes,
+    compact_arrays,
+    compact_payload,
+    payload_bytes,
 )
+
+if TYPE_CHECKING:
+    from paramsel.client import SparseCooParameterExchanger
 
 NDArrays = list[np.ndarray]
 
 
 class Exchange(Protocol):
-    def push(self, model: nn.Module, initial: nn.Module) -> NDArrays: ...
+    def push(self, model: nn.Module, initial: nn.Module) -> NDArrays:
+        """The payload to submit: the arrays that travel to the coordinator."""
+        ...
+
+    def packed(self, payload: NDArrays) -> NDArrays:
+        """FL4Health's packed list of a payload (the payload itself when it is one)."""
+        ...
 
     def pull(self, packed: NDArrays, model: nn.Module) -> None: ...
 
@@ -53,6 +65,28 @@ class SelectedExchange:
     def push(self, model: nn.Module, initial: nn.Module) -> NDArrays:
         return self.exchanger.push_parameters(model, initial)
 
+    def packed(self, payload: NDArrays) -> NDArrays:
+        return payload
+
+    def pull(self, packed: NDArrays, model: nn.Module) -> None:
+        self.exchanger.pull_parameters(packed, model)
+
+
+class CompactExchange:
+    """Top-k selections as compact payloads both ways: ``push_compact`` up, ``unpack_compact`` of the
+    aggregate down; pulled by the same exchanger."""
+
+    def __init__(self, exchanger: SparseCooParameterExchanger) -> None:
+        self.exchanger = exchanger
+
+    def push(self, model: nn.Module, initial: nn.Module) -> NDArrays:
+        return compact_arrays(self.exchanger.push_compact(model, initial))
+
+    def packed(self, payload: NDArrays) -> NDArrays:
+        from paramsel.client import unpack_compact
+
+        return unpack_compact(compact_payload(payload))
+
     def pull(self, packed: NDArrays, model: nn.Module) -> None:
         self.exchanger.pull_parameters(packed, model)
 
@@ -70,6 +104,9 @@ class DenseExchange:
         state = model.state_dict()
         return [*(t.detach().cpu().numpy().copy() for t in state.values()), np.array(list(state))]
 
+    def packed(self, payload: NDArrays) -> NDArrays:
+        return payload
+
     def pull(self, packed: NDArrays, model: nn.Module) -> None:
         self._exchanger.pull_parameters(packed, model)
 
@@ -82,7 +119,7 @@ def make_exchange(config: DemoConfig, run: str, target: str | None) -> Exchange:
         return DenseExchange(target)
     if config.criterion in SCORE_CRITERIA:
         score: Callable[..., object] = getattr(sdk, f"{config.criterion}_scores")
-        return SelectedExchange(
+        return CompactExchange(
             sdk.SparseCooParameterExchanger(config.sparsity, score, target=target, pull_mode="scatter")
         )
     constructor = sdk.LayerSelectionFunctionConstructor(
@@ -123,7 +160,16 @@ def run_client(
             model = initial_model(config.seed)
             accuracy, loss = evaluate(model, shard.x_test, shard.y_test)
             stub.report(
-                run, 0, index, accuracy=accuracy, loss=loss, train_loss=0.0, bytes_sent=0, bytes_received=0
+                run,
+                0,
+                index,
+                accuracy=accuracy,
+                loss=loss,
+                train_loss=0.0,
+                bytes_sent=0,
+                bytes_received=0,
+                fl4health_list_bytes_sent=0,
+                fl4health_list_bytes_received=0,
             )
             for round_number in range(1, config.rounds + 1):
                 start = copy.deepcopy(model)
@@ -131,9 +177,10 @@ def run_client(
                 train_loss = train(
                     model, shard.x_train, shard.y_train, epochs=config.local_epochs, generator=generator
                 )
-                packed = exchange.push(model, start)
-                stub.submit(run, round_number, index, len(shard.y_train), packed)
-                aggregate = stub.fetch(run, round_number)
+                sent = exchange.push(model, start)
+                stub.submit(run, round_number, index, len(shard.y_train), sent)
+                received = stub.fetch(run, round_number)
+                aggregate = exchange.packed(received)
                 exchange.pull(aggregate, model)
                 accuracy, loss = evaluate(model, shard.x_test, shard.y_test)
                 stub.report(
@@ -143,7 +190,9 @@ def run_client(
                     accuracy=accuracy,
                     loss=loss,
                     train_loss=train_loss,
-                    bytes_sent=packed_bytes(packed),
-                    bytes_received=packed_bytes(aggregate),
+                    bytes_sent=payload_bytes(sent),
+                    bytes_received=payload_bytes(received),
+                    fl4health_list_bytes_sent=payload_bytes(exchange.packed(sent)),
+                    fl4health_list_bytes_received=payload_bytes(aggregate),
                 )
                 log(f"client {index}: {run} round {round_number}: accuracy {accuracy:.4f}")

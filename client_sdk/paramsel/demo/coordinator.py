@@ -1,10 +1,13 @@
-"""The demo's coordinator: collects each round's packed lists, aggregates them through the paramsel
+"""The demo's coordinator: collects each round's selections, aggregates them through the paramsel
 service, hands the aggregate back, and gathers the clients' figures.
 
 Rounds are numbered from 1 in each run; a run's round ``r`` accepts one submission per client while it
 is the run's current round, and is aggregated (``paramsel.client.aggregate_sparse_coo`` or
 ``aggregate_layers``, weighted by the clients' example counts, contributions in client order) as soon
 as the last client submits. ``Fetch`` blocks until then.
+
+Top-k runs travel as compact payloads: a submission is expanded to FL4Health's packed list
+(``unpack_compact``) for the aggregation, and the aggregate goes back compactly (``pack_compact``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from paramsel.demo.protocol import (
     DemoConfig,
     Message,
     ProgressInfo,
+    compact_arrays,
+    compact_payload,
     decode,
     encode,
 )
@@ -58,8 +63,27 @@ class ProtocolError(Exception):
 @dataclass
 class _Round:
     submissions: dict[int, tuple[NDArrays, int]] = field(default_factory=dict)
+    """Per client, its packed list (expanded, for a compact run) and example count."""
     aggregate: NDArrays | None = None
+    """The payload Fetch answers with: the aggregated packed list, or its compact payload."""
     error: str | None = None
+
+
+def _expand(payload: NDArrays) -> NDArrays:
+    """FL4Health's packed list of a submitted compact payload; ProtocolError when it is not one."""
+    from paramsel.client import ParamselError, unpack_compact
+
+    try:
+        return unpack_compact(compact_payload(payload))
+    except (ValueError, ParamselError) as error:
+        raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed compact payload: {error}") from None
+
+
+def _compact(aggregate: NDArrays) -> NDArrays:
+    """The aggregated packed list as the compact payload Fetch answers with."""
+    from paramsel.client import pack_compact
+
+    return compact_arrays(pack_compact(aggregate))
 
 
 def service_aggregator(target: str | None) -> Aggregator:
@@ -118,9 +142,10 @@ class Coordinator:
 
     # -- the calls --------------------------------------------------------------------------------
 
-    def submit(self, run: str, round_number: int, client: int, num_examples: int, packed: NDArrays) -> None:
-        """Accepts client ``client``'s packed list for ``round_number`` of ``run``; the last one in
-        triggers the aggregation (through the service) before this call returns."""
+    def submit(self, run: str, round_number: int, client: int, num_examples: int, payload: NDArrays) -> None:
+        """Accepts client ``client``'s payload for ``round_number`` of ``run`` (a compact payload for a
+        top-k run, else a packed list); the last one in triggers the aggregation (through the service)
+        before this call returns."""
         self._check_run(run)
         self._check_client(client)
         self._check_round(round_number)
@@ -128,8 +153,9 @@ class Coordinator:
             raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"num_examples must be > 0, got {num_examples}"
             )
-        if not packed:
-            raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "the packed list is empty")
+        if not payload:
+            raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "the payload is empty")
+        packed = _expand(payload) if self.config.compact(run) else payload
         with self._cond:
             current = self._current[run]
             if round_number != current:
@@ -151,6 +177,8 @@ class Coordinator:
             results = [entry.submissions[c] for c in range(self.config.clients)]
         try:
             aggregate = self._aggregate(self.config.layout(run), results)
+            if self.config.compact(run):
+                aggregate = _compact(aggregate)
         except Exception as error:
             message = f"aggregating round {round_number} of run {run!r} through the service failed: {error}"
             with self._cond:
@@ -164,7 +192,8 @@ class Coordinator:
             self._cond.notify_all()
 
     def fetch(self, run: str, round_number: int, timeout: float | None = None) -> NDArrays:
-        """The aggregate of ``round_number`` of ``run``, once every client has submitted it."""
+        """The aggregate of ``round_number`` of ``run`` (compact for a top-k run), once every client has
+        submitted it."""
         self._check_run(run)
         self._check_round(round_number)
         wait = self._round_timeout if timeout is None else min(timeout, self._round_timeout)
@@ -190,7 +219,13 @@ class Coordinator:
             raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"accuracy must be in [0, 1], got {report.accuracy}"
             )
-        if report.bytes_sent < 0 or report.bytes_received < 0:
+        counts = (
+            report.bytes_sent,
+            report.bytes_received,
+            report.fl4health_list_bytes_sent,
+            report.fl4health_list_bytes_received,
+        )
+        if min(counts) < 0:
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "byte counts must be >= 0")
         with self._cond:
             if round_number >= 1 and self._rounds[(run, round_number)].aggregate is None:
@@ -316,6 +351,8 @@ class CoordinatorServer:
             train_loss=request.get_float("train_loss"),
             bytes_sent=request.get_int("bytes_sent"),
             bytes_received=request.get_int("bytes_received"),
+            fl4health_list_bytes_sent=request.get_int("fl4health_list_bytes_sent"),
+            fl4health_list_bytes_received=request.get_int("fl4health_list_bytes_received"),
         )
         self.coordinator.report(
             request.get_str("run"), request.get_int("round"), request.get_int("client"), report

@@ -4,15 +4,22 @@ Registered with gRPC's generic handlers (no .proto): every request and response 
 a few named fields plus a list of arrays, written as consecutive ``.npy`` records (``np.save``) and read
 back with ``np.load(allow_pickle=False)``; names travel as unicode arrays, which need no pickle.
 
+A run's *payload* is what its clients submit and fetch. Top-k runs (``DemoConfig.compact``) exchange
+paramsel's compact payload (``push_compact`` / ``pack_compact`` bytes, read with ``unpack_compact``) as
+one 1-d uint8 array; the other runs (dense, whole layers) exchange FL4Health's packed list as it is.
+
 ========  =====================================================  ============================================
 method    request                                                response
 ========  =====================================================  ============================================
 Config    (nothing)                                              the run's settings (:class:`DemoConfig`)
-Submit    run, round, client, num_examples; arrays: packed list  (nothing): accepted
-Fetch     run, round                                             arrays: the aggregated packed list, once
+Submit    run, round, client, num_examples; arrays: the payload  (nothing): accepted
+          (the selection)
+Fetch     run, round                                             arrays: the payload of the aggregate, once
                                                                  every client has submitted that round
 Report    run, round, client, accuracy, loss, train_loss,        (nothing): accepted
-          bytes_sent, bytes_received
+          bytes_sent, bytes_received (the payloads'),
+          fl4health_list_bytes_sent, fl4health_list_bytes_received
+          (the same selections as FL4Health's packed lists)
 Progress  done (rounds the caller has seen complete)             done, total, and the last complete round's
                                                                  run, round and mean accuracy
 ========  =====================================================  ============================================
@@ -45,6 +52,11 @@ SPARSE_RUN = "sparse"
 """The run exchanging what the chosen criterion selects."""
 DENSE_RUN = "dense"
 """The baseline: dense FedAvg, the whole model every round."""
+
+COMPACT_PAYLOAD = "paramsel compact payload"
+"""What a top-k run exchanges: values and Elias-Fano or bitmap positions (``push_compact``)."""
+PACKED_LIST = "FL4Health packed list"
+"""What the other runs exchange: FL4Health's packed list as it is."""
 
 SCORE_CRITERIA = (
     "largest_magnitude_change",
@@ -143,10 +155,24 @@ def decode(data: bytes) -> Message:
     return Message(fields, arrays)
 
 
-def packed_bytes(arrays: Sequence[np.ndarray]) -> int:
-    """What the demo counts as the bytes of an exchange: the sum of ``nbytes`` over the arrays of the
-    FL4Health packed list (values, COO indices, shapes and the names array; or layers and names)."""
+def payload_bytes(arrays: Sequence[np.ndarray]) -> int:
+    """What the demo counts as the bytes of a payload: the sum of ``nbytes`` over its arrays, i.e. the
+    compact payload's length, or the FL4Health packed list's arrays (values, COO indices, shapes and
+    the names array; or layers and names). The ``.npy`` framing of the message is not counted."""
     return sum(int(np.asarray(a).nbytes) for a in arrays)
+
+
+def compact_arrays(payload: bytes) -> list[np.ndarray]:
+    """A compact payload as the arrays of a message: one 1-d uint8 array of its bytes."""
+    return [np.frombuffer(payload, dtype=np.uint8)]
+
+
+def compact_payload(arrays: Sequence[np.ndarray]) -> bytes:
+    """The compact payload :func:`compact_arrays` carried; ValueError for anything else."""
+    if len(arrays) != 1 or np.asarray(arrays[0]).dtype != np.uint8 or np.asarray(arrays[0]).ndim != 1:
+        shapes = ", ".join(f"{np.asarray(a).dtype} {np.asarray(a).shape}" for a in arrays)
+        raise ValueError(f"a compact payload is one 1-d uint8 array, got [{shapes}]")
+    return np.asarray(arrays[0]).tobytes()
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,14 @@ class DemoConfig:
     def layout(self, run: str) -> str:
         """``"sparse_coo"`` or ``"layers"``: the packed-list layout (and aggregation) of a run."""
         return "sparse_coo" if run == SPARSE_RUN and self.criterion in SCORE_CRITERIA else "layers"
+
+    def compact(self, run: str) -> bool:
+        """Whether ``run`` exchanges compact payloads (top-k runs) rather than FL4Health's packed lists."""
+        return self.layout(run) == "sparse_coo"
+
+    def payload(self, run: str) -> str:
+        """What ``run``'s clients and coordinator exchange, for the figures."""
+        return COMPACT_PAYLOAD if self.compact(run) else PACKED_LIST
 
     def describe(self, run: str) -> str:
         if run == DENSE_RUN:
@@ -270,7 +304,7 @@ class CoordinatorStub:
         return DemoConfig.from_message(self._call(CONFIG, Message(), timeout, wait_for_ready=True))
 
     def submit(
-        self, run: str, round_number: int, client: int, num_examples: int, packed: Sequence[np.ndarray]
+        self, run: str, round_number: int, client: int, num_examples: int, payload: Sequence[np.ndarray]
     ) -> None:
         fields: dict[str, Scalar] = {
             "run": run,
@@ -278,7 +312,7 @@ class CoordinatorStub:
             "client": client,
             "num_examples": num_examples,
         }
-        self._call(SUBMIT, Message.of(fields, packed), 60.0)
+        self._call(SUBMIT, Message.of(fields, payload), 60.0)
 
     def fetch(self, run: str, round_number: int, *, timeout: float = 600.0) -> list[np.ndarray]:
         return self._call(FETCH, Message.of({"run": run, "round": round_number}), timeout).arrays
@@ -294,6 +328,8 @@ class CoordinatorStub:
         train_loss: float,
         bytes_sent: int,
         bytes_received: int,
+        fl4health_list_bytes_sent: int,
+        fl4health_list_bytes_received: int,
     ) -> None:
         fields: dict[str, Scalar] = {
             "run": run,
@@ -304,6 +340,8 @@ class CoordinatorStub:
             "train_loss": train_loss,
             "bytes_sent": bytes_sent,
             "bytes_received": bytes_received,
+            "fl4health_list_bytes_sent": fl4health_list_bytes_sent,
+            "fl4health_list_bytes_received": fl4health_list_bytes_received,
         }
         self._call(REPORT, Message.of(fields), 60.0)
 

@@ -1,9 +1,12 @@
 """The demo's figures: per round and run, held-out accuracy, loss and the bytes every client exchanged.
 
-Bytes are those of the FL4Health packed lists (``protocol.packed_bytes``): the sum of ``nbytes`` over the
-arrays a client sends to the coordinator (its selection: values, COO indices, shapes and the names
-array; or whole layers and the names) and receives from it (the aggregate, in the same layout). This is
-the payload Flower would carry for FL4Health; message framing is not counted.
+Bytes are those of the payloads a client actually sends to the coordinator (its selection) and receives
+from it (the aggregate), ``protocol.payload_bytes``: for a top-k run the length of paramsel's compact
+payload (values, Elias-Fano or bitmap positions, framing); for the other runs the sum of ``nbytes`` over
+the arrays of FL4Health's packed list (whole layers and the names), the payload Flower would carry. The
+``.npy`` framing of the demo's messages is not counted. Beside them, ``fl4health_list_bytes_sent`` and
+``fl4health_list_bytes_received`` count the same selections as FL4Health's packed lists (values, int64
+COO indices, shapes, names), which is what a top-k run would exchange without paramsel's encoding.
 
 The figures hold nothing that varies between runs with the same seed (no timings), so two such runs
 write identical ``figures.json`` files.
@@ -18,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paramsel.demo.protocol import DENSE_RUN, DemoConfig
+from paramsel.demo.protocol import COMPACT_PAYLOAD, DENSE_RUN, DemoConfig
 
 FIGURES_FILE = "figures.json"
 PLOT_FILE = "accuracy_vs_bytes.png"
 BYTES_COUNTED = (
-    "sum of nbytes of the arrays of the FL4Health packed list a client sends to the coordinator "
-    "(values, COO indices, shapes, names; or layers, names) and receives from it (the aggregate, same "
-    "layout); message framing not counted"
+    "bytes of the payload a client sends to the coordinator and receives from it (the aggregate): for "
+    "top-k runs the length of paramsel's compact payload (values, Elias-Fano or bitmap positions, "
+    "framing), for the others the sum of nbytes of the arrays of the FL4Health packed list (layers, "
+    "names); the demo's message framing not counted. fl4health_list_bytes_*: the same selections as "
+    "FL4Health's packed lists (values, int64 COO indices, shapes, names)"
 )
 
 
@@ -37,7 +42,13 @@ class ClientReport:
     loss: float
     train_loss: float
     bytes_sent: int
+    """Bytes of the payload sent to the coordinator (compact, or the packed list's arrays)."""
     bytes_received: int
+    """Bytes of the payload received from the coordinator (the aggregate)."""
+    fl4health_list_bytes_sent: int
+    """Bytes of the same selection as FL4Health's packed list."""
+    fl4health_list_bytes_received: int
+    """Bytes of the same aggregate as FL4Health's packed list."""
 
 
 Reports = Mapping[tuple[str, int], Mapping[int, ClientReport]]
@@ -68,6 +79,8 @@ def build_figures(config: DemoConfig, reports: Reports) -> dict[str, Any]:
                     "bytes_sent": _mean([r.bytes_sent for r in got]),
                     "bytes_received": _mean([r.bytes_received for r in got]),
                     "cumulative_bytes": _mean(cumulative),
+                    "fl4health_list_bytes_sent": _mean([r.fl4health_list_bytes_sent for r in got]),
+                    "fl4health_list_bytes_received": _mean([r.fl4health_list_bytes_received for r in got]),
                     "accuracy_per_client": [r.accuracy for r in got],
                     "loss_per_client": [r.loss for r in got],
                     "bytes_sent_per_client": [r.bytes_sent for r in got],
@@ -77,6 +90,7 @@ def build_figures(config: DemoConfig, reports: Reports) -> dict[str, Any]:
         runs[run] = {
             "exchange": config.describe(run),
             "layout": config.layout(run),
+            "payload": config.payload(run),
             "initial": {
                 "accuracy": _mean([r.accuracy for r in initial]),
                 "loss": _mean([r.loss for r in initial]),
@@ -92,9 +106,7 @@ def format_table(figures: Mapping[str, Any]) -> str:
     names = list(runs)
     cell = "{:>8} {:>7} {:>9} {:>9}"
     lines = ["runs: " + "; ".join(f"{name} = {runs[name]['exchange']}" for name in names)]
-    lines.append(
-        "bytes: mean per client of the FL4Health packed lists sent to / received from the coordinator"
-    )
+    lines += _bytes_legend(runs)
     lines.append(f"{'':>5} | " + " | ".join(f"{name:^35}" for name in names))
     lines.append(
         f"{'round':>5} | " + " | ".join(cell.format("accuracy", "loss", "sent B", "recv B") for _ in names)
@@ -124,12 +136,30 @@ def format_table(figures: Mapping[str, Any]) -> str:
     lines.append("-" * len(lines[-2]))
     totals = []
     for n in names:
-        rounds = runs[n]["rounds"]
-        sent = sum(r["bytes_sent"] for r in rounds)
-        received = sum(r["bytes_received"] for r in rounds)
+        sent, received = _totals(runs[n])
         totals.append(cell.format("", "", f"{sent:,.0f}", f"{received:,.0f}"))
     lines.append(f"{'total':>5} | " + " | ".join(totals))
     return "\n".join(lines)
+
+
+def _totals(run: Mapping[str, Any], prefix: str = "") -> tuple[float, float]:
+    """Total mean bytes per client sent and received over the run's rounds."""
+    rounds = run["rounds"]
+    return sum(r[f"{prefix}bytes_sent"] for r in rounds), sum(r[f"{prefix}bytes_received"] for r in rounds)
+
+
+def _bytes_legend(runs: Mapping[str, Any]) -> list[str]:
+    """What the byte columns count, and what FL4Health's packed lists would take for any compact run."""
+    kinds = "; ".join(f"{name}: {run['payload']}" for name, run in runs.items())
+    lines = [f"bytes: mean per client of the payloads sent to / received from the coordinator ({kinds})"]
+    for name, run in runs.items():
+        if run["payload"] == COMPACT_PAYLOAD:
+            sent, received = _totals(run, "fl4health_list_")
+            lines.append(
+                f"       {name} as FL4Health's packed lists (values, int64 COO indices, shapes, names): "
+                f"{sent:,.0f} B sent, {received:,.0f} B received in all"
+            )
+    return lines
 
 
 def summary(figures: Mapping[str, Any]) -> str:
@@ -138,10 +168,13 @@ def summary(figures: Mapping[str, Any]) -> str:
     for name, run in figures["runs"].items():
         last = run["rounds"][-1]
         label = "dense FedAvg" if name == DENSE_RUN else f"{name}: {run['exchange']}"
-        lines.append(
+        line = (
             f"{label}: final held-out accuracy {last['accuracy']:.4f}, "
             f"{last['cumulative_bytes']:,.0f} bytes exchanged per client"
         )
+        if run["payload"] == COMPACT_PAYLOAD:
+            line += f" (FL4Health's packed lists: {sum(_totals(run, 'fl4health_list_')):,.0f})"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -159,7 +192,7 @@ def plot(figures: Mapping[str, Any], path: Path) -> None:
         ys = [run["initial"]["accuracy"]] + [r["accuracy"] for r in run["rounds"]]
         label = "dense FedAvg" if name == DENSE_RUN else f"{name}: {run['exchange']}"
         ax.plot(xs, ys, marker="o", markersize=3.5, label=label)
-    ax.set_xlabel("cumulative KiB exchanged per client (packed lists sent + received)")
+    ax.set_xlabel("cumulative KiB exchanged per client (payloads sent + received)")
     ax.set_ylabel("held-out accuracy (mean over clients)")
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, alpha=0.3)
