@@ -93,3 +93,40 @@ def test_layout_mismatch_names_the_tensor(initial: dict[str, torch.Tensor], mess
         check_same_layout(CURRENT, initial)
     with pytest.raises(InvalidArgument, match=message):
         score_tensors(ScoreFunction.LARGEST_MAGNITUDE_CHANGE, CURRENT, initial)
+
+
+CHANGE_FUNCTIONS = [fn for fn in ScoreFunction if fn.needs_initial_model]
+
+
+@pytest.mark.parametrize("fn", CHANGE_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_scores_written_over_the_initial_model_are_bit_for_bit_the_same(
+    fn: ScoreFunction, dtype: torch.dtype
+) -> None:
+    # Signed zeros, equal pairs, opposite signs, and values whose difference rounds.
+    w = torch.tensor([0.0, -0.0, 1.5, -1.5, 3.0, 1e-3, 7.25, -2.0], dtype=dtype)
+    w0 = torch.tensor([-0.0, 0.0, 1.5, 1.5, -3.0, 1e3, 7.25, 0.0], dtype=dtype)
+    expected = score_tensors(fn, {"t": w}, {"t": w0.clone()})["t"]
+    scratch = w0.clone()
+    got = score_tensors(fn, {"t": w}, {"t": scratch}, overwrite_initial=True)["t"]
+    assert got.data_ptr() == scratch.data_ptr()  # written over the initial tensor, nothing allocated
+    assert got.dtype == expected.dtype
+    assert _bits(got) == _bits(expected)  # bitwise, so that -0.0 and 0.0 are told apart
+
+
+def _bits(t: torch.Tensor) -> list[int]:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).tolist()
+
+
+def test_overwriting_leaves_integer_tensors_and_final_magnitude_scores_alone() -> None:
+    current = {"n": torch.tensor([3, -4]), "f": torch.tensor([1.0, -2.0])}
+    initial = {"n": torch.tensor([1, 1]), "f": torch.tensor([0.5, 0.5])}
+    kept = {name: t.clone() for name, t in initial.items()}
+    scores = score_tensors(ScoreFunction.LARGEST_MAGNITUDE_CHANGE, current, initial, overwrite_initial=True)
+    assert scores["n"].tolist() == [2, 5]
+    assert torch.equal(initial["n"], kept["n"])  # integers are scored into a new tensor
+    assert scores["f"].tolist() == [0.5, 2.5]
+    assert initial["f"].data_ptr() == scores["f"].data_ptr()
+    finals = score_tensors(ScoreFunction.LARGEST_FINAL_MAGNITUDE, current, kept, overwrite_initial=True)
+    assert finals["f"].tolist() == [1.0, 2.0]
+    assert kept["f"].tolist() == [0.5, 0.5]  # the initial model plays no part, and is not touched

@@ -45,21 +45,37 @@ _FORMULAS: dict[ScoreFunction, Callable[[torch.Tensor, torch.Tensor], torch.Tens
 }
 
 
+# The same scores written over w0, for a caller that no longer needs the initial model: no N-sized
+# allocation at all for the change functions. Each gives the bits of its formula above, signed zeros
+# included: a - b is a + (-b) exactly, and IEEE addition commutes.
+_OVER_INITIAL: dict[ScoreFunction, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    ScoreFunction.LARGEST_MAGNITUDE_CHANGE: lambda w, w0: torch.sub(w, w0, out=w0).abs_(),
+    ScoreFunction.SMALLEST_MAGNITUDE_CHANGE: lambda w, w0: torch.sub(w, w0, out=w0).abs_().neg_(),
+    ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: lambda w, w0: w0.abs_().neg_().add_(torch.abs(w)),
+    ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: lambda w, w0: w0.abs_().neg_().add_(torch.abs(w)).neg_(),
+}
+
+
 def require_initial(fn_name: str, initial: State | None) -> State:
     if initial is None:
         raise FailedPrecondition(f"{fn_name} needs the initial model, but none was given")
     return initial
 
 
-def score_tensors(fn: ScoreFunction, current: State, initial: State | None) -> dict[str, torch.Tensor]:
+def score_tensors(
+    fn: ScoreFunction, current: State, initial: State | None, *, overwrite_initial: bool = False
+) -> dict[str, torch.Tensor]:
     """Score every entry of ``current``, in state order; each score tensor has its tensor's shape.
 
-    ``initial`` is ignored by the final-magnitude functions, as in FL4Health.
+    ``initial`` is ignored by the final-magnitude functions, as in FL4Health. With
+    ``overwrite_initial`` the change functions write the scores over the initial model's tensors,
+    for a caller that has no further use for them (a server scoring a model it was just sent).
     """
     if fn.needs_initial_model:
         initial = require_initial(fn.value, initial)
         check_same_layout(current, initial)
     formula = _FORMULAS[fn]
+    in_place = _OVER_INITIAL.get(fn) if overwrite_initial else None
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tensor in current.items():
@@ -68,7 +84,12 @@ def score_tensors(fn: ScoreFunction, current: State, initial: State | None) -> d
             # The final-magnitude formulas never read w0; passing w keeps one signature for all six.
             w0 = initial[name].detach() if initial is not None and fn.needs_initial_model else w
             try:
-                scores[name] = formula(w, w0)
+                # In place only where the result has w0's dtype and shape: floats (ints wrap the same,
+                # but torch has no in-place abs for every integer dtype; keep those out of it).
+                if in_place is not None and w.is_floating_point() and w0.dtype == w.dtype:
+                    scores[name] = in_place(w, w0)
+                else:
+                    scores[name] = formula(w, w0)
             except RuntimeError as err:
                 # e.g. torch has no abs for uint16/32/64: a dtype the caller cannot use with this criterion.
                 raise InvalidArgument(f"tensor {name!r} of dtype {w.dtype} cannot be scored: {err}") from err

@@ -57,15 +57,17 @@ def select_top_k(
     sparsity_level: float,
     score_function: ScoreFunction,
     exact_k: bool = False,
+    overwrite_initial: bool = False,
 ) -> TopKResult:
     """Select the entries whose score is at least the k-th largest; see DESIGN.md "Semantics".
 
     ``exact_k`` (beyond FL4Health) selects exactly k: of the entries tied at the threshold, only the
     earliest in the state (state order, then row-major) are taken, as many as k leaves room for.
+    ``overwrite_initial`` lets the scores be written over ``initial``'s tensors (see ``score_tensors``).
     """
     require_fraction("sparsity_level", sparsity_level)
     require_nonempty(current)
-    scores = score_tensors(score_function, current, initial)
+    scores = score_tensors(score_function, current, initial, overwrite_initial=overwrite_initial)
     for name, score in scores.items():
         _reject_non_finite(name, score)
     total = sum(score.numel() for score in scores.values())

@@ -39,8 +39,14 @@ def _flag(message: Any, name: str) -> bool:
 
 
 def run_criterion(
-    criterion: criteria_pb2.Criterion, model: dict[str, torch.Tensor], initial: dict[str, torch.Tensor] | None
+    criterion: criteria_pb2.Criterion,
+    model: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor] | None,
+    *,
+    initial_is_scratch: bool = False,
 ) -> Selection:
+    """Runs the criterion; ``initial_is_scratch`` says nothing reads ``initial`` afterwards, so top-k
+    may write its scores over it."""
     kind = criterion.WhichOneof("kind")
     if kind == "top_k":
         top_k = criterion.top_k
@@ -55,6 +61,7 @@ def run_criterion(
             sparsity_level=top_k.sparsity_level,
             score_function=SCORE_FUNCTIONS[top_k.score_function],
             exact_k=top_k.exact_k,
+            overwrite_initial=initial_is_scratch,
         )
         return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_COO, top_k=result)
     if kind == "drift_threshold":

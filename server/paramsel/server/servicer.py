@@ -14,7 +14,7 @@ from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import Selection, run_criterion
 from paramsel.server.info import server_info
 from paramsel.server.limits import CallLimits, Limits
-from paramsel.server.models import ModelStore, check_held_early, resolve_initial
+from paramsel.server.models import ModelStore, check_held_early, requested_digest, resolve_initial
 from paramsel.server.status import statuses
 from paramsel.v1 import service_pb2, service_pb2_grpc
 from paramsel.wire import WireError
@@ -58,8 +58,16 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         )
         start = received.first
         size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
-        initial = resolve_initial(start, received.state(inbound.INITIAL), self._models)
-        return start, size, run_criterion(start.criterion, _model(received), initial)
+        sent = received.state(inbound.INITIAL)
+        initial = resolve_initial(start, sent, self._models)
+        # An initial model sent without a digest is this call's alone (the store keeps only named ones):
+        # the scores may overwrite it.
+        scratch = sent is not None and requested_digest(start) is None
+        return (
+            start,
+            size,
+            run_criterion(start.criterion, _model(received), initial, initial_is_scratch=scratch),
+        )
 
     def Select(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
