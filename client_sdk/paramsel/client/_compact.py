@@ -19,15 +19,11 @@ from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.codec import (
     MAX_NAME_LENGTH,
     DenseDecl,
-    SparseDecl,
-    choose_encoding,
     dense_decl,
-    tensor_bytes,
 )
 from paramsel.wire.fastframes import ChunkFrame
-from paramsel.wire.positions import coo_to_flat, encode_positions, flat_to_coo
-from paramsel.wire.sections import chunk_frames, spec_batches
-from paramsel.wire.streams import SparseData, write_frames
+from paramsel.wire.positions import coo_to_flat, flat_to_coo
+from paramsel.wire.streams import SparseData, SparseOut, write_frames
 
 _RESULT = tensor_pb2.SECTION_RESULT
 _LOSSY_DTYPES = (torch.float16, torch.bfloat16)
@@ -139,11 +135,10 @@ def _int_array(array: np.ndarray, ndim: int, what: str) -> np.ndarray:
 def _sparse_frames(
     packed: NDArrays, names: list[str], value_dtype: torch.dtype | None
 ) -> list[service_pb2.SelectResponse]:
-    """A Select response's frames, laid out as ``write_frames`` lays them out, but with each tensor's
-    own position encoding: COMPACT's pick when its positions are strictly increasing, else COO_INT64."""
+    """A Select response's frames, each tensor's positions in COMPACT's pick when they strictly
+    increase, else in COO_INT64, as given."""
     n = len(names)
-    specs: list[tensor_pb2.SparseTensorSpec] = []
-    data: list[memoryview] = []
+    tensors: list[SparseOut] = []
     for i, name in enumerate(names):
         what = f"sparse tensor {i} '{name}'"
         values = _tensor(packed[i], f"{what}: values", value_dtype)
@@ -161,27 +156,23 @@ def _sparse_frames(
             )
         flat = coo_to_flat(coords, shape, what=what)  # refuses coordinates outside the shape
         if bool((flat[1:] > flat[:-1]).all()):
-            encoding = choose_encoding(tensor_pb2.POSITION_ENCODING_COMPACT, nnz, shape)
-            positions = encode_positions(torch.from_numpy(flat), shape, encoding)
+            out = SparseOut(name, shape, values, torch.from_numpy(flat))  # the section's COMPACT
         else:
-            encoding = tensor_pb2.POSITION_ENCODING_COO_INT64
-            coo = np.ascontiguousarray(coords, dtype=np.int64)
-            positions = encode_positions(torch.from_numpy(coo), shape, encoding)
-        specs.append(SparseDecl(name, values.dtype, shape, nnz, encoding, len(positions)).to_proto())
-        data += [tensor_bytes(values), positions]
+            coo = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64))
+            out = SparseOut(name, shape, values, coo, tensor_pb2.POSITION_ENCODING_COO_INT64)
+        tensors.append(out)
     header = service_pb2.SelectionHeader(
         kind=service_pb2.SELECTION_KIND_SPARSE_COO,
-        top_k=service_pb2.TopKSummary(sent_entries=sum(s.nnz for s in specs)),
+        top_k=service_pb2.TopKSummary(sent_entries=sum(t.values.numel() for t in tensors)),
     )
-    size = DEFAULT_CHUNK_SIZE_BYTES
-    return [
-        service_pb2.SelectResponse(header=header),
-        *(
-            service_pb2.SelectResponse(sparse_tensors=tensor_pb2.SparseManifest(section=_RESULT, tensors=b))
-            for b in spec_batches(specs, size)
-        ),
-        *(service_pb2.SelectResponse(chunk=c) for c in chunk_frames(_RESULT, data, size)),
-    ]
+    return list(
+        write_frames(
+            service_pb2.SelectResponse,
+            ("header", header),
+            chunk_size=DEFAULT_CHUNK_SIZE_BYTES,
+            sparse=[(_RESULT, tensors, tensor_pb2.POSITION_ENCODING_COMPACT)],
+        )
+    )
 
 
 def _layer_frames(packed: NDArrays, value_dtype: torch.dtype | None) -> list[service_pb2.SelectResponse]:

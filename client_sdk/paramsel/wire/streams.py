@@ -236,6 +236,8 @@ class SparseOut:
     shape: tuple[int, ...]
     values: torch.Tensor
     positions: torch.Tensor
+    encoding: int | None = None
+    """This tensor's position encoding, when it is not the one its section is written in."""
 
 
 def write_frames(
@@ -339,7 +341,7 @@ def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut
     """The tensor, the concrete encoding it is sent in (COMPACT resolved), and its positions' bytes."""
     try:
         nnz = t.values.numel()
-        chosen = choose_encoding(encoding, nnz, t.shape)
+        chosen = choose_encoding(encoding if t.encoding is None else t.encoding, nnz, t.shape)
         if chosen not in _CODES_SETS:
             return t, chosen, encode_positions(t.positions, t.shape, chosen)
         expected = expected_positions_nbytes(chosen, nnz, t.shape)  # refuses nnz > numel
