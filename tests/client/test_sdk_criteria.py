@@ -17,6 +17,7 @@ from paramsel.client import (
     largest_final_magnitude_scores,
     largest_magnitude_change_scores,
     smallest_final_magnitude_scores,
+    unpack_compact,
 )
 from paramsel.server.app import RunningServer
 
@@ -262,17 +263,89 @@ def test_real_module_with_batchnorm(server: RunningServer) -> None:
     assert packed[3].tolist() == [1.0, 1.0]
 
 
-def test_unknown_score_function_is_refused() -> None:
-    def my_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
-        return {}
+def test_a_callers_own_score_function_is_applied_in_process() -> None:
+    # Scores: the position in the state, so w [0, 1, 2, 3], b [4, 5], n 6, cnt [7, 8]; N = 9.
+    # k = ceil(9 * 0.4) = 4: threshold 5, so b[1] (5), n (6, 0-d: never sent) and cnt [7, 8].
+    def position_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
+        scores, offset = {}, 0
+        for name, t in model.state_dict().items():
+            scores[name] = torch.arange(offset, offset + t.numel(), dtype=torch.float32).reshape(t.shape)
+            offset += t.numel()
+        return scores
 
-    with pytest.raises(TypeError, match="score functions"):
-        SparseCooParameterExchanger(0.1, my_scores)
+    exchanger = SparseCooParameterExchanger(0.4, position_scores)
+    packed = exchanger.push_parameters(_tie_model())
+    assert packed[-1].tolist() == ["b", "cnt"]
+    assert packed[0].tolist() == [-3.0]
+    assert packed[1].tolist() == [4]  # cnt [4, 0]: the selected 0 is dropped, as FL4Health drops it
+    assert packed[2].tolist() == [[1]]
+    assert packed[3].tolist() == [[0]]
+    # The compact payload of the same selection, encoded here, expands to the same list.
+    again = unpack_compact(exchanger.push_compact(_tie_model()))
+    assert [a.tolist() for a in again] == [a.tolist() for a in packed]
 
 
-def test_fl4health_named_function_is_recognised(server: RunningServer) -> None:
+def test_a_function_that_borrows_a_name_keeps_its_own_scores() -> None:
+    # Named like paramsel's (and FL4Health's) largest_final_magnitude_scores, but scoring -|w|:
+    # k = ceil(9 * 0.2) = 2 takes cnt[1] (0, so not sent) and w[1, 1] (0.5). |w| would send w[0, 1].
+    def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict:
+        return {k: -v.abs() for k, v in model.state_dict().items()}
+
+    packed = SparseCooParameterExchanger(0.2, largest_final_magnitude_scores).push_parameters(_tie_model())
+    assert packed[-1].tolist() == ["w"]
+    assert packed[0].tolist() == [0.5]
+    assert packed[1].tolist() == [[1, 1]]
+
+
+def test_fl4health_own_function_is_served(server: RunningServer) -> None:
     def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict:
         raise AssertionError("never called: the server scores")
 
+    # FL4Health's own function, as its module says: recognised by name and applied by the server.
+    largest_final_magnitude_scores.__module__ = "fl4health.parameter_exchange.sparse_coo_parameter_exchanger"
     exchanger = SparseCooParameterExchanger(0.4, largest_final_magnitude_scores, target=server.target)
     assert exchanger.push_parameters(_tie_model())[-1].tolist() == ["w", "b", "cnt"]
+
+
+def test_a_callers_own_scores_are_checked() -> None:
+    def missing(model: nn.Module, initial_model: nn.Module | None) -> dict:
+        return {"w": torch.zeros(2, 2)}
+
+    with pytest.raises(ParamselError, match="no tensor for 'b'") as refused:
+        SparseCooParameterExchanger(0.5, missing).push_parameters(_tie_model())
+    assert refused.value.status == StatusCode.INVALID_ARGUMENT
+
+
+def test_a_callers_own_layer_selection_function_is_called() -> None:
+    current, initial = _drift_models()
+
+    def first_and_last(
+        model: nn.Module, initial_model: nn.Module | None
+    ) -> tuple[list[np.ndarray], list[str]]:
+        state = model.state_dict()
+        names = [next(iter(state)), list(state)[-1]]
+        return [state[n].numpy() for n in names], names
+
+    exchanger = DynamicLayerExchanger(first_and_last)
+    packed = exchanger.push_parameters(current, initial)
+    assert packed[-1].tolist() == ["a", "d"]
+    assert packed[0].tolist() == [3.0, 4.0]
+    assert packed[1].tolist() == [1.0]
+
+
+def test_an_infinite_norm_threshold_selects_by_the_drift_test(server: RunningServer) -> None:
+    current, initial = _drift_models()
+    for more, expected in ((True, []), (False, ["a", "b", "c", "d"])):
+        constructor = LayerSelectionFunctionConstructor(float("inf"), 0.5, True, more, target=server.target)
+        _, names = DynamicLayerExchanger(constructor.select_by_threshold()).select_parameters(
+            current, initial
+        )
+        assert names == expected
+    with pytest.raises(ValueError, match="norm_threshold must be > 0"):
+        LayerSelectionFunctionConstructor(float("nan"), 0.5)
+
+
+def test_score_functions_called_directly_raise_paramsel_errors() -> None:
+    with pytest.raises(ParamselError) as refused:
+        largest_magnitude_change_scores(_tie_model(), None)
+    assert refused.value.status == StatusCode.FAILED_PRECONDITION

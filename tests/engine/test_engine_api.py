@@ -35,6 +35,7 @@ def test_public_names_are_pinned() -> None:
         "select_layers_by_percentage",
         "select_layers_by_threshold",
         "select_top_k",
+        "select_top_k_by_scores",
     ]
     for name in engine.__all__:
         assert hasattr(engine, name)

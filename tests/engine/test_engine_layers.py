@@ -110,10 +110,18 @@ def test_nan_drift_of_an_empty_entry() -> None:
     assert drift_norms(current, initial, normalize=False)["e"] == 0.0
 
 
-@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
 def test_norm_threshold_validation(value: float) -> None:
     with pytest.raises(InvalidArgument, match="norm_threshold"):
         select_layers_by_threshold(CURRENT, INITIAL, norm_threshold=value)
+
+
+def test_an_infinite_norm_threshold_is_a_threshold_no_drift_exceeds() -> None:
+    # FL4Health only asserts 0 < norm_threshold: +inf selects nothing, or everything the other way.
+    more = select_layers_by_threshold(CURRENT, INITIAL, norm_threshold=float("inf"))
+    less = select_layers_by_threshold(CURRENT, INITIAL, norm_threshold=float("inf"), select_drift_more=False)
+    assert more.names == []
+    assert less.names == list(CURRENT)
 
 
 @pytest.mark.parametrize("value", [0.0, -0.5, 1.01, float("nan")])

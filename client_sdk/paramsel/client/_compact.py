@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from paramsel import engine
 from paramsel.client._client import read_selection
 from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers
@@ -31,10 +32,21 @@ _LOSSY_DTYPES = (torch.float16, torch.bfloat16)
 
 def fl4health_sparse(sparse: Sequence[SparseData]) -> tuple[NDArrays, SparseInfo]:
     """(values, (indices, shapes, names)) as FL4Health's select_parameters returns them."""
-    values = [to_numpy(s.values) for s in sparse]
-    indices = [flat_to_coo(s.positions, s.decl.shape) for s in sparse]
-    shapes = [np.array(list(s.decl.shape), dtype=np.int64) for s in sparse]
-    return values, (indices, shapes, [s.decl.name for s in sparse])
+    return _fl4health([(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse])
+
+
+def fl4health_sparse_of(tensors: Sequence[engine.SparseTensor]) -> tuple[NDArrays, SparseInfo]:
+    """The same, of a selection the engine made in this process."""
+    return _fl4health([(t.name, t.shape, t.values, t.positions) for t in tensors])
+
+
+def _fl4health(
+    parts: Sequence[tuple[str, tuple[int, ...], torch.Tensor, torch.Tensor]],
+) -> tuple[NDArrays, SparseInfo]:
+    values = [to_numpy(v) for _, _, v, _ in parts]
+    indices = [flat_to_coo(p, shape) for _, shape, _, p in parts]
+    shapes = [np.array(list(shape), dtype=np.int64) for _, shape, _, _ in parts]
+    return values, (indices, shapes, [name for name, _, _, _ in parts])
 
 
 def compact_payload(frames: Sequence[Any]) -> bytes:

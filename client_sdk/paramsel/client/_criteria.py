@@ -2,13 +2,14 @@
 
 The six score functions compute their scores locally when called (as FL4Health's do); passed to
 :class:`SparseCooParameterExchanger`, they only name the criterion the server applies. The layer
-selection functions and ``select_scores_and_sample_masks`` call the service when called.
+selection functions and ``select_scores_and_sample_masks`` call the service when called. Any other
+score or layer selection function (a user's own) is called here, and its selection made in this
+process by the engine the server runs.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from paramsel import engine
 from paramsel.client._client import Client
 from paramsel.client._connection import Connection, with_target
+from paramsel.client._errors import local_errors
 from paramsel.client._state import NDArrays, state_of, to_numpy
 from paramsel.v1 import criteria_pb2
 
@@ -33,7 +35,8 @@ _SCORE_PROTO: dict[engine.ScoreFunction, int] = {
 def _scores(
     kind: engine.ScoreFunction, model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
-    return engine.score_tensors(kind, state_of(model), state_of(initial_model) if initial_model else None)
+    with local_errors():
+        return engine.score_tensors(kind, state_of(model), state_of(initial_model) if initial_model else None)
 
 
 def largest_final_magnitude_scores(
@@ -78,22 +81,38 @@ def smallest_increase_in_magnitude_scores(
     return _scores(engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model)
 
 
-# FL4Health's own functions have the same names, so they are recognised too.
 SCORE_FUNCTION_BY_NAME: dict[str, engine.ScoreFunction] = {
     f"{kind.value}_scores": kind for kind in engine.ScoreFunction
 }
+_OURS: dict[Any, engine.ScoreFunction] = {
+    largest_final_magnitude_scores: engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE,
+    smallest_final_magnitude_scores: engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
+    largest_magnitude_change_scores: engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
+    smallest_magnitude_change_scores: engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
+    largest_increase_in_magnitude_scores: engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
+    smallest_increase_in_magnitude_scores: engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
+}
+
+
+def served_score_function(function: Any) -> engine.ScoreFunction | None:
+    """Which of the six a score function is: one of ours, or FL4Health's own of the same name (its
+    module is fl4health's). None for any other function, even one that borrows a name."""
+    if function in _OURS:
+        return _OURS[function]
+    module = getattr(function, "__module__", None) or ""
+    if module == "fl4health" or module.startswith("fl4health."):
+        return SCORE_FUNCTION_BY_NAME.get(getattr(function, "__name__", ""))
+    return None
 
 
 def score_criterion(
     score_gen_function: Any, sparsity_level: float, *, exact_k: bool = False
-) -> criteria_pb2.Criterion:
-    """The top-k criterion for one of the six score functions (ours or FL4Health's)."""
-    kind = SCORE_FUNCTION_BY_NAME.get(getattr(score_gen_function, "__name__", ""))
+) -> criteria_pb2.Criterion | None:
+    """The top-k criterion the server applies for one of the six score functions; None for any other
+    function, whose scores are computed, and selected from, in this process."""
+    kind = served_score_function(score_gen_function)
     if kind is None:
-        names = ", ".join(SCORE_FUNCTION_BY_NAME)
-        raise TypeError(
-            f"paramsel serves FL4Health's six score functions ({names}); got {score_gen_function!r}"
-        )
+        return None
     return criteria_pb2.Criterion(
         top_k=criteria_pb2.TopKCriterion(
             sparsity_level=sparsity_level,
@@ -139,6 +158,7 @@ class LayerSelectionFunctionConstructor:
     """Builds layer selection functions, as FL4Health's class of the same name does.
 
     ``0 < exchange_percentage <= 1`` and ``norm_threshold > 0`` are required (ValueError otherwise).
+    The functions it builds are carried out by the service.
     """
 
     def __init__(
@@ -153,8 +173,8 @@ class LayerSelectionFunctionConstructor:
     ) -> None:
         if not 0 < exchange_percentage <= 1:
             raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
-        if not (norm_threshold > 0 and math.isfinite(norm_threshold)):
-            raise ValueError(f"norm_threshold must be a finite number > 0, got {norm_threshold}")
+        if not norm_threshold > 0:  # written so that NaN fails too; +inf is a threshold no drift exceeds
+            raise ValueError(f"norm_threshold must be > 0, got {norm_threshold}")
         self.norm_threshold = norm_threshold
         self.exchange_percentage = exchange_percentage
         self.normalize = normalize
@@ -198,14 +218,17 @@ select_scores_and_sample_masks = LayerSelectionFunction(fedpm_criterion())
 """FedPM's selection: every ``weight_scores`` / ``bias_scores`` tensor as a Bernoulli(sigmoid) mask."""
 
 
-def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion, Connection | None]:
+def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
     """The criterion of a layer selection function (ours, or one FL4Health's constructor built), and
-    the connection it was built with, if any."""
+    the connection it was built with, if any; no criterion for any other function, which is called."""
     if isinstance(function, LayerSelectionFunction):
         if function.target is None and function.connection is None:
             return function.criterion, None
         return function.criterion, with_target(function.connection, function.target)
     inner = function.func if isinstance(function, functools.partial) else function
+    module = getattr(inner, "__module__", None) or ""
+    if not (module == "fl4health" or module.startswith("fl4health.")):
+        return None, None  # a function of the caller's own, even one that borrows a name
     name = getattr(inner, "__name__", "")
     if name == "select_scores_and_sample_masks":
         return fedpm_criterion(), None
@@ -219,7 +242,4 @@ def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion, Connection |
             return LayerSelectionFunctionConstructor(
                 1.0, value, normalize, more
             ).select_by_percentage().criterion, None
-    raise TypeError(
-        "paramsel serves the layer selection functions of LayerSelectionFunctionConstructor and "
-        f"select_scores_and_sample_masks; got {function!r}"
-    )
+    return None, None

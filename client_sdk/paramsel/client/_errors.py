@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from google.rpc import error_details_pb2
@@ -62,3 +64,20 @@ def _reason(call: grpc.Call) -> str | None:
         if detail.Unpack(info):
             return str(info.reason)
     return None
+
+
+@contextmanager
+def local_errors() -> Iterator[None]:
+    """Errors of work done in this process surface as the same ParamselError a server would give."""
+    from paramsel import engine  # the SDK's in-process work is the engine's
+    from paramsel.wire import WireError
+
+    try:
+        yield
+    except (WireError, engine.EngineError) as error:
+        status = (
+            StatusCode.FAILED_PRECONDITION
+            if isinstance(error, engine.FailedPrecondition)
+            else StatusCode.INVALID_ARGUMENT
+        )
+        raise ParamselError(status, str(error)) from None

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,31 +11,17 @@ from torch import nn
 
 from paramsel import engine
 from paramsel.client._client import Client, SelectResult
-from paramsel.client._compact import compact_payload, fl4health_sparse
+from paramsel.client._compact import compact_payload, fl4health_sparse, fl4health_sparse_of, pack_compact
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
-from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._errors import local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, dtype_to_proto
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
 _PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}
-
-
-@contextmanager
-def local_errors() -> Iterator[None]:
-    """Errors of work done in this process surface as the same ParamselError a server would give."""
-    try:
-        yield
-    except (WireError, engine.EngineError) as error:
-        status = (
-            StatusCode.FAILED_PRECONDITION
-            if isinstance(error, engine.FailedPrecondition)
-            else StatusCode.INVALID_ARGUMENT
-        )
-        raise ParamselError(status, str(error)) from None
 
 
 class SparseCooParameterExchanger:
@@ -49,6 +34,10 @@ class SparseCooParameterExchanger:
       (the default ``"replace"`` is FL4Health's: unsent coordinates become 0);
     - ``reuse_initial_model=False`` uploads the initial model on every push instead of naming it by
       digest and uploading it only when the server does not hold it.
+
+    The six score functions are applied by the service. Any other ``score_gen_function`` (called as
+    FL4Health calls it, ``(model, initial_model) -> {name: scores}``) runs here, and the top-k of its
+    scores is selected in this process by the engine the service runs, with the same rules.
     """
 
     def __init__(
@@ -69,6 +58,7 @@ class SparseCooParameterExchanger:
             raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
         self.sparsity_level = sparsity_level
         self.score_gen_function = score_gen_function
+        self.exact_k = exact_k
         self.criterion = score_criterion(score_gen_function, sparsity_level, exact_k=exact_k)
         self.pull_mode = pull_mode
         self.reuse_initial_model = reuse_initial_model
@@ -82,6 +72,15 @@ class SparseCooParameterExchanger:
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, SparseInfo]:
         """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
+        if self.criterion is None:  # the caller's own score function: scored and selected here
+            with local_errors():
+                result = engine.select_top_k_by_scores(
+                    state_of(model),
+                    self.generate_parameter_scores(model, initial_model),
+                    sparsity_level=self.sparsity_level,
+                    exact_k=self.exact_k,
+                )
+            return fl4health_sparse_of(result.tensors)
         return fl4health_sparse(self._select(model, initial_model).sparse)
 
     def push_parameters(
@@ -104,6 +103,8 @@ class SparseCooParameterExchanger:
         """The selection as a compact payload (about 4.7 B per float32 value at 10 %), for clients that
         ship it to their aggregator; ``unpack_compact`` turns it into FL4Health's packed list.
         ``value_dtype`` (torch.float16 or torch.bfloat16) makes the values lossy and smaller."""
+        if self.criterion is None:  # selected here (see the class): encoded here too
+            return pack_compact(self.push_parameters(model, initial_model), value_dtype=value_dtype)
         return compact_payload(self._select(model, initial_model, value_dtype, keep_frames=True).frames or [])
 
     def _select(
@@ -114,6 +115,7 @@ class SparseCooParameterExchanger:
         *,
         keep_frames: bool = False,
     ) -> SelectResult:
+        assert self.criterion is not None  # callers handle the caller's own score functions first
         return self.client.select(
             self.criterion,
             state_of(model),
@@ -149,7 +151,10 @@ class SparseCooParameterExchanger:
 class DynamicLayerExchanger:
     """Whole layers picked by a layer selection function (FL4Health's class of the same name).
 
-    Pulls are applied in this process by the engine the server runs.
+    The functions of :class:`LayerSelectionFunctionConstructor` and ``select_scores_and_sample_masks``
+    are applied by the service; any other ``(model, initial_model) -> (arrays, names)`` function is
+    simply called, as FL4Health calls it. Pulls are applied in this process by the engine the server
+    runs.
     """
 
     _pull = staticmethod(engine.pull_layers)
@@ -171,12 +176,17 @@ class DynamicLayerExchanger:
     def select_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, list[str]]:
+        if self.criterion is None:
+            arrays, names = self.layer_selection_function(model, initial_model)
+            return list(arrays), list(names)
         return select_layers(self.criterion, model, initial_model, self.client)
 
     def push_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
     ) -> NDArrays:
         """[arrays..., names], FL4Health's packed list."""
+        if self.criterion is None:
+            return self.pack_parameters(*self.select_parameters(model, initial_model))
         result = self.client.push(
             self.criterion, state_of(model), state_of(initial_model) if initial_model else None
         )

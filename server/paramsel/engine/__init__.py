@@ -11,7 +11,7 @@ from .layers import LayerResult, drift_norms, select_layers_by_percentage, selec
 from .pull import PullMode, pull_fedpm, pull_layers, pull_sparse, pull_sparse_into
 from .scores import ScoreFunction, score_tensors
 from .state import State, TensorSpec, check_same_layout
-from .topk import SparseTensor, TopKResult, select_top_k
+from .topk import SparseTensor, TopKResult, select_top_k, select_top_k_by_scores
 
 __all__ = [
     "Contribution",
@@ -38,4 +38,5 @@ __all__ = [
     "select_layers_by_percentage",
     "select_layers_by_threshold",
     "select_top_k",
+    "select_top_k_by_scores",
 ]

@@ -58,8 +58,8 @@ def select_layers_by_threshold(
     select_drift_more: bool = True,
 ) -> LayerResult:
     """In state order, the entries with drift > threshold (or <= threshold when not ``select_drift_more``)."""
-    if not (math.isfinite(norm_threshold) and norm_threshold > 0.0):
-        raise InvalidArgument(f"norm_threshold must be a finite number > 0, got {norm_threshold!r}")
+    if not norm_threshold > 0.0:  # NaN fails too; +inf is a threshold no drift exceeds, as in FL4Health
+        raise InvalidArgument(f"norm_threshold must be > 0, got {norm_threshold!r}")
     drifts = _drifts(current, initial, normalize, "select_layers_by_threshold")
     if select_drift_more:
         names = [name for name, drift in drifts.items() if drift > norm_threshold]

@@ -9,6 +9,7 @@ and rounding included.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,37 @@ def select_top_k(
     require_fraction("sparsity_level", sparsity_level)
     require_nonempty(current)
     scores = score_tensors(score_function, current, initial, overwrite_initial=overwrite_initial)
+    return select_top_k_by_scores(current, scores, sparsity_level=sparsity_level, exact_k=exact_k)
+
+
+def select_top_k_by_scores(
+    current: State,
+    scores: Mapping[str, torch.Tensor],
+    *,
+    sparsity_level: float,
+    exact_k: bool = False,
+) -> TopKResult:
+    """:func:`select_top_k` with scores computed elsewhere (a caller's own score function).
+
+    As FL4Health does with whatever its score function returns: the threshold is the k-th largest of
+    all of ``scores``' entries, and each state tensor is masked by ``scores[name]``, which must exist
+    and have the tensor's shape.
+    """
+    require_fraction("sparsity_level", sparsity_level)
+    require_nonempty(current)
+    scores = dict(scores)  # emptied below as tensors are done; the caller's mapping stays whole
+    for name, tensor in current.items():
+        score = scores.get(name)
+        if not isinstance(score, torch.Tensor):
+            raise InvalidArgument(f"the scores have no tensor for {name!r}, which the model state has")
+        if tuple(score.shape) != tuple(tensor.shape):
+            raise InvalidArgument(
+                f"the score of {name!r} has shape {tuple(score.shape)}, but the tensor has {tuple(tensor.shape)}"
+            )
     for name, score in scores.items():
+        if not isinstance(score, torch.Tensor):
+            raise InvalidArgument(f"the score of {name!r} is a {type(score).__name__}, not a tensor")
+        score = scores[name] = score.detach()
         _reject_non_finite(name, score)
     total = sum(score.numel() for score in scores.values())
     if total == 0:
@@ -86,7 +117,7 @@ def select_top_k(
         for name, tensor in current.items():
             # A Python scalar on the right makes torch round it to the tensor's dtype (float16, say)
             # or compare integers in the default float dtype, exactly as FL4Health's comparison does.
-            score = scores.pop(name)
+            score = scores.pop(name)  # each score goes as soon as its tensor is done
             if exact_k:
                 positions, room = _exactly(score, threshold, room)
             elif name in candidates and score.dtype == kth.dtype:
