@@ -349,3 +349,19 @@ def test_score_functions_called_directly_raise_paramsel_errors() -> None:
     with pytest.raises(ParamselError) as refused:
         largest_magnitude_change_scores(_tie_model(), None)
     assert refused.value.status == StatusCode.FAILED_PRECONDITION
+
+
+def test_pull_of_a_0d_tensor_and_of_indices_that_fit_no_shape() -> None:
+    # FL4Health densifies a 0-d entry (indices of shape (1, 0)) like any other: n becomes 9.
+    model = _tie_model()
+    exchanger = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
+    exchanger.pull_parameters(
+        [np.array([9]), np.zeros((1, 0), dtype=np.int64), np.array([], dtype=np.int64), np.array(["n"])],
+        model,
+    )
+    assert model.state_dict()["n"].tolist() == 9
+    with pytest.raises(ParamselError, match="indices of shape \\(3,\\) do not fit a 2-d tensor") as refused:
+        exchanger.pull_parameters(
+            [np.array([9.0, 1.0]), np.array([0, 1, 2]), np.array([2, 2]), np.array(["w"])], model
+        )
+    assert refused.value.status == StatusCode.INVALID_ARGUMENT

@@ -17,7 +17,7 @@ from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_cr
 from paramsel.client._errors import local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, dtype_to_proto
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
@@ -136,8 +136,16 @@ class SparseCooParameterExchanger:
             payload = []
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True):
                 dense_shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
-                coords = np.asarray(i, dtype=np.int64).reshape(-1, len(dense_shape))
-                flat = coo_to_flat(coords, dense_shape, what=f"payload tensor '{name}'")
+                what = f"payload tensor '{name}'"
+                coords = np.asarray(i, dtype=np.int64)
+                if coords.ndim != 2 or coords.shape[1] != len(dense_shape):
+                    # A 0-d tensor's indices are (nnz, 0): reshape(-1, 0) could not tell nnz.
+                    if not dense_shape or coords.size % len(dense_shape):
+                        raise WireError(
+                            f"{what}: indices of shape {coords.shape} do not fit a {len(dense_shape)}-d tensor"
+                        )
+                    coords = coords.reshape(-1, len(dense_shape))
+                flat = coo_to_flat(coords, dense_shape, what=what)
                 payload.append(engine.SparseTensor(name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
             engine.pull_sparse_into(model.state_dict(), payload, mode=_PULL_MODES[self.pull_mode])
 
