@@ -26,6 +26,8 @@ def test_public_exports_are_pinned() -> None:
         "largest_increase_in_magnitude_scores",
         "largest_magnitude_change_scores",
         "pack_compact",
+        "select_layers_by_percentage",
+        "select_layers_by_threshold",
         "select_scores_and_sample_masks",
         "smallest_final_magnitude_scores",
         "smallest_increase_in_magnitude_scores",

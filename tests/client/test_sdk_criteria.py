@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ from paramsel.client import (
     StatusCode,
     largest_final_magnitude_scores,
     largest_magnitude_change_scores,
+    select_layers_by_percentage,
+    select_layers_by_threshold,
     smallest_final_magnitude_scores,
     unpack_compact,
 )
@@ -365,3 +369,19 @@ def test_pull_of_a_0d_tensor_and_of_indices_that_fit_no_shape() -> None:
             [np.array([9.0, 1.0]), np.array([0, 1, 2]), np.array([2, 2]), np.array(["w"])], model
         )
     assert refused.value.status == StatusCode.INVALID_ARGUMENT
+
+
+def test_fl4health_module_level_layer_selection_functions(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARAMSEL_TARGET", server.target)
+    current, initial = _drift_models()
+    # Drifts normalised: a 2.5, b 0.5, c 0, d 0 (see _drift_models).
+    arrays, names = select_layers_by_threshold(1.0, True, True, current, initial)
+    assert names == ["a"]
+    assert arrays[0].tolist() == [3.0, 4.0]
+    assert select_layers_by_threshold(1.0, True, False, current, initial)[1] == ["b", "c", "d"]
+    assert select_layers_by_percentage(0.5, True, True, current, initial)[1] == ["a", "b"]
+    # As FL4Health's constructor builds them: partials of the module functions, served by the service.
+    exchanger = DynamicLayerExchanger(functools.partial(select_layers_by_percentage, 0.75, True, False))
+    assert exchanger.push_parameters(current, initial)[-1].tolist() == ["c", "d", "b"]

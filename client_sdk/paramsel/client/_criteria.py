@@ -209,6 +209,33 @@ class LayerSelectionFunctionConstructor:
         )
 
 
+def select_layers_by_threshold(
+    threshold: float,
+    normalize: bool,
+    select_drift_more: bool,
+    model: nn.Module,
+    initial_model: nn.Module | None,
+) -> tuple[NDArrays, list[str]]:
+    """The layers whose drift from ``initial_model`` (l2 norm, divided by the entry count when
+    ``normalize``) is above ``threshold``, or at most it; FL4Health's function of the same name,
+    carried out by the service."""
+    constructor = LayerSelectionFunctionConstructor(threshold, 1.0, normalize, select_drift_more)
+    return constructor.select_by_threshold()(model, initial_model)
+
+
+def select_layers_by_percentage(
+    exchange_percentage: float,
+    normalize: bool,
+    select_drift_more: bool,
+    model: nn.Module,
+    initial_model: nn.Module | None,
+) -> tuple[NDArrays, list[str]]:
+    """The ``ceil(layers * exchange_percentage)`` layers that drifted most (or least) from
+    ``initial_model``; FL4Health's function of the same name, carried out by the service."""
+    constructor = LayerSelectionFunctionConstructor(1.0, exchange_percentage, normalize, select_drift_more)
+    return constructor.select_by_percentage()(model, initial_model)
+
+
 def fedpm_criterion(seed: int | None = None) -> criteria_pb2.Criterion:
     fed_pm = criteria_pb2.FedPmCriterion() if seed is None else criteria_pb2.FedPmCriterion(seed=seed)
     return criteria_pb2.Criterion(fed_pm=fed_pm)
@@ -227,7 +254,8 @@ def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion | None, Conne
         return function.criterion, with_target(function.connection, function.target)
     inner = function.func if isinstance(function, functools.partial) else function
     module = getattr(inner, "__module__", None) or ""
-    if not (module == "fl4health" or module.startswith("fl4health.")):
+    ours = inner in (select_layers_by_threshold, select_layers_by_percentage)
+    if not (ours or module == "fl4health" or module.startswith("fl4health.")):
         return None, None  # a function of the caller's own, even one that borrows a name
     name = getattr(inner, "__name__", "")
     if name == "select_scores_and_sample_masks":
