@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
 # Generates the Python bindings of proto/ into gen/python (or into the folder given as $1): the one
 # command that makes them. scripts/check_stubs.sh runs it into a scratch folder and fails on a diff.
+#
+# Why an old protoc, in an environment of its own (.venv-proto, pinned in requirements/proto-tools.txt):
+# the SDK must import under every protobuf runtime our users have, 4.21 (FL4Health 0.4.2 with flwr
+# 1.18 caps protobuf < 5) through 6.x (flwr 1.41). Gencode from protoc >= 26 (protobuf 5.26+) calls
+# runtime_version.ValidateProtobufRuntimeVersion and refuses any older runtime, so it cannot serve
+# protobuf 4. Gencode from protoc 25.1 (protobuf 4.25) only uses the descriptor-pool and builder APIs
+# that every runtime from 4.21 to 6.x has (no version check), and protobuf's cross-version guarantee
+# keeps such gencode loading on newer runtimes; the compatibility job (scripts/compat_env.sh) imports
+# and exercises these exact files under protobuf 4.21, 4.25, 5.x and 6.x. Likewise the service stubs
+# from grpcio-tools 1.62.3 have no "grpcio >= generator" guard, so any grpcio >= 1.62.3 runs them.
+# Generating at install time instead would need a protoc on every user's machine; loading descriptors
+# by hand at run time would replace generated code we can lint, type and diff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
 out=${1:-gen/python}
+tools=.venv-proto
+stamp=$tools/.installed
+if [ ! -f "$stamp" ] || [ requirements/proto-tools.txt -nt "$stamp" ]; then
+  rm -rf "$tools"
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install --quiet -r requirements/proto-tools.txt
+  touch "$stamp"
+fi
 # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) beside the interpreter.
-export PATH="$(dirname "$PY"):$PATH"
+export PATH="$PWD/$tools/bin:$PATH"
 rm -rf "$out/paramsel"
 mkdir -p "$out"
-if ! log=$("$PY" -m grpc_tools.protoc -Iproto \
+if ! log=$("$tools/bin/python" -m grpc_tools.protoc -Iproto \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
   proto/paramsel/v1/*.proto 2>&1); then

@@ -181,11 +181,18 @@ def _specs(frames: list[Any]) -> list[Any]:
     return out
 
 
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 5.28+ has is_repeated and deprecates label; protobuf 4 has only label.
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
+
+
 def _enum_fields(message: Any) -> list[tuple[Any, FieldDescriptor]]:
     """Every enum field reachable from ``message`` (through set sub-messages), with its owner."""
     out = []
     for field in message.DESCRIPTOR.fields:
-        if field.is_repeated:
+        if _is_repeated(field):
             continue
         if field.type == FieldDescriptor.TYPE_ENUM:
             out.append((message, field))

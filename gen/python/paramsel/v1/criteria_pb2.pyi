@@ -3,26 +3,26 @@
 isort:skip_file
 """
 
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-import builtins as _builtins
+import builtins
+import google.protobuf.descriptor
+import google.protobuf.internal.enum_type_wrapper
+import google.protobuf.message
 import sys
-import typing as _typing
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    import typing as typing_extensions
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    import typing_extensions
 
-DESCRIPTOR: _descriptor.FileDescriptor
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
 class _ScoreFunction:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _ScoreFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreFunction.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _ScoreFunctionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ScoreFunction.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     SCORE_FUNCTION_UNSPECIFIED: _ScoreFunction.ValueType  # 0
     """Not set; rejected with INVALID_ARGUMENT."""
     SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE: _ScoreFunction.ValueType  # 1
@@ -57,191 +57,167 @@ SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE: ScoreFunction.ValueType  # 5
 """|w| - |w0| (largest_increase_in_magnitude_scores); needs the initial model."""
 SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE: ScoreFunction.ValueType  # 6
 """-(|w| - |w0|) (smallest_increase_in_magnitude_scores); needs the initial model."""
-Global___ScoreFunction: _TypeAlias = ScoreFunction  # noqa: Y015
+global___ScoreFunction = ScoreFunction
 
-@_typing.final
-class TopKCriterion(_message.Message):
+@typing.final
+class TopKCriterion(google.protobuf.message.Message):
     """Top-k selection of individual entries (FL4Health SparseCooParameterExchanger): k = ceil(N x
     sparsity_level) over all N state entries; every entry scoring >= the k-th largest score is selected;
     selected non-zero values of tensors with at least one dimension are sent as sparse COO tensors.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SPARSITY_LEVEL_FIELD_NUMBER: _builtins.int
-    SCORE_FUNCTION_FIELD_NUMBER: _builtins.int
-    EXACT_K_FIELD_NUMBER: _builtins.int
-    sparsity_level: _builtins.float
+    SPARSITY_LEVEL_FIELD_NUMBER: builtins.int
+    SCORE_FUNCTION_FIELD_NUMBER: builtins.int
+    EXACT_K_FIELD_NUMBER: builtins.int
+    sparsity_level: builtins.float
     """Fraction of entries to select, in (0, 1]."""
-    score_function: Global___ScoreFunction.ValueType
+    score_function: global___ScoreFunction.ValueType
     """How entries are scored."""
-    exact_k: _builtins.bool
+    exact_k: builtins.bool
     """Beyond FL4Health, opt-in: select exactly k entries; of the entries tied at the threshold, those
     earliest in the state (state order, then row-major) are taken. False keeps FL4Health's rule.
     """
     def __init__(
         self,
         *,
-        sparsity_level: _builtins.float = ...,
-        score_function: Global___ScoreFunction.ValueType = ...,
-        exact_k: _builtins.bool = ...,
+        sparsity_level: builtins.float = ...,
+        score_function: global___ScoreFunction.ValueType = ...,
+        exact_k: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_k", b"exact_k", "score_function", b"score_function", "sparsity_level", b"sparsity_level"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["exact_k", b"exact_k", "score_function", b"score_function", "sparsity_level", b"sparsity_level"]) -> None: ...
 
-Global___TopKCriterion: _TypeAlias = TopKCriterion  # noqa: Y015
+global___TopKCriterion = TopKCriterion
 
-@_typing.final
-class DriftThresholdCriterion(_message.Message):
+@typing.final
+class DriftThresholdCriterion(google.protobuf.message.Message):
     """Whole layers whose drift ||w - w0||_2 (divided by numel when normalize) is above, or at most, a
     threshold (FL4Health select_layers_by_threshold). Output in state order. Needs the initial model.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NORM_THRESHOLD_FIELD_NUMBER: _builtins.int
-    NORMALIZE_FIELD_NUMBER: _builtins.int
-    SELECT_DRIFT_MORE_FIELD_NUMBER: _builtins.int
-    norm_threshold: _builtins.float
+    NORM_THRESHOLD_FIELD_NUMBER: builtins.int
+    NORMALIZE_FIELD_NUMBER: builtins.int
+    SELECT_DRIFT_MORE_FIELD_NUMBER: builtins.int
+    norm_threshold: builtins.float
     """The threshold; finite and > 0."""
-    normalize: _builtins.bool
+    normalize: builtins.bool
     """Divide each drift by the entry's number of elements. Default true."""
-    select_drift_more: _builtins.bool
+    select_drift_more: builtins.bool
     """Select drift > threshold when true, drift <= threshold when false. Default true."""
     def __init__(
         self,
         *,
-        norm_threshold: _builtins.float = ...,
-        normalize: _builtins.bool | None = ...,
-        select_drift_more: _builtins.bool | None = ...,
+        norm_threshold: builtins.float = ...,
+        normalize: builtins.bool | None = ...,
+        select_drift_more: builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "norm_threshold", b"norm_threshold", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
-    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
-    _WhichOneofReturnType__select_drift_more: _TypeAlias = _typing.Literal["select_drift_more"]  # noqa: Y015
-    _WhichOneofArgType__select_drift_more: _TypeAlias = _typing.Literal["_select_drift_more", b"_select_drift_more"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__select_drift_more) -> _WhichOneofReturnType__select_drift_more | None: ...
+    def HasField(self, field_name: typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "norm_threshold", b"norm_threshold", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_normalize", b"_normalize"]) -> typing.Literal["normalize"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_select_drift_more", b"_select_drift_more"]) -> typing.Literal["select_drift_more"] | None: ...
 
-Global___DriftThresholdCriterion: _TypeAlias = DriftThresholdCriterion  # noqa: Y015
+global___DriftThresholdCriterion = DriftThresholdCriterion
 
-@_typing.final
-class DriftPercentageCriterion(_message.Message):
+@typing.final
+class DriftPercentageCriterion(google.protobuf.message.Message):
     """The ceil(L x exchange_percentage) layers (of all L state entries) with the largest, or smallest,
     drift (FL4Health select_layers_by_percentage). Output in drift order, ties in state order. Needs the
     initial model.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    EXCHANGE_PERCENTAGE_FIELD_NUMBER: _builtins.int
-    NORMALIZE_FIELD_NUMBER: _builtins.int
-    SELECT_DRIFT_MORE_FIELD_NUMBER: _builtins.int
-    exchange_percentage: _builtins.float
+    EXCHANGE_PERCENTAGE_FIELD_NUMBER: builtins.int
+    NORMALIZE_FIELD_NUMBER: builtins.int
+    SELECT_DRIFT_MORE_FIELD_NUMBER: builtins.int
+    exchange_percentage: builtins.float
     """Fraction of layers to select, in (0, 1]."""
-    normalize: _builtins.bool
+    normalize: builtins.bool
     """Divide each drift by the entry's number of elements. Default true."""
-    select_drift_more: _builtins.bool
+    select_drift_more: builtins.bool
     """Select the largest drifts when true, the smallest when false. Default true."""
     def __init__(
         self,
         *,
-        exchange_percentage: _builtins.float = ...,
-        normalize: _builtins.bool | None = ...,
-        select_drift_more: _builtins.bool | None = ...,
+        exchange_percentage: builtins.float = ...,
+        normalize: builtins.bool | None = ...,
+        select_drift_more: builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "exchange_percentage", b"exchange_percentage", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
-    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
-    _WhichOneofReturnType__select_drift_more: _TypeAlias = _typing.Literal["select_drift_more"]  # noqa: Y015
-    _WhichOneofArgType__select_drift_more: _TypeAlias = _typing.Literal["_select_drift_more", b"_select_drift_more"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__select_drift_more) -> _WhichOneofReturnType__select_drift_more | None: ...
+    def HasField(self, field_name: typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_normalize", b"_normalize", "_select_drift_more", b"_select_drift_more", "exchange_percentage", b"exchange_percentage", "normalize", b"normalize", "select_drift_more", b"select_drift_more"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_normalize", b"_normalize"]) -> typing.Literal["normalize"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_select_drift_more", b"_select_drift_more"]) -> typing.Literal["select_drift_more"] | None: ...
 
-Global___DriftPercentageCriterion: _TypeAlias = DriftPercentageCriterion  # noqa: Y015
+global___DriftPercentageCriterion = DriftPercentageCriterion
 
-@_typing.final
-class FedPmCriterion(_message.Message):
+@typing.final
+class FedPmCriterion(google.protobuf.message.Message):
     """FedPM (FL4Health select_scores_and_sample_masks): every state entry named "weight_scores" or
     "bias_scores" (last dotted component) is sent as an int64 0/1 mask sampled from
     Bernoulli(sigmoid(score)).
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SEED_FIELD_NUMBER: _builtins.int
-    seed: _builtins.int
+    SEED_FIELD_NUMBER: builtins.int
+    seed: builtins.int
     """Seed of the sampler; the same seed and scores give the same masks. When unset the server draws
     one and reports it in the response.
     """
     def __init__(
         self,
         *,
-        seed: _builtins.int | None = ...,
+        seed: builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
-    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    def HasField(self, field_name: typing.Literal["_seed", b"_seed", "seed", b"seed"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_seed", b"_seed", "seed", b"seed"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_seed", b"_seed"]) -> typing.Literal["seed"] | None: ...
 
-Global___FedPmCriterion: _TypeAlias = FedPmCriterion  # noqa: Y015
+global___FedPmCriterion = FedPmCriterion
 
-@_typing.final
-class Criterion(_message.Message):
+@typing.final
+class Criterion(google.protobuf.message.Message):
     """What to select. Exactly one must be set, else INVALID_ARGUMENT."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TOP_K_FIELD_NUMBER: _builtins.int
-    DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
-    DRIFT_PERCENTAGE_FIELD_NUMBER: _builtins.int
-    FED_PM_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def top_k(self) -> Global___TopKCriterion:
+    TOP_K_FIELD_NUMBER: builtins.int
+    DRIFT_THRESHOLD_FIELD_NUMBER: builtins.int
+    DRIFT_PERCENTAGE_FIELD_NUMBER: builtins.int
+    FED_PM_FIELD_NUMBER: builtins.int
+    @property
+    def top_k(self) -> global___TopKCriterion:
         """Top-k entries by score, sent as sparse COO tensors."""
 
-    @_builtins.property
-    def drift_threshold(self) -> Global___DriftThresholdCriterion:
+    @property
+    def drift_threshold(self) -> global___DriftThresholdCriterion:
         """Whole layers by drift threshold."""
 
-    @_builtins.property
-    def drift_percentage(self) -> Global___DriftPercentageCriterion:
+    @property
+    def drift_percentage(self) -> global___DriftPercentageCriterion:
         """Whole layers by drift percentage."""
 
-    @_builtins.property
-    def fed_pm(self) -> Global___FedPmCriterion:
+    @property
+    def fed_pm(self) -> global___FedPmCriterion:
         """FedPM mask sampling."""
 
     def __init__(
         self,
         *,
-        top_k: Global___TopKCriterion | None = ...,
-        drift_threshold: Global___DriftThresholdCriterion | None = ...,
-        drift_percentage: Global___DriftPercentageCriterion | None = ...,
-        fed_pm: Global___FedPmCriterion | None = ...,
+        top_k: global___TopKCriterion | None = ...,
+        drift_threshold: global___DriftThresholdCriterion | None = ...,
+        drift_percentage: global___DriftPercentageCriterion | None = ...,
+        fed_pm: global___FedPmCriterion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["top_k", "drift_threshold", "drift_percentage", "fed_pm"]  # noqa: Y015
-    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+    def HasField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["kind", b"kind"]) -> typing.Literal["top_k", "drift_threshold", "drift_percentage", "fed_pm"] | None: ...
 
-Global___Criterion: _TypeAlias = Criterion  # noqa: Y015
+global___Criterion = Criterion

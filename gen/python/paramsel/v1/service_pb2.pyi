@@ -3,30 +3,30 @@
 isort:skip_file
 """
 
-from collections import abc as _abc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from paramsel.v1 import criteria_pb2 as _criteria_pb2
-from paramsel.v1 import tensor_pb2 as _tensor_pb2
-import builtins as _builtins
+import builtins
+import collections.abc
+import google.protobuf.descriptor
+import google.protobuf.internal.containers
+import google.protobuf.internal.enum_type_wrapper
+import google.protobuf.message
+import paramsel.v1.criteria_pb2
+import paramsel.v1.tensor_pb2
 import sys
-import typing as _typing
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    import typing as typing_extensions
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    import typing_extensions
 
-DESCRIPTOR: _descriptor.FileDescriptor
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
 class _SelectionKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _SelectionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SelectionKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _SelectionKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_SelectionKind.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     SELECTION_KIND_UNSPECIFIED: _SelectionKind.ValueType  # 0
     """Not set; never sent by the server."""
     SELECTION_KIND_SPARSE_COO: _SelectionKind.ValueType  # 1
@@ -47,14 +47,14 @@ SELECTION_KIND_LAYERS: SelectionKind.ValueType  # 2
 """Whole tensors (the drift criteria)."""
 SELECTION_KIND_FEDPM_MASKS: SelectionKind.ValueType  # 3
 """Whole int64 0/1 mask tensors (FedPmCriterion)."""
-Global___SelectionKind: _TypeAlias = SelectionKind  # noqa: Y015
+global___SelectionKind = SelectionKind
 
 class _PullMode:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _PullModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PullMode.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _PullModeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_PullMode.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     PULL_MODE_UNSPECIFIED: _PullMode.ValueType  # 0
     """Not set: PULL_MODE_REPLACE."""
     PULL_MODE_REPLACE: _PullMode.ValueType  # 1
@@ -79,14 +79,14 @@ PULL_MODE_SCATTER: PullMode.ValueType  # 2
 """Sparse payloads only: write the sent coordinates and keep the rest of each tensor, whose current
 values travel in SECTION_BASE.
 """
-Global___PullMode: _TypeAlias = PullMode  # noqa: Y015
+global___PullMode = PullMode
 
 class _PayloadKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _PayloadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _PayloadKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_PayloadKind.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     PAYLOAD_KIND_UNSPECIFIED: _PayloadKind.ValueType  # 0
     """Not set; rejected with INVALID_ARGUMENT."""
     PAYLOAD_KIND_SPARSE_COO: _PayloadKind.ValueType  # 1
@@ -107,780 +107,697 @@ PAYLOAD_KIND_LAYERS: PayloadKind.ValueType  # 2
 """Whole tensors (declared by a TensorManifest in SECTION_PAYLOAD)."""
 PAYLOAD_KIND_FEDPM_PROBABILITIES: PayloadKind.ValueType  # 3
 """FedPM probabilities: whole tensors mapped through the inverse sigmoid -log(1/x - 1)."""
-Global___PayloadKind: _TypeAlias = PayloadKind  # noqa: Y015
+global___PayloadKind = PayloadKind
 
-@_typing.final
-class SelectStart(_message.Message):
+@typing.final
+class SelectStart(google.protobuf.message.Message):
     """First frame of a Select call."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    CRITERION_FIELD_NUMBER: _builtins.int
-    POSITION_ENCODING_FIELD_NUMBER: _builtins.int
-    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    INITIAL_MODEL_DIGEST_FIELD_NUMBER: _builtins.int
-    VALUE_DTYPE_FIELD_NUMBER: _builtins.int
-    position_encoding: _tensor_pb2.PositionEncoding.ValueType
+    CRITERION_FIELD_NUMBER: builtins.int
+    POSITION_ENCODING_FIELD_NUMBER: builtins.int
+    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    INITIAL_MODEL_DIGEST_FIELD_NUMBER: builtins.int
+    VALUE_DTYPE_FIELD_NUMBER: builtins.int
+    position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType
     """How to encode the positions of sparse results."""
-    response_chunk_size_bytes: _builtins.int
+    response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
-    value_dtype: _tensor_pb2.DataType.ValueType
+    value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType
     """Send float values as this dtype (DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16; lossy). Unset: each
     tensor's own dtype. Integer tensors are never converted.
     """
-    @_builtins.property
-    def criterion(self) -> _criteria_pb2.Criterion:
+    @property
+    def criterion(self) -> paramsel.v1.criteria_pb2.Criterion:
         """What to select."""
 
-    @_builtins.property
-    def initial_model_digest(self) -> _tensor_pb2.ModelDigest:
+    @property
+    def initial_model_digest(self) -> paramsel.v1.tensor_pb2.ModelDigest:
         """The initial model by content, so that the server can reuse it; see ModelDigest."""
 
     def __init__(
         self,
         *,
-        criterion: _criteria_pb2.Criterion | None = ...,
-        position_encoding: _tensor_pb2.PositionEncoding.ValueType = ...,
-        response_chunk_size_bytes: _builtins.int = ...,
-        initial_model_digest: _tensor_pb2.ModelDigest | None = ...,
-        value_dtype: _tensor_pb2.DataType.ValueType = ...,
+        criterion: paramsel.v1.criteria_pb2.Criterion | None = ...,
+        position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType = ...,
+        response_chunk_size_bytes: builtins.int = ...,
+        initial_model_digest: paramsel.v1.tensor_pb2.ModelDigest | None = ...,
+        value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "value_dtype", b"value_dtype"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "value_dtype", b"value_dtype"]) -> None: ...
 
-Global___SelectStart: _TypeAlias = SelectStart  # noqa: Y015
+global___SelectStart = SelectStart
 
-@_typing.final
-class SelectRequest(_message.Message):
+@typing.final
+class SelectRequest(google.protobuf.message.Message):
     """One frame of a Select request stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    START_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def start(self) -> Global___SelectStart:
+    START_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def start(self) -> global___SelectStart:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """Declares tensors of SECTION_MODEL and SECTION_INITIAL_MODEL."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_MODEL or SECTION_INITIAL_MODEL."""
 
     def __init__(
         self,
         *,
-        start: Global___SelectStart | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        start: global___SelectStart | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["start", "tensors", "chunk"] | None: ...
 
-Global___SelectRequest: _TypeAlias = SelectRequest  # noqa: Y015
+global___SelectRequest = SelectRequest
 
-@_typing.final
-class TopKSummary(_message.Message):
+@typing.final
+class TopKSummary(google.protobuf.message.Message):
     """Figures of a top-k selection."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TOTAL_ENTRIES_FIELD_NUMBER: _builtins.int
-    K_FIELD_NUMBER: _builtins.int
-    THRESHOLD_FIELD_NUMBER: _builtins.int
-    SELECTED_ENTRIES_FIELD_NUMBER: _builtins.int
-    SENT_ENTRIES_FIELD_NUMBER: _builtins.int
-    total_entries: _builtins.int
+    TOTAL_ENTRIES_FIELD_NUMBER: builtins.int
+    K_FIELD_NUMBER: builtins.int
+    THRESHOLD_FIELD_NUMBER: builtins.int
+    SELECTED_ENTRIES_FIELD_NUMBER: builtins.int
+    SENT_ENTRIES_FIELD_NUMBER: builtins.int
+    total_entries: builtins.int
     """N: entries in the whole state."""
-    k: _builtins.int
+    k: builtins.int
     """k = ceil(N x sparsity_level)."""
-    threshold: _builtins.float
+    threshold: builtins.float
     """The k-th largest score."""
-    selected_entries: _builtins.int
+    selected_entries: builtins.int
     """Entries scoring >= threshold (ties included, so it can exceed k)."""
-    sent_entries: _builtins.int
+    sent_entries: builtins.int
     """Values sent (selected entries of tensors with a dimension, minus exact zeros)."""
     def __init__(
         self,
         *,
-        total_entries: _builtins.int = ...,
-        k: _builtins.int = ...,
-        threshold: _builtins.float = ...,
-        selected_entries: _builtins.int = ...,
-        sent_entries: _builtins.int = ...,
+        total_entries: builtins.int = ...,
+        k: builtins.int = ...,
+        threshold: builtins.float = ...,
+        selected_entries: builtins.int = ...,
+        sent_entries: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "selected_entries", b"selected_entries", "sent_entries", b"sent_entries", "threshold", b"threshold", "total_entries", b"total_entries"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["k", b"k", "selected_entries", b"selected_entries", "sent_entries", b"sent_entries", "threshold", b"threshold", "total_entries", b"total_entries"]) -> None: ...
 
-Global___TopKSummary: _TypeAlias = TopKSummary  # noqa: Y015
+global___TopKSummary = TopKSummary
 
-@_typing.final
-class LayerSummary(_message.Message):
+@typing.final
+class LayerSummary(google.protobuf.message.Message):
     """Figures of a layer or FedPM selection."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TOTAL_LAYERS_FIELD_NUMBER: _builtins.int
-    DRIFTS_FIELD_NUMBER: _builtins.int
-    SEED_FIELD_NUMBER: _builtins.int
-    total_layers: _builtins.int
+    TOTAL_LAYERS_FIELD_NUMBER: builtins.int
+    DRIFTS_FIELD_NUMBER: builtins.int
+    SEED_FIELD_NUMBER: builtins.int
+    total_layers: builtins.int
     """L: entries in the whole state."""
-    seed: _builtins.int
+    seed: builtins.int
     """FedPM: the seed the masks were drawn with."""
-    @_builtins.property
-    def drifts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    @property
+    def drifts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
         """The drift of each selected layer, in result order (empty for FedPM)."""
 
     def __init__(
         self,
         *,
-        total_layers: _builtins.int = ...,
-        drifts: _abc.Iterable[_builtins.float] | None = ...,
-        seed: _builtins.int = ...,
+        total_layers: builtins.int = ...,
+        drifts: collections.abc.Iterable[builtins.float] | None = ...,
+        seed: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drifts", b"drifts", "seed", b"seed", "total_layers", b"total_layers"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["drifts", b"drifts", "seed", b"seed", "total_layers", b"total_layers"]) -> None: ...
 
-Global___LayerSummary: _TypeAlias = LayerSummary  # noqa: Y015
+global___LayerSummary = LayerSummary
 
-@_typing.final
-class SelectionHeader(_message.Message):
+@typing.final
+class SelectionHeader(google.protobuf.message.Message):
     """Describes a selection; the first frame of a Select or Push response."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    KIND_FIELD_NUMBER: _builtins.int
-    TOP_K_FIELD_NUMBER: _builtins.int
-    LAYERS_FIELD_NUMBER: _builtins.int
-    kind: Global___SelectionKind.ValueType
+    KIND_FIELD_NUMBER: builtins.int
+    TOP_K_FIELD_NUMBER: builtins.int
+    LAYERS_FIELD_NUMBER: builtins.int
+    kind: global___SelectionKind.ValueType
     """What the result holds."""
-    @_builtins.property
-    def top_k(self) -> Global___TopKSummary:
+    @property
+    def top_k(self) -> global___TopKSummary:
         """For SELECTION_KIND_SPARSE_COO."""
 
-    @_builtins.property
-    def layers(self) -> Global___LayerSummary:
+    @property
+    def layers(self) -> global___LayerSummary:
         """For SELECTION_KIND_LAYERS and SELECTION_KIND_FEDPM_MASKS."""
 
     def __init__(
         self,
         *,
-        kind: Global___SelectionKind.ValueType = ...,
-        top_k: Global___TopKSummary | None = ...,
-        layers: Global___LayerSummary | None = ...,
+        kind: global___SelectionKind.ValueType = ...,
+        top_k: global___TopKSummary | None = ...,
+        layers: global___LayerSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "summary", b"summary", "top_k", b"top_k"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "layers", b"layers", "summary", b"summary", "top_k", b"top_k"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_summary: _TypeAlias = _typing.Literal["top_k", "layers"]  # noqa: Y015
-    _WhichOneofArgType_summary: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_summary) -> _WhichOneofReturnType_summary | None: ...
+    def HasField(self, field_name: typing.Literal["layers", b"layers", "summary", b"summary", "top_k", b"top_k"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["kind", b"kind", "layers", b"layers", "summary", b"summary", "top_k", b"top_k"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["summary", b"summary"]) -> typing.Literal["top_k", "layers"] | None: ...
 
-Global___SelectionHeader: _TypeAlias = SelectionHeader  # noqa: Y015
+global___SelectionHeader = SelectionHeader
 
-@_typing.final
-class SelectResponse(_message.Message):
+@typing.final
+class SelectResponse(google.protobuf.message.Message):
     """One frame of a Select response stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
-    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def header(self) -> Global___SelectionHeader:
+    HEADER_FIELD_NUMBER: builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def header(self) -> global___SelectionHeader:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+    @property
+    def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
         """Sparse result tensors in SECTION_RESULT (SELECTION_KIND_SPARSE_COO)."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """Dense result tensors in SECTION_RESULT (the other kinds)."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_RESULT."""
 
     def __init__(
         self,
         *,
-        header: Global___SelectionHeader | None = ...,
-        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        header: global___SelectionHeader | None = ...,
+        sparse_tensors: paramsel.v1.tensor_pb2.SparseManifest | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "sparse_tensors", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["header", "sparse_tensors", "tensors", "chunk"] | None: ...
 
-Global___SelectResponse: _TypeAlias = SelectResponse  # noqa: Y015
+global___SelectResponse = SelectResponse
 
-@_typing.final
-class PushStart(_message.Message):
+@typing.final
+class PushStart(google.protobuf.message.Message):
     """First frame of a Push call."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    CRITERION_FIELD_NUMBER: _builtins.int
-    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    INITIAL_MODEL_DIGEST_FIELD_NUMBER: _builtins.int
-    response_chunk_size_bytes: _builtins.int
+    CRITERION_FIELD_NUMBER: builtins.int
+    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    INITIAL_MODEL_DIGEST_FIELD_NUMBER: builtins.int
+    response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
-    @_builtins.property
-    def criterion(self) -> _criteria_pb2.Criterion:
+    @property
+    def criterion(self) -> paramsel.v1.criteria_pb2.Criterion:
         """What to select."""
 
-    @_builtins.property
-    def initial_model_digest(self) -> _tensor_pb2.ModelDigest:
+    @property
+    def initial_model_digest(self) -> paramsel.v1.tensor_pb2.ModelDigest:
         """The initial model by content, so that the server can reuse it; see ModelDigest."""
 
     def __init__(
         self,
         *,
-        criterion: _criteria_pb2.Criterion | None = ...,
-        response_chunk_size_bytes: _builtins.int = ...,
-        initial_model_digest: _tensor_pb2.ModelDigest | None = ...,
+        criterion: paramsel.v1.criteria_pb2.Criterion | None = ...,
+        response_chunk_size_bytes: builtins.int = ...,
+        initial_model_digest: paramsel.v1.tensor_pb2.ModelDigest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "response_chunk_size_bytes", b"response_chunk_size_bytes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "response_chunk_size_bytes", b"response_chunk_size_bytes"]) -> None: ...
 
-Global___PushStart: _TypeAlias = PushStart  # noqa: Y015
+global___PushStart = PushStart
 
-@_typing.final
-class PushRequest(_message.Message):
+@typing.final
+class PushRequest(google.protobuf.message.Message):
     """One frame of a Push request stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    START_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def start(self) -> Global___PushStart:
+    START_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def start(self) -> global___PushStart:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """Declares tensors of SECTION_MODEL and SECTION_INITIAL_MODEL."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_MODEL or SECTION_INITIAL_MODEL."""
 
     def __init__(
         self,
         *,
-        start: Global___PushStart | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        start: global___PushStart | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "start", b"start", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["start", "tensors", "chunk"] | None: ...
 
-Global___PushRequest: _TypeAlias = PushRequest  # noqa: Y015
+global___PushRequest = PushRequest
 
-@_typing.final
-class PushResponse(_message.Message):
+@typing.final
+class PushResponse(google.protobuf.message.Message):
     """One frame of a Push response stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def header(self) -> Global___SelectionHeader:
+    HEADER_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def header(self) -> global___SelectionHeader:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """The packed arrays in SECTION_RESULT, in FL4Health's order, each named after its tensor."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_RESULT."""
 
     def __init__(
         self,
         *,
-        header: Global___SelectionHeader | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        header: global___SelectionHeader | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["header", "tensors", "chunk"] | None: ...
 
-Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
+global___PushResponse = PushResponse
 
-@_typing.final
-class PullStart(_message.Message):
+@typing.final
+class PullStart(google.protobuf.message.Message):
     """First frame of a Pull call."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PAYLOAD_KIND_FIELD_NUMBER: _builtins.int
-    MODE_FIELD_NUMBER: _builtins.int
-    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    payload_kind: Global___PayloadKind.ValueType
+    PAYLOAD_KIND_FIELD_NUMBER: builtins.int
+    MODE_FIELD_NUMBER: builtins.int
+    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    payload_kind: global___PayloadKind.ValueType
     """What the payload holds."""
-    mode: Global___PullMode.ValueType
+    mode: global___PullMode.ValueType
     """How to apply it."""
-    response_chunk_size_bytes: _builtins.int
+    response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
     def __init__(
         self,
         *,
-        payload_kind: Global___PayloadKind.ValueType = ...,
-        mode: Global___PullMode.ValueType = ...,
-        response_chunk_size_bytes: _builtins.int = ...,
+        payload_kind: global___PayloadKind.ValueType = ...,
+        mode: global___PullMode.ValueType = ...,
+        response_chunk_size_bytes: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "payload_kind", b"payload_kind", "response_chunk_size_bytes", b"response_chunk_size_bytes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["mode", b"mode", "payload_kind", b"payload_kind", "response_chunk_size_bytes", b"response_chunk_size_bytes"]) -> None: ...
 
-Global___PullStart: _TypeAlias = PullStart  # noqa: Y015
+global___PullStart = PullStart
 
-@_typing.final
-class PullRequest(_message.Message):
+@typing.final
+class PullRequest(google.protobuf.message.Message):
     """One frame of a Pull request stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    START_FIELD_NUMBER: _builtins.int
-    LAYOUT_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def start(self) -> Global___PullStart:
+    START_FIELD_NUMBER: builtins.int
+    LAYOUT_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def start(self) -> global___PullStart:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def layout(self) -> _tensor_pb2.StateLayout:
+    @property
+    def layout(self) -> paramsel.v1.tensor_pb2.StateLayout:
         """The model's whole state layout (names, dtypes, shapes; no data)."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """Dense payload tensors (SECTION_PAYLOAD) or, in scatter mode, base tensors (SECTION_BASE)."""
 
-    @_builtins.property
-    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+    @property
+    def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
         """Sparse payload tensors (SECTION_PAYLOAD)."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_PAYLOAD or SECTION_BASE."""
 
     def __init__(
         self,
         *,
-        start: Global___PullStart | None = ...,
-        layout: _tensor_pb2.StateLayout | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        start: global___PullStart | None = ...,
+        layout: paramsel.v1.tensor_pb2.StateLayout | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        sparse_tensors: paramsel.v1.tensor_pb2.SparseManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "layout", b"layout", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "layout", b"layout", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "layout", "tensors", "sparse_tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "layout", b"layout", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "layout", b"layout", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["start", "layout", "tensors", "sparse_tensors", "chunk"] | None: ...
 
-Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
+global___PullRequest = PullRequest
 
-@_typing.final
-class PullHeader(_message.Message):
+@typing.final
+class PullHeader(google.protobuf.message.Message):
     """Describes a Pull result; the first frame of a Pull response."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    CHANGED_TENSORS_FIELD_NUMBER: _builtins.int
-    changed_tensors: _builtins.int
+    CHANGED_TENSORS_FIELD_NUMBER: builtins.int
+    changed_tensors: builtins.int
     """Number of tensors that changed (declared by the manifests that follow)."""
     def __init__(
         self,
         *,
-        changed_tensors: _builtins.int = ...,
+        changed_tensors: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_tensors", b"changed_tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["changed_tensors", b"changed_tensors"]) -> None: ...
 
-Global___PullHeader: _TypeAlias = PullHeader  # noqa: Y015
+global___PullHeader = PullHeader
 
-@_typing.final
-class PullResponse(_message.Message):
+@typing.final
+class PullResponse(google.protobuf.message.Message):
     """One frame of a Pull response stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def header(self) -> Global___PullHeader:
+    HEADER_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def header(self) -> global___PullHeader:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """The changed tensors in SECTION_RESULT, in the model's dtypes and shapes, payload order."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_RESULT."""
 
     def __init__(
         self,
         *,
-        header: Global___PullHeader | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        header: global___PullHeader | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["header", "tensors", "chunk"] | None: ...
 
-Global___PullResponse: _TypeAlias = PullResponse  # noqa: Y015
+global___PullResponse = PullResponse
 
-@_typing.final
-class SelectionPayload(_message.Message):
+@typing.final
+class SelectionPayload(google.protobuf.message.Message):
     """A selection as one self-contained blob, for clients that forward the compact payload to their
     aggregator instead of FL4Health's packed list: the frames of a Select response, in order. Decode it
     as a Select response stream.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    FRAMES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___SelectResponse]:
+    FRAMES_FIELD_NUMBER: builtins.int
+    @property
+    def frames(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SelectResponse]:
         """The response frames: header, manifests, chunks."""
 
     def __init__(
         self,
         *,
-        frames: _abc.Iterable[Global___SelectResponse] | None = ...,
+        frames: collections.abc.Iterable[global___SelectResponse] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["frames", b"frames"]) -> None: ...
 
-Global___SelectionPayload: _TypeAlias = SelectionPayload  # noqa: Y015
+global___SelectionPayload = SelectionPayload
 
-@_typing.final
-class AggregateStart(_message.Message):
+@typing.final
+class AggregateStart(google.protobuf.message.Message):
     """First frame of an Aggregate call."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PAYLOAD_KIND_FIELD_NUMBER: _builtins.int
-    WEIGHTED_FIELD_NUMBER: _builtins.int
-    POSITION_ENCODING_FIELD_NUMBER: _builtins.int
-    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    payload_kind: Global___PayloadKind.ValueType
+    PAYLOAD_KIND_FIELD_NUMBER: builtins.int
+    WEIGHTED_FIELD_NUMBER: builtins.int
+    POSITION_ENCODING_FIELD_NUMBER: builtins.int
+    RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    payload_kind: global___PayloadKind.ValueType
     """What the contributions hold: PAYLOAD_KIND_SPARSE_COO or PAYLOAD_KIND_LAYERS."""
-    weighted: _builtins.bool
+    weighted: builtins.bool
     """Weight each contribution by its example count (true, the default) or count clients equally."""
-    position_encoding: _tensor_pb2.PositionEncoding.ValueType
+    position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType
     """How to encode the positions of a sparse aggregate (unset: COO_INT64)."""
-    response_chunk_size_bytes: _builtins.int
+    response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
     def __init__(
         self,
         *,
-        payload_kind: Global___PayloadKind.ValueType = ...,
-        weighted: _builtins.bool | None = ...,
-        position_encoding: _tensor_pb2.PositionEncoding.ValueType = ...,
-        response_chunk_size_bytes: _builtins.int = ...,
+        payload_kind: global___PayloadKind.ValueType = ...,
+        weighted: builtins.bool | None = ...,
+        position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType = ...,
+        response_chunk_size_bytes: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_weighted", b"_weighted", "weighted", b"weighted"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weighted", b"_weighted", "payload_kind", b"payload_kind", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "weighted", b"weighted"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__weighted: _TypeAlias = _typing.Literal["weighted"]  # noqa: Y015
-    _WhichOneofArgType__weighted: _TypeAlias = _typing.Literal["_weighted", b"_weighted"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__weighted) -> _WhichOneofReturnType__weighted | None: ...
+    def HasField(self, field_name: typing.Literal["_weighted", b"_weighted", "weighted", b"weighted"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_weighted", b"_weighted", "payload_kind", b"payload_kind", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "weighted", b"weighted"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_weighted", b"_weighted"]) -> typing.Literal["weighted"] | None: ...
 
-Global___AggregateStart: _TypeAlias = AggregateStart  # noqa: Y015
+global___AggregateStart = AggregateStart
 
-@_typing.final
-class Contribution(_message.Message):
+@typing.final
+class Contribution(google.protobuf.message.Message):
     """Opens one client's contribution: the manifests after it, up to the next contribution, declare that
     client's tensors (in SECTION_PAYLOAD). Names are unique within a contribution, not across them.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
-    num_examples: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: builtins.int
+    num_examples: builtins.int
     """The client's example count; > 0."""
     def __init__(
         self,
         *,
-        num_examples: _builtins.int = ...,
+        num_examples: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_examples", b"num_examples"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["num_examples", b"num_examples"]) -> None: ...
 
-Global___Contribution: _TypeAlias = Contribution  # noqa: Y015
+global___Contribution = Contribution
 
-@_typing.final
-class AggregateRequest(_message.Message):
+@typing.final
+class AggregateRequest(google.protobuf.message.Message):
     """One frame of an Aggregate request stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    START_FIELD_NUMBER: _builtins.int
-    CONTRIBUTION_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def start(self) -> Global___AggregateStart:
+    START_FIELD_NUMBER: builtins.int
+    CONTRIBUTION_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def start(self) -> global___AggregateStart:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def contribution(self) -> Global___Contribution:
+    @property
+    def contribution(self) -> global___Contribution:
         """Opens the next client's contribution."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """Whole-layer tensors of the open contribution (SECTION_PAYLOAD)."""
 
-    @_builtins.property
-    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+    @property
+    def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
         """Sparse tensors of the open contribution (SECTION_PAYLOAD)."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_PAYLOAD: every contribution's tensors, in declaration order."""
 
     def __init__(
         self,
         *,
-        start: Global___AggregateStart | None = ...,
-        contribution: Global___Contribution | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        start: global___AggregateStart | None = ...,
+        contribution: global___Contribution | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        sparse_tensors: paramsel.v1.tensor_pb2.SparseManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "contribution", "tensors", "sparse_tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "contribution", b"contribution", "frame", b"frame", "sparse_tensors", b"sparse_tensors", "start", b"start", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["start", "contribution", "tensors", "sparse_tensors", "chunk"] | None: ...
 
-Global___AggregateRequest: _TypeAlias = AggregateRequest  # noqa: Y015
+global___AggregateRequest = AggregateRequest
 
-@_typing.final
-class AggregateHeader(_message.Message):
+@typing.final
+class AggregateHeader(google.protobuf.message.Message):
     """Describes an Aggregate result; the first frame of an Aggregate response."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    contributions: _builtins.int
+    CONTRIBUTIONS_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    contributions: builtins.int
     """Contributions averaged."""
-    tensors: _builtins.int
+    tensors: builtins.int
     """Tensors in the aggregate (declared by the manifests that follow)."""
     def __init__(
         self,
         *,
-        contributions: _builtins.int = ...,
-        tensors: _builtins.int = ...,
+        contributions: builtins.int = ...,
+        tensors: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributions", b"contributions", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["contributions", b"contributions", "tensors", b"tensors"]) -> None: ...
 
-Global___AggregateHeader: _TypeAlias = AggregateHeader  # noqa: Y015
+global___AggregateHeader = AggregateHeader
 
-@_typing.final
-class AggregateResponse(_message.Message):
+@typing.final
+class AggregateResponse(google.protobuf.message.Message):
     """One frame of an Aggregate response stream."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
-    SPARSE_TENSORS_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    CHUNK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def header(self) -> Global___AggregateHeader:
+    HEADER_FIELD_NUMBER: builtins.int
+    SPARSE_TENSORS_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    CHUNK_FIELD_NUMBER: builtins.int
+    @property
+    def header(self) -> global___AggregateHeader:
         """First frame, exactly once."""
 
-    @_builtins.property
-    def sparse_tensors(self) -> _tensor_pb2.SparseManifest:
+    @property
+    def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
         """The sparse aggregate in SECTION_RESULT, names in order of first appearance."""
 
-    @_builtins.property
-    def tensors(self) -> _tensor_pb2.TensorManifest:
+    @property
+    def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
         """The layer aggregate in SECTION_RESULT, names in order of first appearance."""
 
-    @_builtins.property
-    def chunk(self) -> _tensor_pb2.Chunk:
+    @property
+    def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
         """Bytes of SECTION_RESULT."""
 
     def __init__(
         self,
         *,
-        header: Global___AggregateHeader | None = ...,
-        sparse_tensors: _tensor_pb2.SparseManifest | None = ...,
-        tensors: _tensor_pb2.TensorManifest | None = ...,
-        chunk: _tensor_pb2.Chunk | None = ...,
+        header: global___AggregateHeader | None = ...,
+        sparse_tensors: paramsel.v1.tensor_pb2.SparseManifest | None = ...,
+        tensors: paramsel.v1.tensor_pb2.TensorManifest | None = ...,
+        chunk: paramsel.v1.tensor_pb2.Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "sparse_tensors", "tensors", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+    def HasField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sparse_tensors", b"sparse_tensors", "tensors", b"tensors"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["frame", b"frame"]) -> typing.Literal["header", "sparse_tensors", "tensors", "chunk"] | None: ...
 
-Global___AggregateResponse: _TypeAlias = AggregateResponse  # noqa: Y015
+global___AggregateResponse = AggregateResponse
 
-@_typing.final
-class GetServerInfoRequest(_message.Message):
+@typing.final
+class GetServerInfoRequest(google.protobuf.message.Message):
     """Asks for the server's description. No fields."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+global___GetServerInfoRequest = GetServerInfoRequest
 
-@_typing.final
-class GetServerInfoResponse(_message.Message):
+@typing.final
+class GetServerInfoResponse(google.protobuf.message.Message):
     """A server's description."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SERVER_VERSION_FIELD_NUMBER: _builtins.int
-    API_PACKAGE_FIELD_NUMBER: _builtins.int
-    POSITION_ENCODINGS_FIELD_NUMBER: _builtins.int
-    DATA_TYPES_FIELD_NUMBER: _builtins.int
-    SCORE_FUNCTIONS_FIELD_NUMBER: _builtins.int
-    CRITERIA_FIELD_NUMBER: _builtins.int
-    PAYLOAD_KINDS_FIELD_NUMBER: _builtins.int
-    MAX_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    MAX_CALL_BYTES_FIELD_NUMBER: _builtins.int
-    REQUIRES_TOKEN_FIELD_NUMBER: _builtins.int
-    server_version: _builtins.str
+    SERVER_VERSION_FIELD_NUMBER: builtins.int
+    API_PACKAGE_FIELD_NUMBER: builtins.int
+    POSITION_ENCODINGS_FIELD_NUMBER: builtins.int
+    DATA_TYPES_FIELD_NUMBER: builtins.int
+    SCORE_FUNCTIONS_FIELD_NUMBER: builtins.int
+    CRITERIA_FIELD_NUMBER: builtins.int
+    PAYLOAD_KINDS_FIELD_NUMBER: builtins.int
+    MAX_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    MAX_CALL_BYTES_FIELD_NUMBER: builtins.int
+    REQUIRES_TOKEN_FIELD_NUMBER: builtins.int
+    server_version: builtins.str
     """The server's release, e.g. "0.1.0"."""
-    api_package: _builtins.str
+    api_package: builtins.str
     """The contract's proto package, "paramsel.v1"."""
-    max_chunk_size_bytes: _builtins.int
+    max_chunk_size_bytes: builtins.int
     """Largest chunk of tensor data the server sends when asked (3 MiB); it accepts any chunk that fits
     gRPC's message limit.
     """
-    max_call_bytes: _builtins.int
+    max_call_bytes: builtins.int
     """Tensor bytes one call may declare."""
-    requires_token: _builtins.bool
+    requires_token: builtins.bool
     """Whether paramsel calls need a bearer token."""
-    @_builtins.property
-    def position_encodings(self) -> _containers.RepeatedScalarFieldContainer[_tensor_pb2.PositionEncoding.ValueType]:
+    @property
+    def position_encodings(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[paramsel.v1.tensor_pb2.PositionEncoding.ValueType]:
         """Position encodings the server reads and writes (COMPACT included, as a request option)."""
 
-    @_builtins.property
-    def data_types(self) -> _containers.RepeatedScalarFieldContainer[_tensor_pb2.DataType.ValueType]:
+    @property
+    def data_types(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[paramsel.v1.tensor_pb2.DataType.ValueType]:
         """Element types the server accepts."""
 
-    @_builtins.property
-    def score_functions(self) -> _containers.RepeatedScalarFieldContainer[_criteria_pb2.ScoreFunction.ValueType]:
+    @property
+    def score_functions(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[paramsel.v1.criteria_pb2.ScoreFunction.ValueType]:
         """Score functions TopKCriterion may name."""
 
-    @_builtins.property
-    def criteria(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+    @property
+    def criteria(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Criterion kinds (the Criterion oneof's field names, e.g. "top_k")."""
 
-    @_builtins.property
-    def payload_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___PayloadKind.ValueType]:
+    @property
+    def payload_kinds(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___PayloadKind.ValueType]:
         """Payload kinds Pull applies."""
 
     def __init__(
         self,
         *,
-        server_version: _builtins.str = ...,
-        api_package: _builtins.str = ...,
-        position_encodings: _abc.Iterable[_tensor_pb2.PositionEncoding.ValueType] | None = ...,
-        data_types: _abc.Iterable[_tensor_pb2.DataType.ValueType] | None = ...,
-        score_functions: _abc.Iterable[_criteria_pb2.ScoreFunction.ValueType] | None = ...,
-        criteria: _abc.Iterable[_builtins.str] | None = ...,
-        payload_kinds: _abc.Iterable[Global___PayloadKind.ValueType] | None = ...,
-        max_chunk_size_bytes: _builtins.int = ...,
-        max_call_bytes: _builtins.int = ...,
-        requires_token: _builtins.bool = ...,
+        server_version: builtins.str = ...,
+        api_package: builtins.str = ...,
+        position_encodings: collections.abc.Iterable[paramsel.v1.tensor_pb2.PositionEncoding.ValueType] | None = ...,
+        data_types: collections.abc.Iterable[paramsel.v1.tensor_pb2.DataType.ValueType] | None = ...,
+        score_functions: collections.abc.Iterable[paramsel.v1.criteria_pb2.ScoreFunction.ValueType] | None = ...,
+        criteria: collections.abc.Iterable[builtins.str] | None = ...,
+        payload_kinds: collections.abc.Iterable[global___PayloadKind.ValueType] | None = ...,
+        max_chunk_size_bytes: builtins.int = ...,
+        max_call_bytes: builtins.int = ...,
+        requires_token: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_package", b"api_package", "criteria", b"criteria", "data_types", b"data_types", "max_call_bytes", b"max_call_bytes", "max_chunk_size_bytes", b"max_chunk_size_bytes", "payload_kinds", b"payload_kinds", "position_encodings", b"position_encodings", "requires_token", b"requires_token", "score_functions", b"score_functions", "server_version", b"server_version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["api_package", b"api_package", "criteria", b"criteria", "data_types", b"data_types", "max_call_bytes", b"max_call_bytes", "max_chunk_size_bytes", b"max_chunk_size_bytes", "payload_kinds", b"payload_kinds", "position_encodings", b"position_encodings", "requires_token", b"requires_token", "score_functions", b"score_functions", "server_version", b"server_version"]) -> None: ...
 
-Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+global___GetServerInfoResponse = GetServerInfoResponse

@@ -3,28 +3,19 @@
 isort:skip_file
 """
 
-from collections import abc as _abc
-from grpc import aio as _aio
-from paramsel.v1 import service_pb2 as _service_pb2
-import abc as _abc_1
-import grpc as _grpc
-import sys
-import typing as _typing
+import abc
+import collections.abc
+import grpc
+import grpc.aio
+import paramsel.v1.service_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
+_T = typing.TypeVar("_T")
 
-_T = _typing.TypeVar("_T")
+class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
 
-class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
-
-class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
-
-GRPC_GENERATED_VERSION: str
-GRPC_VERSION: str
 
 class ParameterSelectionServiceStub:
     """Parameter selection for federated learning: FL4Health's parameter_exchange behaviour as a service.
@@ -42,41 +33,56 @@ class ParameterSelectionServiceStub:
     than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
     """
 
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> ParameterSelectionServiceAsyncStub: ...
-    Select: _grpc.StreamStreamMultiCallable[_service_pb2.SelectRequest, _service_pb2.SelectResponse]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    Select: grpc.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.SelectRequest,
+        paramsel.v1.service_pb2.SelectResponse,
+    ]
     """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
     whole tensors for the layer and FedPM criteria. Errors: see the service comment.
     """
-    Push: _grpc.StreamStreamMultiCallable[_service_pb2.PushRequest, _service_pb2.PushResponse]
+
+    Push: grpc.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.PushRequest,
+        paramsel.v1.service_pb2.PushResponse,
+    ]
     """Selects as Select does and returns the result packed exactly as FL4Health packs it:
     [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
     after its tensor (the names array FL4Health appends is the names of the first n arrays).
     Errors: see the service comment.
     """
-    Pull: _grpc.StreamStreamMultiCallable[_service_pb2.PullRequest, _service_pb2.PullResponse]
+
+    Pull: grpc.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.PullRequest,
+        paramsel.v1.service_pb2.PullResponse,
+    ]
     """Applies a payload received from the aggregator to a model and returns the tensors that changed.
     Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
     lacks, has positions out of range, or a shape the model disagrees with.
     """
-    Aggregate: _grpc.StreamStreamMultiCallable[_service_pb2.AggregateRequest, _service_pb2.AggregateResponse]
+
+    Aggregate: grpc.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.AggregateRequest,
+        paramsel.v1.service_pb2.AggregateResponse,
+    ]
     """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
     sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
     sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
     one name with different shapes or dtypes across contributions, or a name twice in one.
     """
-    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_service_pb2.GetServerInfoRequest, _service_pb2.GetServerInfoResponse]
+
+    GetServerInfo: grpc.UnaryUnaryMultiCallable[
+        paramsel.v1.service_pb2.GetServerInfoRequest,
+        paramsel.v1.service_pb2.GetServerInfoResponse,
+    ]
     """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
     criteria and limits it supports, so that a client can tell before it sends anything. Never fails
     on its own; UNAUTHENTICATED when the server requires a token and none was sent.
     """
 
-@_typing.type_check_only
-class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
+class ParameterSelectionServiceAsyncStub:
     """Parameter selection for federated learning: FL4Health's parameter_exchange behaviour as a service.
 
     Every rpc streams both ways. A request stream is: one start frame, then manifests that declare the
@@ -92,37 +98,55 @@ class ParameterSelectionServiceAsyncStub(ParameterSelectionServiceStub):
     than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
     """
 
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    Select: _aio.StreamStreamMultiCallable[_service_pb2.SelectRequest, _service_pb2.SelectResponse]  # type: ignore[assignment]
+    Select: grpc.aio.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.SelectRequest,
+        paramsel.v1.service_pb2.SelectResponse,
+    ]
     """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
     whole tensors for the layer and FedPM criteria. Errors: see the service comment.
     """
-    Push: _aio.StreamStreamMultiCallable[_service_pb2.PushRequest, _service_pb2.PushResponse]  # type: ignore[assignment]
+
+    Push: grpc.aio.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.PushRequest,
+        paramsel.v1.service_pb2.PushResponse,
+    ]
     """Selects as Select does and returns the result packed exactly as FL4Health packs it:
     [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
     after its tensor (the names array FL4Health appends is the names of the first n arrays).
     Errors: see the service comment.
     """
-    Pull: _aio.StreamStreamMultiCallable[_service_pb2.PullRequest, _service_pb2.PullResponse]  # type: ignore[assignment]
+
+    Pull: grpc.aio.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.PullRequest,
+        paramsel.v1.service_pb2.PullResponse,
+    ]
     """Applies a payload received from the aggregator to a model and returns the tensors that changed.
     Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
     Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
     lacks, has positions out of range, or a shape the model disagrees with.
     """
-    Aggregate: _aio.StreamStreamMultiCallable[_service_pb2.AggregateRequest, _service_pb2.AggregateResponse]  # type: ignore[assignment]
+
+    Aggregate: grpc.aio.StreamStreamMultiCallable[
+        paramsel.v1.service_pb2.AggregateRequest,
+        paramsel.v1.service_pb2.AggregateResponse,
+    ]
     """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
     sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
     sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
     one name with different shapes or dtypes across contributions, or a name twice in one.
     """
-    GetServerInfo: _aio.UnaryUnaryMultiCallable[_service_pb2.GetServerInfoRequest, _service_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+
+    GetServerInfo: grpc.aio.UnaryUnaryMultiCallable[
+        paramsel.v1.service_pb2.GetServerInfoRequest,
+        paramsel.v1.service_pb2.GetServerInfoResponse,
+    ]
     """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
     criteria and limits it supports, so that a client can tell before it sends anything. Never fails
     on its own; UNAUTHENTICATED when the server requires a token and none was sent.
     """
 
-class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
+class ParameterSelectionServiceServicer(metaclass=abc.ABCMeta):
     """Parameter selection for federated learning: FL4Health's parameter_exchange behaviour as a service.
 
     Every rpc streams both ways. A request stream is: one start frame, then manifests that declare the
@@ -138,46 +162,46 @@ class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
     than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
     """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Select(
         self,
-        request_iterator: _MaybeAsyncIterator[_service_pb2.SelectRequest],
+        request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.SelectRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_service_pb2.SelectResponse], _abc.AsyncIterator[_service_pb2.SelectResponse]]:
+    ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.SelectResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.SelectResponse]]:
         """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
         whole tensors for the layer and FedPM criteria. Errors: see the service comment.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Push(
         self,
-        request_iterator: _MaybeAsyncIterator[_service_pb2.PushRequest],
+        request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.PushRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_service_pb2.PushResponse], _abc.AsyncIterator[_service_pb2.PushResponse]]:
+    ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.PushResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.PushResponse]]:
         """Selects as Select does and returns the result packed exactly as FL4Health packs it:
         [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
         after its tensor (the names array FL4Health appends is the names of the first n arrays).
         Errors: see the service comment.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Pull(
         self,
-        request_iterator: _MaybeAsyncIterator[_service_pb2.PullRequest],
+        request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.PullRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_service_pb2.PullResponse], _abc.AsyncIterator[_service_pb2.PullResponse]]:
+    ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.PullResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.PullResponse]]:
         """Applies a payload received from the aggregator to a model and returns the tensors that changed.
         Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
         Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
         lacks, has positions out of range, or a shape the model disagrees with.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Aggregate(
         self,
-        request_iterator: _MaybeAsyncIterator[_service_pb2.AggregateRequest],
+        request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.AggregateRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_service_pb2.AggregateResponse], _abc.AsyncIterator[_service_pb2.AggregateResponse]]:
+    ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.AggregateResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.AggregateResponse]]:
         """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
         sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
         sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
@@ -185,15 +209,15 @@ class ParameterSelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         one name with different shapes or dtypes across contributions, or a name twice in one.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def GetServerInfo(
         self,
-        request: _service_pb2.GetServerInfoRequest,
+        request: paramsel.v1.service_pb2.GetServerInfoRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_service_pb2.GetServerInfoResponse, _abc.Awaitable[_service_pb2.GetServerInfoResponse]]:
+    ) -> typing.Union[paramsel.v1.service_pb2.GetServerInfoResponse, collections.abc.Awaitable[paramsel.v1.service_pb2.GetServerInfoResponse]]:
         """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
         criteria and limits it supports, so that a client can tell before it sends anything. Never fails
         on its own; UNAUTHENTICATED when the server requires a token and none was sent.
         """
 
-def add_ParameterSelectionServiceServicer_to_server(servicer: ParameterSelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_ParameterSelectionServiceServicer_to_server(servicer: ParameterSelectionServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

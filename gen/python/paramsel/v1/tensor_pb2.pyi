@@ -3,28 +3,28 @@
 isort:skip_file
 """
 
-from collections import abc as _abc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-import builtins as _builtins
+import builtins
+import collections.abc
+import google.protobuf.descriptor
+import google.protobuf.internal.containers
+import google.protobuf.internal.enum_type_wrapper
+import google.protobuf.message
 import sys
-import typing as _typing
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    import typing as typing_extensions
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    import typing_extensions
 
-DESCRIPTOR: _descriptor.FileDescriptor
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
 class _DataType:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _DataTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_DataType.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     DATA_TYPE_UNSPECIFIED: _DataType.ValueType  # 0
     """Not set; always rejected with INVALID_ARGUMENT."""
     DATA_TYPE_FLOAT32: _DataType.ValueType  # 1
@@ -73,14 +73,14 @@ DATA_TYPE_UINT8: DataType.ValueType  # 9
 """Unsigned integer, 1 byte."""
 DATA_TYPE_BOOL: DataType.ValueType  # 10
 """Boolean, 1 byte holding 0 or 1."""
-Global___DataType: _TypeAlias = DataType  # noqa: Y015
+global___DataType = DataType
 
 class _Section:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _SectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Section.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _SectionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_Section.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     SECTION_UNSPECIFIED: _Section.ValueType  # 0
     """Not set; always rejected with INVALID_ARGUMENT."""
     SECTION_MODEL: _Section.ValueType  # 1
@@ -111,14 +111,14 @@ SECTION_BASE: Section.ValueType  # 4
 """Pull request in scatter mode: the current values of the tensors the payload names."""
 SECTION_RESULT: Section.ValueType  # 5
 """Response: the tensors the server returns."""
-Global___Section: _TypeAlias = Section  # noqa: Y015
+global___Section = Section
 
 class _PositionEncoding:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
 
-class _PositionEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PositionEncoding.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
+class _PositionEncodingEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_PositionEncoding.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
     POSITION_ENCODING_UNSPECIFIED: _PositionEncoding.ValueType  # 0
     """Not set: the server uses POSITION_ENCODING_COO_INT64."""
     POSITION_ENCODING_COO_INT64: _PositionEncoding.ValueType  # 1
@@ -159,210 +159,186 @@ ceil((n + ((U - 1) >> L) + 1) / 8) bytes in which bit (p_i >> L) + i is set. No 
 """
 POSITION_ENCODING_COMPACT: PositionEncoding.ValueType  # 5
 """Request only (SelectStart): per tensor, whichever of BITMAP and ELIAS_FANO is smaller."""
-Global___PositionEncoding: _TypeAlias = PositionEncoding  # noqa: Y015
+global___PositionEncoding = PositionEncoding
 
-@_typing.final
-class TensorSpec(_message.Message):
+@typing.final
+class TensorSpec(google.protobuf.message.Message):
     """Declares one dense tensor. Its data is numel(shape) x itemsize(dtype) bytes, row-major (C order),
     little-endian, and follows in the section that declared it.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    DTYPE_FIELD_NUMBER: _builtins.int
-    SHAPE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
+    NAME_FIELD_NUMBER: builtins.int
+    DTYPE_FIELD_NUMBER: builtins.int
+    SHAPE_FIELD_NUMBER: builtins.int
+    name: builtins.str
     """State-dict key, e.g. "fc1.weight". Non-empty and unique within its section."""
-    dtype: Global___DataType.ValueType
+    dtype: global___DataType.ValueType
     """Element type."""
-    @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+    @property
+    def shape(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
         """Dimensions, outermost first; empty for a 0-d (scalar) tensor. Every entry is >= 0."""
 
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        dtype: Global___DataType.ValueType = ...,
-        shape: _abc.Iterable[_builtins.int] | None = ...,
+        name: builtins.str = ...,
+        dtype: global___DataType.ValueType = ...,
+        shape: collections.abc.Iterable[builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]) -> None: ...
 
-Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015
+global___TensorSpec = TensorSpec
 
-@_typing.final
-class SparseTensorSpec(_message.Message):
+@typing.final
+class SparseTensorSpec(google.protobuf.message.Message):
     """Declares one sparse tensor in COO form. Its data is the values (nnz x itemsize(dtype) bytes, one per
     position, in the same order) followed by the encoded positions (positions_size_bytes bytes). The
     server's selections list positions in increasing row-major order; a Pull payload may list them in any
     order, and values given for the same position more than once are summed (as FL4Health's pull does).
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    DTYPE_FIELD_NUMBER: _builtins.int
-    SHAPE_FIELD_NUMBER: _builtins.int
-    NNZ_FIELD_NUMBER: _builtins.int
-    POSITION_ENCODING_FIELD_NUMBER: _builtins.int
-    POSITIONS_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
+    NAME_FIELD_NUMBER: builtins.int
+    DTYPE_FIELD_NUMBER: builtins.int
+    SHAPE_FIELD_NUMBER: builtins.int
+    NNZ_FIELD_NUMBER: builtins.int
+    POSITION_ENCODING_FIELD_NUMBER: builtins.int
+    POSITIONS_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    name: builtins.str
     """State-dict key of the dense tensor the values belong to. Non-empty and unique within its section."""
-    dtype: Global___DataType.ValueType
+    dtype: global___DataType.ValueType
     """Element type of the values (and of the dense tensor)."""
-    nnz: _builtins.int
+    nnz: builtins.int
     """Number of values sent."""
-    position_encoding: Global___PositionEncoding.ValueType
+    position_encoding: global___PositionEncoding.ValueType
     """How the positions are written."""
-    positions_size_bytes: _builtins.int
+    positions_size_bytes: builtins.int
     """Byte length of the encoded positions; must match the encoding (e.g. nnz x ndim x 8 for COO_INT64)."""
-    @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+    @property
+    def shape(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
         """Dense shape, outermost first; empty for a 0-d tensor. Every entry is >= 0."""
 
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        dtype: Global___DataType.ValueType = ...,
-        shape: _abc.Iterable[_builtins.int] | None = ...,
-        nnz: _builtins.int = ...,
-        position_encoding: Global___PositionEncoding.ValueType = ...,
-        positions_size_bytes: _builtins.int = ...,
+        name: builtins.str = ...,
+        dtype: global___DataType.ValueType = ...,
+        shape: collections.abc.Iterable[builtins.int] | None = ...,
+        nnz: builtins.int = ...,
+        position_encoding: global___PositionEncoding.ValueType = ...,
+        positions_size_bytes: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "nnz", b"nnz", "position_encoding", b"position_encoding", "positions_size_bytes", b"positions_size_bytes", "shape", b"shape"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dtype", b"dtype", "name", b"name", "nnz", b"nnz", "position_encoding", b"position_encoding", "positions_size_bytes", b"positions_size_bytes", "shape", b"shape"]) -> None: ...
 
-Global___SparseTensorSpec: _TypeAlias = SparseTensorSpec  # noqa: Y015
+global___SparseTensorSpec = SparseTensorSpec
 
-@_typing.final
-class TensorManifest(_message.Message):
+@typing.final
+class TensorManifest(google.protobuf.message.Message):
     """Declares dense tensors whose data follows in a section. Several manifests for one section append to
     its list; all manifests of a call precede its first chunk.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SECTION_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    section: Global___Section.ValueType
+    SECTION_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    section: global___Section.ValueType
     """The section the data travels in."""
-    @_builtins.property
-    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+    @property
+    def tensors(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TensorSpec]:
         """The tensors, in order."""
 
     def __init__(
         self,
         *,
-        section: Global___Section.ValueType = ...,
-        tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
+        section: global___Section.ValueType = ...,
+        tensors: collections.abc.Iterable[global___TensorSpec] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["section", b"section", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["section", b"section", "tensors", b"tensors"]) -> None: ...
 
-Global___TensorManifest: _TypeAlias = TensorManifest  # noqa: Y015
+global___TensorManifest = TensorManifest
 
-@_typing.final
-class SparseManifest(_message.Message):
+@typing.final
+class SparseManifest(google.protobuf.message.Message):
     """Declares sparse tensors whose data follows in a section, as TensorManifest does for dense ones."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SECTION_FIELD_NUMBER: _builtins.int
-    TENSORS_FIELD_NUMBER: _builtins.int
-    section: Global___Section.ValueType
+    SECTION_FIELD_NUMBER: builtins.int
+    TENSORS_FIELD_NUMBER: builtins.int
+    section: global___Section.ValueType
     """The section the data travels in."""
-    @_builtins.property
-    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SparseTensorSpec]:
+    @property
+    def tensors(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SparseTensorSpec]:
         """The sparse tensors, in order."""
 
     def __init__(
         self,
         *,
-        section: Global___Section.ValueType = ...,
-        tensors: _abc.Iterable[Global___SparseTensorSpec] | None = ...,
+        section: global___Section.ValueType = ...,
+        tensors: collections.abc.Iterable[global___SparseTensorSpec] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["section", b"section", "tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["section", b"section", "tensors", b"tensors"]) -> None: ...
 
-Global___SparseManifest: _TypeAlias = SparseManifest  # noqa: Y015
+global___SparseManifest = SparseManifest
 
-@_typing.final
-class StateLayout(_message.Message):
+@typing.final
+class StateLayout(google.protobuf.message.Message):
     """Declares a model's state without sending its data: names, dtypes and shapes, in state order.
     Several layouts append.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TENSORS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+    TENSORS_FIELD_NUMBER: builtins.int
+    @property
+    def tensors(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TensorSpec]:
         """The state entries."""
 
     def __init__(
         self,
         *,
-        tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
+        tensors: collections.abc.Iterable[global___TensorSpec] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["tensors", b"tensors"]) -> None: ...
 
-Global___StateLayout: _TypeAlias = StateLayout  # noqa: Y015
+global___StateLayout = StateLayout
 
-@_typing.final
-class Chunk(_message.Message):
+@typing.final
+class Chunk(google.protobuf.message.Message):
     """A piece of a section's byte stream. A section's chunks arrive in order, without gaps or overlap, and
     together carry exactly the bytes its manifests declare.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SECTION_FIELD_NUMBER: _builtins.int
-    OFFSET_BYTES_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    section: Global___Section.ValueType
+    SECTION_FIELD_NUMBER: builtins.int
+    OFFSET_BYTES_FIELD_NUMBER: builtins.int
+    DATA_FIELD_NUMBER: builtins.int
+    section: global___Section.ValueType
     """The byte stream this piece belongs to."""
-    offset_bytes: _builtins.int
+    offset_bytes: builtins.int
     """Offset of data[0] within the section; equals the number of bytes already received for it."""
-    data: _builtins.bytes
+    data: builtins.bytes
     """The bytes; non-empty. Senders cut at their chunk size (1 MiB by default); receivers take any size
     that fits gRPC's message limit (4 MiB by default).
     """
     def __init__(
         self,
         *,
-        section: Global___Section.ValueType = ...,
-        offset_bytes: _builtins.int = ...,
-        data: _builtins.bytes = ...,
+        section: global___Section.ValueType = ...,
+        offset_bytes: builtins.int = ...,
+        data: builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset_bytes", b"offset_bytes", "section", b"section"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["data", b"data", "offset_bytes", b"offset_bytes", "section", b"section"]) -> None: ...
 
-Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
+global___Chunk = Chunk
 
-@_typing.final
-class ModelDigest(_message.Message):
+@typing.final
+class ModelDigest(google.protobuf.message.Message):
     """Names a model by its content, so that a server that already holds it need not receive it again.
 
     Every client of a round starts from the same global model, so the server keeps recently seen initial
@@ -374,10 +350,10 @@ class ModelDigest(_message.Message):
     differs) and keeps the model for later calls.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SHA256_FIELD_NUMBER: _builtins.int
-    sha256: _builtins.bytes
+    SHA256_FIELD_NUMBER: builtins.int
+    sha256: builtins.bytes
     """SHA-256 over the model's tensors in state order, each as: the UTF-8 name's byte length (uint32
     LE), the name, the DataType (uint32 LE), the number of dimensions (uint32 LE), each dimension
     (int64 LE), then the tensor's data bytes as they travel. 32 bytes.
@@ -385,12 +361,8 @@ class ModelDigest(_message.Message):
     def __init__(
         self,
         *,
-        sha256: _builtins.bytes = ...,
+        sha256: builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["sha256", b"sha256"]) -> None: ...
 
-Global___ModelDigest: _TypeAlias = ModelDigest  # noqa: Y015
+global___ModelDigest = ModelDigest
