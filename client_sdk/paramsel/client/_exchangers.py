@@ -13,15 +13,60 @@ from paramsel import engine
 from paramsel.client._client import Client, SelectResult
 from paramsel.client._compact import compact_payload, fl4health_sparse, fl4health_sparse_of, pack_compact
 from paramsel.client._connection import Connection
-from paramsel.client._criteria import fedpm_criterion, layer_criterion, score_criterion, select_layers
+from paramsel.client._criteria import (
+    fedpm_criterion,
+    layer_criterion,
+    layers_served,
+    score_criterion,
+    select_layers,
+    select_scores_and_sample_masks,
+)
 from paramsel.client._errors import local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
+from paramsel.v1 import criteria_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
 _PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}
+
+
+def _check_sparsity_level(sparsity_level: float) -> None:
+    if not 0 < sparsity_level <= 1:
+        raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
+
+
+def _pull_mode(pull_mode: str) -> engine.PullMode:
+    if pull_mode not in _PULL_MODES:
+        raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
+    return _PULL_MODES[pull_mode]
+
+
+class SparseCooParameterPacker:
+    """FL4Health's packer of the same name: [values..., indices..., shapes..., np.array(names)]."""
+
+    def pack_parameters(self, model_parameters: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
+        return pack_sparse(model_parameters, additional_parameters)
+
+    def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, SparseInfo]:
+        return unpack_sparse(packed_parameters)
+
+    @staticmethod
+    def extract_coo_info_from_dense(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The non-zero values of ``x`` (row-major), their (nnz, ndim) indices and ``x``'s shape."""
+        coords = torch.nonzero(x)
+        return x[x != 0].cpu().numpy(), coords.cpu().numpy(), np.array(list(x.shape))
+
+
+class ParameterPackerWithLayerNames:
+    """FL4Health's packer of the same name: [arrays..., np.array(names)]."""
+
+    def pack_parameters(self, model_weights: NDArrays, weights_names: list[str]) -> NDArrays:
+        return pack_layers(model_weights, weights_names)
+
+    def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, list[str]]:
+        return unpack_layers(packed_parameters)
 
 
 class SparseCooParameterExchanger:
@@ -37,7 +82,11 @@ class SparseCooParameterExchanger:
 
     The six score functions are applied by the service. Any other ``score_gen_function`` (called as
     FL4Health calls it, ``(model, initial_model) -> {name: scores}``) runs here, and the top-k of its
-    scores is selected in this process by the engine the service runs, with the same rules.
+    scores is selected in this process by the engine the service runs, with the same rules; so does
+    a subclass's own ``generate_parameter_scores``.
+
+    As in FL4Health, every attribute (``sparsity_level``, ``score_gen_function``, ``parameter_packer``
+    and the options above) is read when a call is made: assigning one takes effect at the next call.
     """
 
     def __init__(
@@ -52,17 +101,26 @@ class SparseCooParameterExchanger:
         reuse_initial_model: bool = True,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
-        if not 0 < sparsity_level <= 1:
-            raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
-        if pull_mode not in _PULL_MODES:
-            raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
+        _check_sparsity_level(sparsity_level)
+        _pull_mode(pull_mode)
         self.sparsity_level = sparsity_level
         self.score_gen_function = score_gen_function
+        self.parameter_packer = SparseCooParameterPacker()
         self.exact_k = exact_k
-        self.criterion = score_criterion(score_gen_function, sparsity_level, exact_k=exact_k)
         self.pull_mode = pull_mode
         self.reuse_initial_model = reuse_initial_model
         self.client = Client(target=target, connection=connection, chunk_size_bytes=chunk_size_bytes)
+
+    @property
+    def criterion(self) -> criteria_pb2.Criterion | None:
+        """The criterion the service applies, made from the attributes as they are now; None when the
+        scores are computed here (a caller's own score function, or an overridden
+        ``generate_parameter_scores``)."""
+        if type(self).generate_parameter_scores is not SparseCooParameterExchanger.generate_parameter_scores:
+            return None
+        return score_criterion(
+            self.score_gen_function, float(self.sparsity_level), exact_k=bool(self.exact_k)
+        )
 
     def generate_parameter_scores(self, model: nn.Module, initial_model: nn.Module | None) -> dict[str, Any]:
         """The scores of every state entry, computed locally by the score function."""
@@ -72,16 +130,18 @@ class SparseCooParameterExchanger:
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, SparseInfo]:
         """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
-        if self.criterion is None:  # the caller's own score function: scored and selected here
+        _check_sparsity_level(self.sparsity_level)
+        criterion = self.criterion
+        if criterion is None:  # the caller's own score function: scored and selected here
             with local_errors():
                 result = engine.select_top_k_by_scores(
                     state_of(model),
                     self.generate_parameter_scores(model, initial_model),
                     sparsity_level=self.sparsity_level,
-                    exact_k=self.exact_k,
+                    exact_k=bool(self.exact_k),
                 )
             return fl4health_sparse_of(result.tensors)
-        return fl4health_sparse(self._select(model, initial_model).sparse)
+        return fl4health_sparse(self._select(criterion, model, initial_model).sparse)
 
     def push_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
@@ -103,21 +163,24 @@ class SparseCooParameterExchanger:
         """The selection as a compact payload (about 4.7 B per float32 value at 10 %), for clients that
         ship it to their aggregator; ``unpack_compact`` turns it into FL4Health's packed list.
         ``value_dtype`` (torch.float16 or torch.bfloat16) makes the values lossy and smaller."""
-        if self.criterion is None:  # selected here (see the class): encoded here too
+        _check_sparsity_level(self.sparsity_level)
+        criterion = self.criterion
+        if criterion is None:  # selected here (see the class): encoded here too
             return pack_compact(self.push_parameters(model, initial_model), value_dtype=value_dtype)
-        return compact_payload(self._select(model, initial_model, value_dtype, keep_frames=True).frames or [])
+        selected = self._select(criterion, model, initial_model, value_dtype, keep_frames=True)
+        return compact_payload(selected.frames or [])
 
     def _select(
         self,
+        criterion: criteria_pb2.Criterion,
         model: nn.Module,
         initial_model: nn.Module | None,
         value_dtype: torch.dtype | None = None,
         *,
         keep_frames: bool = False,
     ) -> SelectResult:
-        assert self.criterion is not None  # callers handle the caller's own score functions first
         return self.client.select(
-            self.criterion,
+            criterion,
             state_of(model),
             state_of(initial_model) if initial_model else None,
             value_dtype=dtype_to_proto(value_dtype) if value_dtype is not None else 0,
@@ -131,7 +194,8 @@ class SparseCooParameterExchanger:
         Applied in this process by the engine the server runs, straight into the model's tensors:
         a round trip would only carry the payload there and the dense tensors back.
         """
-        values, (indices, shapes, names) = self.unpack_parameters(parameters)
+        mode = _pull_mode(self.pull_mode)
+        values, (indices, shapes, names) = self.parameter_packer.unpack_parameters(parameters)
         with local_errors():
             payload = []
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True):
@@ -147,22 +211,26 @@ class SparseCooParameterExchanger:
                     coords = coords.reshape(-1, len(dense_shape))
                 flat = coo_to_flat(coords, dense_shape, what=what)
                 payload.append(engine.SparseTensor(name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
-            engine.pull_sparse_into(model.state_dict(), payload, mode=_PULL_MODES[self.pull_mode])
+            engine.pull_sparse_into(model.state_dict(), payload, mode=mode)
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
-        return pack_sparse(model_weights, additional_parameters)
+        return self.parameter_packer.pack_parameters(model_weights, additional_parameters)
 
     def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, SparseInfo]:
-        return unpack_sparse(packed_parameters)
+        return self.parameter_packer.unpack_parameters(packed_parameters)
 
 
 class DynamicLayerExchanger:
     """Whole layers picked by a layer selection function (FL4Health's class of the same name).
 
     The functions of :class:`LayerSelectionFunctionConstructor` and ``select_scores_and_sample_masks``
-    are applied by the service; any other ``(model, initial_model) -> (arrays, names)`` function is
-    simply called, as FL4Health calls it. Pulls are applied in this process by the engine the server
-    runs.
+    (paramsel's, or FL4Health's own) are applied by the service; any other
+    ``(model, initial_model) -> (arrays, names)`` function is simply called, as FL4Health calls it.
+    Pulls are applied in this process by the engine the server runs.
+
+    As in FL4Health, ``layer_selection_function`` and ``parameter_packer`` are read when a call is
+    made: assigning one takes effect at the next call. ``push_parameters`` goes through a subclass's
+    own ``select_parameters``, as FL4Health's does.
     """
 
     _pull = staticmethod(engine.pull_layers)
@@ -176,29 +244,51 @@ class DynamicLayerExchanger:
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         self.layer_selection_function = layer_selection_function
-        self.criterion, own = layer_criterion(layer_selection_function)
-        if target is None and connection is None:  # the selection function's own server, if it has one
-            connection = own
+        self.parameter_packer = ParameterPackerWithLayerNames()
         self.client = Client(target=target, connection=connection, chunk_size_bytes=chunk_size_bytes)
+        # Without target= or connection=, calls go where the selection function was built to call.
+        self._default_client = self.client if target is None and connection is None else None
+
+    def _served(self) -> tuple[criteria_pb2.Criterion | None, Client]:
+        """The criterion of the current selection function (None: it is called) and the client to use."""
+        criterion, own = self._layer_criterion()
+        client = self.client
+        if own is not None and client is self._default_client:
+            client = Client(connection=own, chunk_size_bytes=client.chunk_size)
+        return criterion, client
+
+    def _layer_criterion(self) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
+        return layer_criterion(self.layer_selection_function)
+
+    @property
+    def criterion(self) -> criteria_pb2.Criterion | None:
+        """The criterion the service applies for the current ``layer_selection_function``; None when
+        that function is simply called."""
+        return self._layer_criterion()[0]
 
     def select_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None
     ) -> tuple[NDArrays, list[str]]:
-        if self.criterion is None:
+        criterion, client = self._served()
+        if criterion is None:
             arrays, names = self.layer_selection_function(model, initial_model)
             return list(arrays), list(names)
-        return select_layers(self.criterion, model, initial_model, self.client)
+        return select_layers(criterion, model, initial_model, client)
 
     def push_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
     ) -> NDArrays:
         """[arrays..., names], FL4Health's packed list."""
-        if self.criterion is None:
-            return self.pack_parameters(*self.select_parameters(model, initial_model))
-        result = self.client.push(
-            self.criterion, state_of(model), state_of(initial_model) if initial_model else None
-        )
-        return pack_layers([to_numpy(t) for _, t in result.arrays], [name for name, _ in result.arrays])
+        if type(self).select_parameters is DynamicLayerExchanger.select_parameters:
+            criterion, client = self._served()
+            if criterion is not None and layers_served(criterion):
+                result = client.push(
+                    criterion, state_of(model), state_of(initial_model) if initial_model else None
+                )
+                return self.pack_parameters(
+                    [to_numpy(t) for _, t in result.arrays], [name for name, _ in result.arrays]
+                )
+        return self.pack_parameters(*self.select_parameters(model, initial_model))
 
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
         arrays, names = self.unpack_parameters(parameters)
@@ -209,16 +299,18 @@ class DynamicLayerExchanger:
             load_changed(model, self._pull(specs, tensors))
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: list[str]) -> NDArrays:
-        return pack_layers(model_weights, additional_parameters)
+        return self.parameter_packer.pack_parameters(model_weights, additional_parameters)
 
     def unpack_parameters(self, packed_parameters: NDArrays) -> tuple[NDArrays, list[str]]:
-        return unpack_layers(packed_parameters)
+        return self.parameter_packer.unpack_parameters(packed_parameters)
 
 
 class FedPmExchanger(DynamicLayerExchanger):
     """FedPM: sends sampled masks of the score tensors; pulls probabilities back through the inverse sigmoid.
 
     ``seed`` makes the mask sampling repeatable (FL4Health's sampling is unseeded, as is the default).
+    It is read at each call, like ``layer_selection_function`` (``select_scores_and_sample_masks``
+    unless assigned), and applies to FedPM selections that carry no seed of their own.
     """
 
     _pull = staticmethod(engine.pull_fedpm)
@@ -231,12 +323,22 @@ class FedPmExchanger(DynamicLayerExchanger):
         connection: Connection | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
-        from paramsel.client._criteria import select_scores_and_sample_masks
-
+        fedpm_criterion(seed)  # refuses a seed the criterion cannot hold, now rather than at the first call
         super().__init__(
             select_scores_and_sample_masks,
             target=target,
             connection=connection,
             chunk_size_bytes=chunk_size_bytes,
         )
-        self.criterion = fedpm_criterion(seed)
+        self.seed = seed
+
+    def _layer_criterion(self) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
+        criterion, own = super()._layer_criterion()
+        if (
+            criterion is not None
+            and self.seed is not None
+            and criterion.WhichOneof("kind") == "fed_pm"
+            and not criterion.fed_pm.HasField("seed")
+        ):
+            criterion = fedpm_criterion(self.seed)
+        return criterion, own
