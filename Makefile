@@ -1,9 +1,10 @@
 # One entry point for every task. Each target sets up what it needs first (the .venv stamp).
 PY := .venv/bin/python
 STAMP := .venv/.installed
+ORACLE := .oracle/.installed
 SOURCES := server client_sdk tests examples benchmarks scripts
 
-.PHONY: setup proto check-proto check-container lint format test demo example bench serve ci clean
+.PHONY: setup proto check-proto check-container lint format test compat demo example bench serve ci clean
 
 setup: $(STAMP)
 
@@ -12,11 +13,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	.venv/bin/pip install --quiet -c requirements/constraints.txt -e ".[dev,demo]"
 	touch $(STAMP)
 
-proto: setup  ## regenerate gen/python from proto/
-	PYTHON=$(PY) scripts/gen_proto.sh
+# The real FL4Health 0.4.2, the differential tests' oracle, in a side folder (requirements/oracle.txt
+# says why it cannot be installed into this environment); only their pytest run has it on its path.
+$(ORACLE): requirements/oracle.txt | $(STAMP)
+	rm -rf .oracle
+	.venv/bin/pip install --quiet --no-deps --ignore-requires-python --target .oracle -r requirements/oracle.txt
+	touch $(ORACLE)
 
-check-proto: setup  ## fail when gen/python is stale
-	PYTHON=$(PY) scripts/check_stubs.sh
+proto:  ## regenerate gen/python from proto/
+	scripts/gen_proto.sh
+
+check-proto:  ## fail when gen/python is stale
+	scripts/check_stubs.sh
 
 check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)
 	scripts/check_container.sh
@@ -32,8 +40,12 @@ format: setup
 	.venv/bin/ruff check --fix $(SOURCES)
 	.venv/bin/ruff format $(SOURCES)
 
-test: setup  ## the whole test suite
-	$(PY) -m pytest
+test: setup $(ORACLE)  ## the whole test suite, then the differential tests against the real FL4Health
+	$(PY) -m pytest --ignore=tests/differential
+	PYTHONPATH=.oracle PARAMSEL_REQUIRE_ORACLE=1 $(PY) -m pytest tests/differential
+
+compat:  ## the suite in users' environments: FL4Health 0.4.2's own (Python 3.10, numpy 1, protobuf 4) and others
+	scripts/compat.sh
 
 demo: setup  ## the main job: a real federated run (service, coordinator, 3 clients) over loopback gRPC
 	.venv/bin/paramsel demo
@@ -47,7 +59,7 @@ bench: setup  ## every issue-3 target side by side; writes benchmarks/results/la
 serve: setup
 	.venv/bin/paramsel serve
 
-ci: check-proto lint test
+ci: check-proto lint test compat
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-proto .venv-compat .oracle .pytest_cache .mypy_cache .ruff_cache
