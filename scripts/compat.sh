@@ -64,7 +64,12 @@ run() {  # $1 = name: the suite, then the differential tests with FL4Health impo
   "$py" - <<'PY'
 import importlib.metadata as md, platform
 names = ["numpy", "protobuf", "grpcio", "grpcio-health-checking", "flwr", "torch", "paramsel"]
-print(f"   python {platform.python_version()}, " + ", ".join(f"{n} {md.version(n)}" for n in names))
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+print(f"   python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names))
 PY
   # From outside the checkout, so that `paramsel` is the installed package, not the source tree.
   # tests/flower runs the Flower example, which needs flwr 1.41 (absent beside FL4Health's 1.18);

@@ -10,6 +10,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -33,11 +34,16 @@ def service_handlers(servicer: Any) -> grpc.GenericRpcHandler:  # type: ignore[t
     each byte); :mod:`paramsel.wire.fastframes` reads canonical chunk frames in place instead.
     """
     service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
+    # Streaming flags are read from the descriptor's proto form: protobuf 4.21's MethodDescriptor
+    # lacks the client_streaming / server_streaming attributes that later runtimes have.
+    described = descriptor_pb2.ServiceDescriptorProto()
+    service.CopyToProto(described)
+    streams_both_ways = {m.name: m.client_streaming and m.server_streaming for m in described.method}
     handlers = {}
     for method in service.methods:
         request = getattr(service_pb2, method.input_type.name)
         response = getattr(service_pb2, method.output_type.name)
-        if method.client_streaming and method.server_streaming:  # the tensor-carrying rpcs
+        if streams_both_ways[method.name]:  # the tensor-carrying rpcs
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 getattr(servicer, method.name),
                 request_deserializer=frame_parser(request),
