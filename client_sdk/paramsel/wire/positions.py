@@ -28,7 +28,9 @@ def flat_to_coo(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
         return coords
     # Peel off one axis at a time, quotient and remainder in one divmod, straight into the columns.
     for axis in range(len(shape) - 1):
-        stride = math.prod(shape[axis + 1 :])
+        # An int64 scalar, not a Python int: int64 arithmetic on numpy 1.x (value-based casting) and
+        # 2.x (NEP 50) alike.
+        stride = np.int64(math.prod(shape[axis + 1 :]))
         last = axis == len(shape) - 2
         remainder = coords[:, axis + 1] if last else np.empty_like(rest)
         np.divmod(rest, stride, out=(coords[:, axis], remainder))
@@ -54,7 +56,7 @@ def coo_to_flat(coords: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.
     # is ravel_multi_index without its second range check, and ~25 % faster.
     flat: np.ndarray = coords[:, 0].copy()
     for axis in range(1, len(shape)):
-        flat *= shape[axis]
+        flat *= np.int64(shape[axis])
         flat += coords[:, axis]
     return flat
 

@@ -148,7 +148,9 @@ def _kth_by_candidates(
     scores: Sequence[torch.Tensor], k: int, hi: torch.Tensor | None, lo: torch.Tensor
 ) -> tuple[torch.Tensor | None, Candidates | None]:
     """The band search over the entries at or above ``lo`` only, which are kept and returned."""
-    low = lo.item()  # exact in the scores' dtype, so numpy compares without rounding
+    # numpy scalars of the scores' own dtype, not Python floats: the comparisons then run in that dtype
+    # on every numpy (numpy 1.x casts Python scalars by value, numpy 2 by NEP 50), and no rounding occurs.
+    low = _numpy_scalar(lo)
     candidates: Candidates = []
     for score in scores:
         array = score.numpy()
@@ -157,7 +159,7 @@ def _kth_by_candidates(
     kept = np.concatenate([values for _, values in candidates])
     above = at_hi = 0
     if hi is not None:
-        high = hi.item()
+        high = _numpy_scalar(hi)
         above = int(np.count_nonzero(kept > high))
         at_hi = int(np.count_nonzero(kept == high))
         band = kept[(kept > low) & (kept < high)]
@@ -196,6 +198,12 @@ def _kth_by_partition(flat: torch.Tensor, k: int) -> torch.Tensor:
     rank = array.size - k  # ascending index of the k-th largest
     array.partition(rank)
     return torch.from_numpy(array[rank : rank + 1]).to(flat.dtype)
+
+
+def _numpy_scalar(value: torch.Tensor) -> np.generic:
+    """A 1-element tensor as a numpy scalar of its own dtype (float32 stays float32)."""
+    scalar: np.generic = value.reshape(1).numpy()[0]
+    return scalar
 
 
 def _as_python_number(value: torch.Tensor) -> int | float:

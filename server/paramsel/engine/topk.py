@@ -123,7 +123,9 @@ def select_top_k_by_scores(
             elif name in candidates and score.dtype == kth.dtype:
                 # Every entry at or above the threshold is a candidate, and compared in the same dtype.
                 kept, kept_scores = candidates.pop(name)
-                positions = kept[kept_scores >= threshold]
+                # The threshold is exact in their dtype; as a scalar of that dtype it compares the same
+                # way on numpy 1.x (value-based casting) and 2.x (NEP 50).
+                positions = kept[kept_scores >= kept_scores.dtype.type(threshold)]
             else:
                 positions = np.flatnonzero((score >= threshold).reshape(-1).numpy())
             selected_entries += positions.size
