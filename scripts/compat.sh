@@ -55,12 +55,12 @@ build() {  # $1 = name; leaves the environment in .venv-compat/$1
 }
 
 run() {  # $1 = name: the suite, then the differential tests with FL4Health importable
-  local name=$1 venv=.venv-compat/$1 py oracle_path=
+  local name=$1 venv=.venv-compat/$1 py oracle_path= status=0
   py=$root/$venv/bin/python
   [ -d "$venv/oracle" ] && oracle_path=$root/$venv/oracle
   # The environment is kept between runs, but paramsel is always this checkout's (its dependencies
   # were installed by the plain install when the environment was built).
-  "$py" -m pip install --quiet --no-deps --force-reinstall .
+  "$py" -m pip install --quiet --no-deps --force-reinstall . || return 1
   "$py" - <<'PY'
 import importlib.metadata as md, platform
 names = ["numpy", "protobuf", "grpcio", "grpcio-health-checking", "flwr", "torch", "paramsel"]
@@ -78,10 +78,20 @@ PY
   (cd "$venv" && "$py" -m pytest "$root/tests" -p no:cacheprovider -q --rootdir "$root" \
     -c "$root/pyproject.toml" --ignore="$root/tests/differential" --ignore="$root/tests/flower" \
     --ignore="$root/tests/test_contract.py" --ignore="$root/tests/test_container_files.py" \
-    --ignore="$root/tests/test_node_client.py")
+    --ignore="$root/tests/test_node_client.py") || status=1
   (cd "$venv" && PYTHONPATH=$oracle_path PARAMSEL_REQUIRE_ORACLE=1 "$py" -m pytest "$root/tests/differential" \
-    -p no:cacheprovider -q --rootdir "$root" -c "$root/pyproject.toml")
+    -p no:cacheprovider -q --rootdir "$root" -c "$root/pyproject.toml") || status=1
+  return $status
 }
 
 for name in "${envs[@]}"; do build "$name"; done
-for name in "${envs[@]}"; do echo "== $name: tests"; run "$name"; done
+failed=()
+for name in "${envs[@]}"; do
+  echo "== $name: tests"
+  run "$name" || failed+=("$name")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== compatibility job failed in: ${failed[*]}" >&2
+  exit 1
+fi
+echo "== compatibility job passed in: ${envs[*]}"
