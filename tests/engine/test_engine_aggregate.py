@@ -13,6 +13,9 @@ import torch
 
 from paramsel.engine import Contribution, InvalidArgument, SparseTensor, aggregate_layers, aggregate_sparse
 
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+"""numpy 2 promotes Python ints by NEP 50, numpy 1 by their values: FL4Health's layer average differs."""
+
 
 def sp(
     name: str,
@@ -247,7 +250,11 @@ def test_layers_float16_stays_float16_and_weighs_in_float16() -> None:
     assert tensor.dtype == torch.float16
     assert tensor.tolist() == [2.5]
     big = layers_of(1000, ("w", torch.tensor([100.0], dtype=torch.float16)))
-    assert aggregate_layers([big])[0][1].tolist() == [math.inf]  # 100 * 1000 overflows float16
+    ((_, result),) = aggregate_layers([big])
+    if NUMPY_2:  # NEP 50: 1000 becomes a float16 and 100 * 1000 overflows float16
+        assert (result.dtype, result.tolist()) == (torch.float16, [math.inf])
+    else:  # value-based casting: 1000 needs uint16, and float16 with uint16 promotes to float32
+        assert (result.dtype, result.tolist()) == (torch.float32, [100.0])
 
 
 def test_layers_integer_layers_divide_to_float64_as_numpy_does() -> None:
@@ -259,12 +266,53 @@ def test_layers_integer_layers_divide_to_float64_as_numpy_does() -> None:
     assert aggregate_layers([a, b], weighted=False)[0][1].tolist() == [3.5]
 
 
-def test_layers_count_beyond_a_small_integer_dtype_is_still_averaged() -> None:
-    # numpy refuses uint8 * 300 (FL4Health would fail); the same formula runs in torch instead.
+def test_layers_count_beyond_a_small_integer_dtype_is_numpys_business() -> None:
+    # uint8 * 300: numpy 2 refuses it (so FL4Health fails), numpy 1 widens to uint16 (600 / 300).
     a = layers_of(300, ("u", torch.tensor([2], dtype=torch.uint8)))
-    ((_, tensor),) = aggregate_layers([a])
-    assert tensor.tolist() == [0.2933333218097687]  # uint8: 2 * 300 wraps to 88; 88 / 300 in float32
-    assert tensor.dtype == torch.float32
+    if NUMPY_2:
+        with pytest.raises(InvalidArgument, match=r"'u' in contributions\[0\] is uint8.*num_examples 300"):
+            aggregate_layers([a])
+    else:
+        ((_, tensor),) = aggregate_layers([a])
+        assert (tensor.dtype, tensor.tolist()) == (torch.float64, [2.0])
+    # Unweighted, the count is not multiplied in: 2 / 1.
+    assert aggregate_layers([a], weighted=False)[0][1].tolist() == [2.0]
+
+
+def test_layers_mixed_dtypes_promote_as_numpy_does() -> None:
+    a = layers_of(3, ("w", torch.tensor([1.5, 2.0], dtype=torch.float16)), ("n", torch.tensor([3])))
+    b = layers_of(1, ("w", torch.tensor([0.5, 4.0])), ("n", torch.tensor([2.5], dtype=torch.float16)))
+    (w_name, w), (n_name, n) = aggregate_layers([a, b])
+    assert (w_name, w.dtype, w.tolist()) == ("w", torch.float32, [1.25, 2.5])  # (4.5 + 0.5) / 4, (6 + 4) / 4
+    # int64 with float16 is float64 in numpy; (9 + 2.5) / 4.
+    assert (n_name, n.dtype, n.tolist()) == ("n", torch.float64, [2.875])
+    unweighted = aggregate_layers([a, b], weighted=False)
+    assert [(t.dtype, t.tolist()) for _, t in unweighted] == [
+        (torch.float32, [1.0, 3.0]),
+        (torch.float64, [2.75]),
+    ]
+
+
+def test_layers_int32_with_int64_and_bool_layers() -> None:
+    a = layers_of(2, ("i", torch.tensor([7], dtype=torch.int32)), ("b", torch.tensor([True, False])))
+    b = layers_of(3, ("i", torch.tensor([1])), ("b", torch.tensor([True, True])))
+    assert [(t.dtype, t.tolist()) for _, t in aggregate_layers([a, b])] == [
+        (torch.float64, [17 / 5]),  # (14 + 3) / 5
+        (torch.float64, [1.0, 0.6]),  # bool * n is int64: (2 + 3) / 5, 3 / 5
+    ]
+    # Unweighted, bools add as numpy adds them (True + True is True), then divide.
+    assert [(t.dtype, t.tolist()) for _, t in aggregate_layers([a, b], weighted=False)] == [
+        (torch.float64, [4.0]),
+        (torch.float64, [0.5, 0.5]),
+    ]
+
+
+def test_layers_shapes_that_broadcast_are_averaged_broadcast() -> None:
+    a = layers_of(1, ("w", torch.tensor([[1.0], [2.0]])))  # (2, 1)
+    b = layers_of(3, ("w", torch.tensor([4.0, 8.0, 0.0])))  # (3,)
+    ((_, w),) = aggregate_layers([a, b])
+    assert w.shape == (2, 3)
+    assert w.tolist() == [[3.25, 6.25, 0.25], [3.5, 6.5, 0.5]]  # (a + 3b) / 4
 
 
 def _fl4health_layers(contributions: list[Contribution], weighted: bool) -> dict[str, np.ndarray]:
@@ -378,9 +426,31 @@ def test_refuses_sparse_shapes_that_differ_across_contributions() -> None:
         aggregate_sparse([A, sparse_of(1, sp("w", (3, 2), [1.0], [0]))])
 
 
-def test_refuses_sparse_dtypes_that_differ_across_contributions() -> None:
-    with pytest.raises(InvalidArgument, match=r"'w' has dtype torch.float64 in contributions\[1\]"):
-        aggregate_sparse([A, sparse_of(1, sp("w", (2, 3), [1.0], [0], torch.float64))])
+def test_sparse_dtypes_that_differ_across_contributions_promote_as_torch_does() -> None:
+    # Formerly refused; FL4Health's torch.add promotes: float32 with float64 is float64.
+    (w,) = aggregate_sparse([A, sparse_of(4, sp("w", (2, 3), [1.0], [1], torch.float64))])
+    assert w.values.dtype == torch.float64
+    assert as_lists([w]) == [("w", (2, 3), [0.2, 0.8, 0.4], [0, 1, 4])]  # 1/5, 4/5, 2/5
+    # int64 with float16 is float16 in torch (numpy would say float64).
+    a = sparse_of(1, sp("n", (2,), [3], [0], torch.int64))
+    b = sparse_of(1, sp("n", (2,), [0.5], [0], torch.float16))
+    (n,) = aggregate_sparse([a, b])
+    assert (n.values.dtype, n.values.tolist()) == (torch.float16, [1.75])
+
+
+def test_sparse_shapes_that_broadcast_are_averaged_broadcast() -> None:
+    a = sparse_of(1, sp("w", (3,), [3.0, 6.0], [0, 2]))
+    b = sparse_of(2, sp("w", (1,), [3.0], [0]))
+    assert as_lists(aggregate_sparse([a, b])) == [("w", (3,), [3.0, 2.0, 4.0], [0, 1, 2])]  # (a + 2b) / 3
+    # A 0-d tensor broadcasts too, and defers to the dimensioned one's dtype (torch's rule).
+    s = sparse_of(1, sp("w", (), [2.0], [0], torch.float64))
+    (w,) = aggregate_sparse([s, a], weighted=False)
+    assert (w.shape, w.values.dtype, w.values.tolist(), w.positions.tolist()) == (
+        (3,),
+        torch.float32,
+        [2.5, 1.0, 4.0],
+        [0, 1, 2],
+    )
 
 
 def test_refuses_layer_shapes_that_differ_across_contributions() -> None:
@@ -388,11 +458,21 @@ def test_refuses_layer_shapes_that_differ_across_contributions() -> None:
         aggregate_layers([layers_of(1, ("w", torch.ones(2))), layers_of(1, ("w", torch.ones(3)))])
 
 
-def test_refuses_layer_dtypes_that_differ_across_contributions() -> None:
-    with pytest.raises(InvalidArgument, match=r"'w' has dtype torch.float16 in contributions\[1\]"):
-        aggregate_layers(
-            [layers_of(1, ("w", torch.ones(2))), layers_of(1, ("w", torch.ones(2, dtype=torch.float16)))]
-        )
+def test_layer_dtypes_that_differ_across_contributions_are_averaged() -> None:
+    # Formerly refused; FL4Health's np.add promotes: float32 with float16 is float32.
+    ((_, w),) = aggregate_layers(
+        [layers_of(1, ("w", torch.ones(2))), layers_of(1, ("w", torch.full((2,), 3.0, dtype=torch.float16)))]
+    )
+    assert (w.dtype, w.tolist()) == (torch.float32, [2.0, 2.0])
+
+
+def test_refuses_layer_shapes_that_do_not_broadcast_naming_the_clash() -> None:
+    # (1,) then (3,) broadcast; (2,) clashes with the (3,) of contributions[1], not with the (1,).
+    ones = [layers_of(1, ("w", torch.ones(size))) for size in (1, 3, 2)]
+    with pytest.raises(
+        InvalidArgument, match=r"'w' has shape \(2,\) in contributions\[2\] but \(3,\) in contributions\[1\]"
+    ):
+        aggregate_layers(ones)
 
 
 @pytest.mark.parametrize(("position", "shown"), [(6, "6"), (-1, "-1")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_aggregate_stream_without_a_contribution_frame(channel: grpc.Channel) ->
         ),
     ]
     with pytest.raises(grpc.RpcError) as err:
-        list(service_pb2_grpc.ParameterSelectionServiceStub(channel).Aggregate(iter(frames), timeout=10))
+        list(service_pb2_grpc.ParameterSelectionServiceStub(channel).Aggregate(iter(frames), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "before the first contribution" in err.value.details()
 
@@ -145,3 +147,94 @@ def test_layers_are_summed_in_fl4health_pseudo_sorted_order(server: RunningServe
         assert packed[-1].tolist() == ["x", "y"]  # a (7) sorts before b (10.5): x appears first
         assert packed[0].tolist() == [5.5]  # (2 + 9) / 2
         assert packed[1].tolist() == [0.5]
+
+
+def test_dtypes_that_differ_across_clients_are_averaged(server: RunningServer) -> None:
+    # Layers, numpy's promotion: float16 with float32 is float32; (1 * [1.5, 2] + 3 * [0.5, 4]) / 4.
+    a = [np.array([1.5, 2.0], dtype=np.float16), np.array(["x"])]
+    b = [np.array([0.5, 4.0], dtype=np.float32), np.array(["x"])]
+    x, names = aggregate_layers([(a, 1), (b, 3)], target=server.target)
+    assert (x.dtype, x.tolist(), names.tolist()) == (np.float32, [0.75, 3.5], ["x"])
+    # Sparse, torch's promotion: int64 with float16 is float16; (2 * 3 + 2 * 0.5) / 4 at [0].
+    c = _pack((np.array([3]), np.array([[0]]), np.array([2]), "n"))
+    d = _pack((np.array([0.5], dtype=np.float16), np.array([[0]]), np.array([2]), "n"))
+    packed = aggregate_sparse_coo([(c, 2), (d, 2)], target=server.target)
+    assert (packed[0].dtype, packed[0].tolist(), packed[1].tolist()) == (np.float16, [1.75], [[0]])
+
+
+def test_shapes_that_broadcast_are_averaged_broadcast(server: RunningServer) -> None:
+    a = [np.array([1.0, 2.0, 3.0], dtype=np.float32), np.array(["x"])]
+    b = [np.array([5.0], dtype=np.float32), np.array(["x"])]
+    x, _ = aggregate_layers([(a, 1), (b, 1)], weighted=False, target=server.target)
+    assert x.tolist() == [3.0, 3.5, 4.0]
+
+
+def test_a_name_twice_in_one_client_counts_twice(server: RunningServer) -> None:
+    # FL4Health adds each occurrence as one more term and one more count: (1 * 2 + 3 * 2 + 8 * 1) / 5.
+    a = [np.array([1.0], dtype=np.float32), np.array([3.0], dtype=np.float32), np.array(["x", "x"])]
+    b = [np.array([8.0], dtype=np.float32), np.array(["x"])]
+    x, names = aggregate_layers([(a, 2), (b, 1)], target=server.target)
+    assert (x.tolist(), names.tolist()) == ([np.float32(3.2)], ["x"])
+    c = _pack(
+        _sparse([1.0], [[0]], [2], "w"), _sparse([2.0], [[1]], [2], "v"), _sparse([3.0], [[1]], [2], "w")
+    )
+    packed = aggregate_sparse_coo([(c, 1)], weighted=False, target=server.target)
+    assert packed[-1].tolist() == ["w", "v"]
+    assert packed[0].tolist() == [0.5, 1.5]  # w: ([1, 0] + [0, 3]) / 2
+
+
+@pytest.mark.parametrize(
+    ("aggregate", "results", "message"),
+    [
+        (aggregate_layers, [([np.array([])], 1)], r"results\[0\]: array 0 is an empty float64 array"),
+        (
+            aggregate_layers,
+            [
+                ([np.array([1.0], np.float32), np.array(["x"])], 1),
+                ([np.zeros(0, np.float32), np.array(["x"])], 1),
+            ],
+            r"results\[1\]: array 0 is an empty float32",
+        ),
+        (
+            aggregate_sparse_coo,
+            [([np.array([], dtype=np.str_)], 1)],
+            r"results\[0\] sent 0 tensors and 0 names",
+        ),
+        (
+            aggregate_sparse_coo,
+            [
+                (
+                    _pack(
+                        (np.array([1.0], np.float32), np.zeros((1, 0), np.int64), np.array([], np.int64), "s")
+                    ),
+                    1,
+                )
+            ],
+            "'s' averages to a 0-d tensor",
+        ),
+        (
+            aggregate_sparse_coo,
+            [(_pack((np.array([1.0], np.float32), np.array([[0]]), np.array([2.0]), "w")), 1)],
+            "'w': its shape must be a 1-D array of integers",
+        ),
+    ],
+    ids=["empty-names", "empty-layer", "no-tensors", "0d-aggregate", "float-shape"],
+)
+def test_what_fl4health_fails_on_is_refused(
+    server: RunningServer, aggregate: Callable[..., list[np.ndarray]], results: list, message: str
+) -> None:
+    with pytest.raises(ParamselError, match=message) as err:
+        aggregate(results, target=server.target)
+    assert err.value.status is StatusCode.INVALID_ARGUMENT
+
+
+def test_a_count_a_small_integer_layer_cannot_hold(server: RunningServer) -> None:
+    results = [([np.array([3], np.uint8), np.array(["u"])], 300)]
+    if int(np.__version__.split(".")[0]) < 2:  # numpy 1 widens uint8 * 300 to uint16: 900 / 300
+        assert aggregate_layers(results, target=server.target)[0].tolist() == [3.0]
+        return
+    with pytest.raises(
+        ParamselError, match=r"'u' in contributions\[0\] is uint8"
+    ) as err:  # NEP 50 refuses it
+        aggregate_layers(results, target=server.target)
+    assert err.value.status is StatusCode.INVALID_ARGUMENT

@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from paramsel.client._client import Client
+from paramsel.client._client import AggregateResult, Client
 from paramsel.client._compact import fl4health_sparse
 from paramsel.client._connection import Connection
+from paramsel.client._errors import ParamselError, StatusCode
 from paramsel.client._packing import pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, to_numpy, to_tensor
 from paramsel.v1 import service_pb2
+from paramsel.wire import WireError
 from paramsel.wire.streams import SparseOut
 
 Results = Sequence[tuple[NDArrays, int]]
+T = TypeVar("T")
+_Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]
+
+
+def _refuse(message: str) -> ParamselError:
+    return ParamselError(StatusCode.INVALID_ARGUMENT, message)
 
 
 def _pseudo_sort_key(result: tuple[NDArrays, int]) -> Any:
     """FL4Health's pseudo-sort score of one client's result: the sum of the first element of each
-    floating-point array, plus the client's example count (numpy's arithmetic, as FL4Health's).
-    Empty arrays have no first element and count for nothing (FL4Health would fail on them)."""
+    floating-point array, plus the client's example count (numpy's arithmetic, as FL4Health's)."""
     arrays, num_examples = result
-    firsts = [
-        a[(0,) * a.ndim] for a in map(np.asarray, arrays) if np.issubdtype(a.dtype, np.floating) and a.size
-    ]
+    firsts = [a[(0,) * a.ndim] for a in map(np.asarray, arrays) if np.issubdtype(a.dtype, np.floating)]
     return np.sum(firsts) + num_examples
 
 
@@ -34,7 +40,99 @@ def fl4health_order(results: Results) -> list[tuple[NDArrays, int]]:
     """The results in the order FL4Health's strategies aggregate them (``decode_and_pseudo_sort_results``:
     a stable sort by :func:`_pseudo_sort_key`), which fixes the summation order, and so the last bits of
     the average, and the order of the aggregate's tensors."""
-    return sorted(results, key=_pseudo_sort_key)
+    return [(arrays, num_examples) for _, arrays, num_examples in _ordered(results)]
+
+
+def _ordered(results: Results) -> list[tuple[int, NDArrays, int]]:
+    """:func:`fl4health_order` with each result's index in ``results``.
+
+    FL4Health reads the first element of every floating-point array, so it fails on an empty one (an
+    empty names array ``np.array([])`` is float64, too): that is refused here. Example counts are
+    taken as Python ints, as Flower delivers them."""
+    checked: list[tuple[int, NDArrays, int]] = []
+    for client, (arrays, num_examples) in enumerate(results):
+        for position, array in enumerate(map(np.asarray, arrays)):
+            if np.issubdtype(array.dtype, np.floating) and array.size == 0:
+                raise _refuse(
+                    f"results[{client}]: array {position} is an empty {array.dtype} array; FL4Health's "
+                    "pseudo-sort reads the first element of every floating-point array and fails on it"
+                )
+        try:
+            count = operator.index(num_examples)
+        except TypeError:
+            raise _refuse(
+                f"results[{client}]: num_examples must be an integer, got {num_examples!r}"
+            ) from None
+        checked.append((client, arrays, count))
+    return sorted(checked, key=lambda r: _pseudo_sort_key((r[1], r[2])))
+
+
+def _tensor(array: Any, what: str) -> torch.Tensor:
+    """A tensor of an array the client sent; numpy's native byte order (values unchanged)."""
+    array = np.asarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        return to_tensor(array)
+    except TypeError as error:
+        raise _refuse(f"{what}: {error}") from None
+
+
+def _sparse_tensor(client: int, value: Any, index: Any, shape: Any, name: str) -> SparseOut:
+    """One tensor of a sparse packed list, refused where FL4Health's strategy would fail on it."""
+    where = f"results[{client}]: sparse tensor {name!r}"
+    shape = np.asarray(shape)
+    if shape.ndim != 1 or not (np.issubdtype(shape.dtype, np.integer) or shape.size == 0):
+        raise _refuse(
+            f"{where}: its shape must be a 1-D array of integers, got {shape.dtype} {shape.tolist()}"
+        )
+    values = np.asarray(value)
+    if not values.dtype.isnative:  # torch.tensor, in FL4Health, refuses it
+        raise _refuse(f"{where}: values in non-native byte order ({values.dtype.str})")
+    if values.ndim > 1:  # a hybrid COO tensor in torch; FL4Health's own packing never makes one
+        raise _refuse(f"{where}: values must be 1-D, got shape {values.shape}")
+    indices = np.asarray(index)
+    if indices.ndim != 2 or indices.shape != (values.size, shape.size):
+        raise _refuse(
+            f"{where}: indices must be an (nnz, ndim) = ({values.size}, {shape.size}) array, "
+            f"got shape {indices.shape}"
+        )
+    return SparseOut(
+        name,
+        tuple(int(d) for d in shape),
+        _tensor(values.reshape(-1), where),
+        to_tensor(indices.astype(np.int64, copy=False)),
+    )
+
+
+def _split_repeats(named: list[T], name_of: Callable[[T], str]) -> list[list[T]]:
+    """One client's tensors as contributions whose names are unique (the rpc's rule), in order.
+
+    FL4Health adds each occurrence of a name as one more term (and one more count) in the client's
+    place: the first occurrences stay in the first contribution, the second ones go in a second that
+    follows it directly, and so on, which sums, counts and orders every name as FL4Health does."""
+    groups: list[list[T]] = []
+    seen: dict[str, int] = {}
+    for item in named:
+        occurrence = seen.get(name_of(item), 0)
+        seen[name_of(item)] = occurrence + 1
+        if occurrence == len(groups):
+            groups.append([])
+        groups[occurrence].append(item)
+    return groups or [[]]
+
+
+def _aggregate(
+    kind: int,
+    contributions: list[_Contribution],
+    weighted: bool,
+    target: str | None,
+    connection: Connection | None,
+) -> AggregateResult:
+    try:
+        return Client(target=target, connection=connection).aggregate(kind, contributions, weighted=weighted)
+    except WireError as error:  # a tensor the wire cannot carry (complex, uint16, ...), found while encoding
+        raise _refuse(str(error)) from None
 
 
 def aggregate_sparse_coo(
@@ -48,22 +146,27 @@ def aggregate_sparse_coo(
     names], with each client's example count), as the same packed list. The clients are summed in
     FL4Health's order (its pseudo-sort), whatever order they come in. ``connection`` / ``target``:
     as for :class:`Client`."""
-    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = []
-    for packed, num_examples in fl4health_order(results):
+    contributions: list[_Contribution] = []
+    for client, packed, num_examples in _ordered(results):
         values, (indices, shapes, names) = unpack_sparse(packed)
-        tensors = [
-            SparseOut(
-                name,
-                tuple(int(d) for d in np.asarray(shape).reshape(-1)),
-                to_tensor(v),
-                to_tensor(np.asarray(i, dtype=np.int64)),
+        if not names or len(names) != len(values):  # FL4Health asserts there are n > 0 names for n tensors
+            raise _refuse(
+                f"results[{client}] sent {len(values)} tensors and {len(names)} names; FL4Health's "
+                "FedAvgSparseCooTensor fails unless it is as many of each, and at least one"
             )
+        tensors = [
+            _sparse_tensor(client, v, i, shape, name)
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True)
         ]
-        contributions.append((int(num_examples), [], tensors))
-    result = Client(target=target, connection=connection).aggregate(
-        service_pb2.PAYLOAD_KIND_SPARSE_COO, contributions, weighted=weighted
-    )
+        groups = _split_repeats(tensors, lambda t: t.name)
+        contributions += [(num_examples, [], group) for group in groups]
+    result = _aggregate(service_pb2.PAYLOAD_KIND_SPARSE_COO, contributions, weighted, target, connection)
+    for s in result.sparse:
+        if not s.decl.shape:
+            raise _refuse(
+                f"tensor {s.decl.name!r} averages to a 0-d tensor, which FL4Health's FedAvgSparseCooTensor "
+                "cannot re-sparsify (it fails on it)"
+            )
     return pack_sparse(*fl4health_sparse(result.sparse))
 
 
@@ -77,12 +180,14 @@ def aggregate_layers(
     """FedAvgDynamicLayer's aggregate of clients' packed lists ([arrays..., names] with each client's
     example count), as the same packed list. The clients are summed in FL4Health's order (its
     pseudo-sort), whatever order they come in. ``connection`` / ``target``: as for :class:`Client`."""
-    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = []
-    for packed, num_examples in fl4health_order(results):
+    contributions: list[_Contribution] = []
+    for client, packed, num_examples in _ordered(results):
         arrays, names = unpack_layers(packed)
-        named = [(name, to_tensor(a)) for a, name in zip(arrays, names, strict=True)]
-        contributions.append((int(num_examples), named, []))
-    result = Client(target=target, connection=connection).aggregate(
-        service_pb2.PAYLOAD_KIND_LAYERS, contributions, weighted=weighted
-    )
+        # FL4Health pairs arrays and names with a plain zip: the longer list's extra items are ignored.
+        named = [
+            (name, _tensor(a, f"results[{client}]: layer {name!r}"))
+            for a, name in zip(arrays, names, strict=False)
+        ]
+        contributions += [(num_examples, group, []) for group in _split_repeats(named, lambda n: n[0])]
+    result = _aggregate(service_pb2.PAYLOAD_KIND_LAYERS, contributions, weighted, target, connection)
     return pack_layers([to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors])

@@ -1,19 +1,28 @@
 """Server-side aggregation: FL4Health's FedAvgSparseCooTensor and FedAvgDynamicLayer on decoded payloads.
 
 Each name is averaged over the contributions that sent it, weighted by ``num_examples`` or uniformly,
-with the torch ops FL4Health's sparse strategy uses (``dense * n``, a ``torch.add`` reduction in
-contribution order, ``/ total``), in the payload's dtype. Results come out in order of first appearance
-(contribution order, then each contribution's tensor order).
+with the ops FL4Health's strategies use and therefore their promotion rules: torch's for the sparse
+strategy (``dense * n``, a ``torch.add`` reduction in contribution order, ``/ total``), numpy's for the
+layer strategy (``layer * n``, ``np.add``, ``/ total``). A name's contributions may differ in dtype
+(float16 with float32, ints with floats, ...) and in shape, as long as the shapes broadcast together,
+exactly as those reductions allow; what they refuse (shapes that do not broadcast, and under numpy 2
+an example count the layer's integer dtype cannot hold) is an :class:`InvalidArgument`. numpy 1 and
+numpy 2 promote Python ints differently (value-based casting vs NEP 50): the layer average is computed
+by the numpy of this process, so it is FL4Health's in the same environment.
 
-Contributions are aggregated in the order given. FL4Health's FedAvgSparseCooTensor first pseudo-sorts
-its results (``decode_and_pseudo_sort_results``), which decides both the summation order and the output
-order; a caller that wants that order passes the contributions already sorted, as the SDK's
+Results come out in order of first appearance (contribution order, then each contribution's tensor
+order). Contributions are aggregated in the order given. FL4Health's strategies first pseudo-sort
+their results (``decode_and_pseudo_sort_results``), which decides both the summation order and the
+output order; a caller that wants that order passes the contributions already sorted, as the SDK's
 ``aggregate_sparse_coo`` and ``aggregate_layers`` do.
 
-The sparse average never builds the per-contribution dense tensors: it scatters each contribution's
-weighted values into one accumulator. Off the sent positions FL4Health adds ``0 * n = 0``, which
-changes nothing (``x + 0 == x``), and every op is elementwise, so the figures are bit for bit the
-ones the dense computation gives, at O(sent entries) per contribution plus one O(numel) pass per name.
+When a name's shapes all agree, the sparse average never builds the per-contribution dense tensors:
+it scatters each contribution's weighted values into one accumulator. Off the sent positions
+FL4Health adds ``0 * n = 0``, which changes nothing but the sign of a zero (and zeros are not kept),
+and every op is elementwise, so the figures are bit for bit the ones the dense computation gives, at
+O(sent entries) per contribution plus one O(numel) pass per name. A dtype change along the way casts
+the accumulator, as ``torch.add`` casts both operands to their common dtype. Shapes that differ
+(broadcasting) take FL4Health's dense computation itself.
 """
 
 from __future__ import annotations
@@ -43,33 +52,47 @@ class Contribution:
     """The whole layers the client sent (FedAvgDynamicLayer input)."""
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One contribution's tensor of a name: where it came from, its weight and its (checked) data."""
+
+    index: int
+    count: int
+    shape: tuple[int, ...]
+    values: torch.Tensor
+    """The whole layer, or a sparse tensor's values."""
+    positions: torch.Tensor | None = None
+    """A sparse tensor's flat int64 positions."""
+
+
 def aggregate_sparse(contributions: Sequence[Contribution], *, weighted: bool = True) -> list[SparseTensor]:
     """FedAvgSparseCooTensor's aggregation, re-sparsified.
 
     For each name: every sending contribution's tensor is densified (zeros where nothing was sent,
     duplicate positions summed as ``to_dense()`` sums them) in its values' dtype; weighted, the
     average is ``sum(dense * num_examples) / sum(num_examples)``, unweighted ``sum(dense) / count``,
-    both over the contributions that sent the name. The result keeps its non-zero entries (NaN
-    included, ``-0.0`` not): values in row-major order, flat int64 positions strictly increasing.
-    A name whose average is all zeros is still listed, with no entries, as FL4Health keeps it.
+    both over the contributions that sent the name, with torch's promotion (float16 and float32 sum
+    to float32, int64 and float16 to float16, a 0-d tensor defers to a dimensioned one) and
+    broadcasting (a (1,) tensor and a (3,) one average to (3,)). The result keeps its non-zero
+    entries (NaN included, ``-0.0`` not): values in row-major order, flat int64 positions strictly
+    increasing. A name whose average is all zeros is still listed, with no entries, as FL4Health
+    keeps it.
 
     The dtype is whatever torch gives: float16 stays float16 (and can overflow to inf when
-    ``value * num_examples`` exceeds 65504, as FL4Health's does); integer values divide to the
-    default float dtype (float32).
+    ``value * num_examples`` exceeds 65504, as FL4Health's does); integer weighting wraps as torch's
+    does; integer or bool values divide to the default float dtype (float32).
     """
     counts = _checked_counts(contributions, "sparse")
-    groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    firsts: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+    groups: dict[str, list[_Sent]] = {}
     for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
         seen: set[str] = set()
         for item in contribution.sparse:
             _check_unique(index, item.name, seen)
             shape = _checked_shape(index, item)
             values, positions = _checked_entries(index, item, shape)
-            _check_consistent(firsts, index, item.name, shape, values.dtype)
-            groups.setdefault(item.name, []).append((count, values, positions))
+            groups.setdefault(item.name, []).append(_Sent(index, count, shape, values, positions))
     with torch.no_grad():
-        return [_average_sparse(name, firsts[name][1], entries, weighted) for name, entries in groups.items()]
+        return [_average_sparse(name, sent, weighted) for name, sent in groups.items()]
 
 
 def aggregate_layers(
@@ -81,72 +104,89 @@ def aggregate_layers(
     untouched and never returned as they are.
 
     Computed as FL4Health computes it, in numpy: ``layer * n`` per contribution, summed in order with
-    ``np.add``, divided by the total, with numpy's promotion rules (integer layers divide to float64;
-    in float16 ``n`` and the total are first rounded to float16, so 1000 examples of a 100.0 make inf).
-    Two corners numpy cannot do are computed with the same formula in torch: bfloat16, which numpy
-    lacks, and a count too large for the layer's integer dtype (numpy refuses ``uint8 * 300``).
+    ``np.add``, divided by the total, with the promotion rules of this process's numpy (integer
+    layers divide to float64; float16 and float32 sum to float32; in float16 under numpy 2 ``n`` is
+    first rounded to float16, so 1000 examples of a 100.0 make inf, while numpy 1 widens the float16
+    layer for an ``n`` above 255) and its broadcasting. Under numpy 2 a count the layer's integer
+    dtype cannot hold (``uint8 * 300``) is refused, as FL4Health fails on it. A name any of whose
+    layers is bfloat16, which numpy lacks (so FL4Health never sees one), is computed with the same
+    formula in torch, with torch's promotion.
     """
     counts = _checked_counts(contributions, "layers")
-    groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    firsts: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+    groups: dict[str, list[_Sent]] = {}
     for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
         seen: set[str] = set()
         for name, layer in contribution.layers:
             _check_unique(index, name, seen)
-            _check_consistent(firsts, index, name, tuple(layer.shape), layer.dtype)
-            groups.setdefault(name, []).append((count, layer.detach()))
+            groups.setdefault(name, []).append(_Sent(index, count, tuple(layer.shape), layer.detach()))
     with torch.no_grad():
-        return [(name, _average_layer(entries, weighted)) for name, entries in groups.items()]
+        return [(name, _average_layer(name, sent, weighted)) for name, sent in groups.items()]
 
 
-def _average_layer(entries: list[tuple[int, torch.Tensor]], weighted: bool) -> torch.Tensor:
-    if entries[0][1].dtype != torch.bfloat16:
-        try:
-            return _average_layer_numpy(entries, weighted)
-        except OverflowError:
-            pass  # an example count beyond the integer dtype: numpy refuses, torch wraps
+def _average_layer(name: str, sent: list[_Sent], weighted: bool) -> torch.Tensor:
+    _check_broadcast(name, sent)
+    if any(s.values.dtype == torch.bfloat16 for s in sent):
+        return _average_layer_torch(sent, weighted)
+    return _average_layer_numpy(name, sent, weighted)
+
+
+def _average_layer_torch(sent: list[_Sent], weighted: bool) -> torch.Tensor:
     total = 0
     acc: torch.Tensor | None = None
-    for count, layer in entries:
-        term = layer * count if weighted else layer
-        total += count if weighted else 1
+    for s in sent:
+        term = s.values * s.count if weighted else s.values
+        total += s.count if weighted else 1
         acc = term if acc is None else torch.add(acc, term)
     assert acc is not None  # every group has at least one entry
     return acc / total
 
 
-def _average_layer_numpy(entries: list[tuple[int, torch.Tensor]], weighted: bool) -> torch.Tensor:
+def _average_layer_numpy(name: str, sent: list[_Sent], weighted: bool) -> torch.Tensor:
     total = 0
     acc: np.ndarray | None = None
     # Overflow to inf (float16 weighting, say) is part of the result, not something to warn about.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for count, layer in entries:
-            array = layer.cpu().numpy()
-            term = array * count if weighted else array
-            total += count if weighted else 1
+    with np.errstate(all="ignore"):
+        for s in sent:
+            # A 0-d layer stays a 0-d array, as FL4Health receives it: numpy 1 promotes those as scalars.
+            array = s.values.cpu().numpy()
+            try:
+                term = array * s.count if weighted else array
+            except OverflowError as error:  # NEP 50: the count must fit the layer's integer dtype
+                raise InvalidArgument(
+                    f"tensor {name!r} in contributions[{s.index}] is {array.dtype}, which cannot hold its "
+                    f"num_examples {s.count}: FL4Health's FedAvgDynamicLayer fails on layer * num_examples "
+                    f"with this numpy ({error})"
+                ) from None
+            total += s.count if weighted else 1
             acc = term if acc is None else np.add(acc, term)
         assert acc is not None  # every group has at least one entry
         # A 0-d array divides to a numpy scalar: asarray makes it an array again, torch needs one.
         return torch.from_numpy(np.asarray(acc / total))
 
 
-def _average_sparse(
-    name: str, shape: tuple[int, ...], entries: list[tuple[int, torch.Tensor, torch.Tensor]], weighted: bool
-) -> SparseTensor:
+def _average_sparse(name: str, sent: list[_Sent], weighted: bool) -> SparseTensor:
+    if any(s.shape != sent[0].shape for s in sent):
+        return _average_sparse_dense(name, sent, weighted)
+    shape = sent[0].shape
     numel = _numel(shape)
     total = 0
     acc: torch.Tensor | None = None
-    for count, values, positions in entries:
-        unique, summed = _coalesced(values, positions, numel)
-        term = summed * count if weighted else summed
-        total += count if weighted else 1
+    for s in sent:
+        assert s.positions is not None
+        unique, summed = _coalesced(s.values, s.positions, numel)
+        term = summed * s.count if weighted else summed
+        total += s.count if weighted else 1
         if acc is None:
             # dense * n: zero everywhere but the sent positions (0 * n is 0 in every dtype).
             acc = torch.zeros(numel, dtype=term.dtype)
             acc.index_copy_(0, unique, term)
-        else:
-            # torch.add(acc, dense * n): only the sent positions change, the rest add an exact 0.
-            acc.index_copy_(0, unique, torch.add(acc.index_select(0, unique), term))
+            continue
+        # torch.add(acc, dense * n) in their common dtype (both have the same shape, so torch's
+        # promotion is promote_types'): both operands are cast to it, then only the sent positions
+        # change; the rest add an exact 0.
+        common = torch.promote_types(acc.dtype, term.dtype)
+        acc, term = acc.to(common), term.to(common)
+        acc.index_copy_(0, unique, torch.add(acc.index_select(0, unique), term))
     assert acc is not None  # every group has at least one entry
     nonzero = torch.from_numpy(np.flatnonzero((acc != 0).numpy()).astype(np.int64, copy=False))
     quotient = acc.index_select(0, nonzero) / total
@@ -154,6 +194,25 @@ def _average_sparse(
     if not bool(kept.all()):
         nonzero, quotient = nonzero[kept], quotient[kept]
     return SparseTensor(name, shape, quotient, nonzero)
+
+
+def _average_sparse_dense(name: str, sent: list[_Sent], weighted: bool) -> SparseTensor:
+    """Shapes that differ: FL4Health's own dense computation, broadcasting and all."""
+    _check_broadcast(name, sent)
+    total = 0
+    acc: torch.Tensor | None = None
+    for s in sent:
+        assert s.positions is not None
+        dense = torch.zeros(_numel(s.shape), dtype=s.values.dtype)
+        dense.index_put_((s.positions,), s.values, accumulate=True)  # sums repeats as to_dense() does
+        dense = dense.reshape(s.shape)
+        term = dense * s.count if weighted else dense
+        total += s.count if weighted else 1
+        acc = term if acc is None else torch.add(acc, term)
+    assert acc is not None  # every group has at least one entry
+    flat = (acc / total).reshape(-1)
+    nonzero = torch.nonzero(flat, as_tuple=True)[0]
+    return SparseTensor(name, tuple(acc.shape), flat.index_select(0, nonzero), nonzero)
 
 
 def _coalesced(
@@ -203,25 +262,32 @@ def _check_unique(index: int, name: str, seen: set[str]) -> None:
     seen.add(name)
 
 
-def _check_consistent(
-    firsts: dict[str, tuple[int, tuple[int, ...], torch.dtype]],
-    index: int,
-    name: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-) -> None:
-    """Record the first layout seen for ``name``; refuse a later contribution that disagrees with it."""
-    first = firsts.setdefault(name, (index, shape, dtype))
-    if first[1] != shape:
-        raise InvalidArgument(
-            f"tensor {name!r} has shape {shape} in contributions[{index}] "
-            f"but {first[1]} in contributions[{first[0]}]"
-        )
-    if first[2] != dtype:
-        raise InvalidArgument(
-            f"tensor {name!r} has dtype {dtype} in contributions[{index}] "
-            f"but {first[2]} in contributions[{first[0]}]"
-        )
+def _check_broadcast(name: str, sent: list[_Sent]) -> None:
+    """Refuse shapes that do not broadcast together (np.add and torch.add fail on them)."""
+    shape: tuple[int, ...] = ()
+    for position, s in enumerate(sent):
+        joined = _broadcast(shape, s.shape)
+        if joined is None:
+            # Some earlier contribution's shape clashes with this one (the joined shape got each of
+            # its sizes above 1 from one of them): name the first.
+            other = next(e for e in sent[:position] if _broadcast(e.shape, s.shape) is None)
+            raise InvalidArgument(
+                f"tensor {name!r} has shape {s.shape} in contributions[{s.index}] "
+                f"but {other.shape} in contributions[{other.index}], and the two do not broadcast together"
+            )
+        shape = joined
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """numpy's (and torch's) broadcast of two shapes; None when they do not broadcast."""
+    joined: list[int] = []
+    for index in range(1, max(len(a), len(b)) + 1):
+        x = a[-index] if index <= len(a) else 1
+        y = b[-index] if index <= len(b) else 1
+        if x != y and x != 1 and y != 1:
+            return None
+        joined.append(y if x == 1 else x)
+    return tuple(reversed(joined))
 
 
 def _checked_shape(index: int, item: SparseTensor) -> tuple[int, ...]:
