@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,15 +37,35 @@ TARGETS = [
 ]
 
 
-def test_quick_benchmark_measures_every_target(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
+def _quick_benchmark(out: Path) -> subprocess.CompletedProcess[str]:
+    """``benchmarks.run --quick`` to completion, however long a loaded machine makes it take.
+
+    It runs in a session of its own (it starts ``paramsel serve`` and 8 client processes), so that if
+    the test is stopped (pytest-timeout, Ctrl-C) the whole group goes, not just the benchmark's parent.
+    """
+    proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+# About a minute on 2 idle cores (most of it the 8 concurrency clients importing torch), several on a
+# loaded machine: the run is bounded by this generous limit only, never by how fast it goes.
+@pytest.mark.timeout(900)
+def test_quick_benchmark_measures_every_target(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _quick_benchmark(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     document = json.loads(out.read_text())
     targets = document["targets"]
@@ -51,10 +75,12 @@ def test_quick_benchmark_measures_every_target(tmp_path: Path) -> None:
         measured = row["measured"]
         assert isinstance(measured, int | float), (name, row)
         assert math.isfinite(measured), (name, row)
+        # Measured, whatever the verdict: PASS or MISS of a speed or memory target depends on the load.
         assert row["verdict"] in ("PASS", "MISS", "INFO"), (name, row)
         assert row["title"] in proc.stdout, f"{name} is not in the printed table"
-    # What holds at any size: the same selection as FL4Health, exactly k with exact_k, every
-    # concurrent client succeeding with the single client's answer.
+    # What holds at any size and any load: the same selection as FL4Health, exactly k with exact_k,
+    # every concurrent client succeeding with the single client's answer (these verdicts are about
+    # the answers, not the time).
     assert document["figures"]["push"]["fl4health_agrees_with_paramsel"] is True
     assert targets["exact_k"]["verdict"] == "PASS", targets["exact_k"]
     for level in (1, 2, 4, 8):

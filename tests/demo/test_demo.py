@@ -186,7 +186,7 @@ def test_coordinator_refuses_wrong_round_and_duplicate_client(coordinator: Coord
         "not been aggregated",
     )
     stub.submit(DENSE_RUN, 1, 1, 3, _layer([3.0, 4.0]))  # the last one in: aggregated through the service
-    values, names = stub.fetch(DENSE_RUN, 1, timeout=10)
+    values, names = stub.fetch(DENSE_RUN, 1, timeout=60)
     np.testing.assert_array_equal(values, np.array([2.5, 3.5], dtype=np.float32))  # weighted by 1 and 3
     assert names.tolist() == ["w"]
     _refused(
@@ -196,7 +196,7 @@ def test_coordinator_refuses_wrong_round_and_duplicate_client(coordinator: Coord
         "already aggregated",
     )
     _refused(
-        lambda: stub.fetch(DENSE_RUN, 2, timeout=10), grpc.StatusCode.DEADLINE_EXCEEDED, "0 of 2 clients"
+        lambda: stub.fetch(DENSE_RUN, 2, timeout=60), grpc.StatusCode.DEADLINE_EXCEEDED, "0 of 2 clients"
     )
 
 
@@ -229,7 +229,7 @@ def test_top_k_runs_exchange_compact_payloads(coordinator: CoordinatorStub, serv
     )
     stub.submit(SPARSE_RUN, 1, 0, 1, compact_arrays(pack_compact(first)))
     stub.submit(SPARSE_RUN, 1, 1, 3, compact_arrays(pack_compact(second)))
-    got = stub.fetch(SPARSE_RUN, 1, timeout=10)
+    got = stub.fetch(SPARSE_RUN, 1, timeout=60)
     want = aggregate_sparse_coo([(first, 1), (second, 3)], target=server.target)
     assert len(got) == 1
     assert got[0].dtype == np.uint8

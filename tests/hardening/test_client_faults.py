@@ -58,7 +58,9 @@ def test_push_survives_a_server_killed_mid_upload_and_restarted(monkeypatch: pyt
     monkeypatch.setattr(client_module, "write_frames", pausing)
     port = free_port()
     target = f"127.0.0.1:{port}"
-    connection = Connection(target, max_attempts=30, initial_backoff_seconds=0.2, max_backoff_seconds=1.0)
+    # Enough attempts (at least 0.5 s apart once backed off) to outlast a restart on a loaded machine,
+    # where `paramsel serve` can take many seconds to come up: the push stops retrying once it is.
+    connection = Connection(target, max_attempts=300, initial_backoff_seconds=0.2, max_backoff_seconds=1.0)
     outcome: dict[str, Any] = {}
 
     def push() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager, suppress
@@ -86,14 +85,19 @@ class CuttingProxy:
         self._listener.close()
 
 
+HOLD_SECONDS = 60.0
+
+
 @dataclass
 class Knobs:
     """What the test interceptor does to each call of the paramsel service."""
 
     unavailable_first: int = 0
     """Abort the first N calls with UNAVAILABLE (as a restarting server would)."""
-    delay_seconds: float = 0.0
-    """Sleep this long before serving each call."""
+    hold: threading.Event | None = None
+    """When set, each call waits for this event (at most ``HOLD_SECONDS``) before it is served."""
+    held_to_the_end: int = 0
+    """How many calls waited the whole ``HOLD_SECONDS`` without the event being set."""
     token: str | None = None
     """When set, calls without ``authorization: Bearer <token>`` fail with UNAUTHENTICATED."""
     calls: list[str] = field(default_factory=list)
@@ -125,8 +129,8 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 for _ in requests:  # take the whole upload, then fail, as a server dying late would
                     pass
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"injected: call {number} unavailable")
-            if knobs.delay_seconds:
-                time.sleep(knobs.delay_seconds)
+            if knobs.hold is not None and not knobs.hold.wait(HOLD_SECONDS):
+                knobs.held_to_the_end += 1
             yield from handler.stream_stream(requests, context)
 
         return grpc.stream_stream_rpc_method_handler(

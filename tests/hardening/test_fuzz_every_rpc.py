@@ -46,7 +46,7 @@ MODEL, INITIAL, PAYLOAD = (
 COO = tensor_pb2.POSITION_ENCODING_COO_INT64
 MAX_CALL_BYTES = 16 << 20
 RSS_BOUND = 200 << 20
-CALL_TIMEOUT = 15
+CALL_TIMEOUT = 60  # seconds: a hang fails as DEADLINE_EXCEEDED; a slow (loaded) machine does not
 # Shapes no server may allocate: above the per-tensor element limit, overflowing int64, or negative.
 HUGE = [2**31 + 1, 2**40, 2**62, 2**63 - 1, -1, -(2**63)]
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)

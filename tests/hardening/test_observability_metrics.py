@@ -25,6 +25,7 @@ from paramsel.wire.streams import SparseOut, write_frames
 Stub = service_pb2_grpc.ParameterSelectionServiceStub
 MODEL = tensor_pb2.SECTION_MODEL
 CHUNK = 1 << 20
+TIMEOUT = 60  # seconds: a generous bound for calls and waits, never a measure of speed
 
 
 class Served:
@@ -66,9 +67,9 @@ BAD_UPLOAD = sum(frame.ByteSize() for frame in BAD)
 
 
 def good_and_bad(served: Served, metadata: tuple[tuple[str, str], ...] = ()) -> list[Any]:
-    replies = list(served.stub.Select(iter(GOOD), timeout=15, metadata=metadata))
+    replies = list(served.stub.Select(iter(GOOD), timeout=TIMEOUT, metadata=metadata))
     with pytest.raises(grpc.RpcError) as err:
-        list(served.stub.Select(iter(BAD), timeout=15, metadata=metadata))
+        list(served.stub.Select(iter(BAD), timeout=TIMEOUT, metadata=metadata))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     return replies
 
@@ -93,7 +94,7 @@ def test_counters_bytes_entries_and_histogram(served: Served) -> None:
 
 
 def test_bytes_in_match_the_upload_exactly(served: Served) -> None:
-    list(served.stub.Select(iter(GOOD), timeout=15))
+    list(served.stub.Select(iter(GOOD), timeout=TIMEOUT))
     assert served.value("paramsel_received_bytes_total", method="Select") == UPLOAD
 
 
@@ -113,7 +114,7 @@ def test_other_methods_are_counted_by_name(served: Served) -> None:
             ],
         )
     )
-    replies = list(served.stub.Pull(iter(frames), timeout=15))
+    replies = list(served.stub.Pull(iter(frames), timeout=TIMEOUT))
     assert served.value("paramsel_calls_total", method="Pull", code="OK") == 1
     assert served.value("paramsel_received_bytes_total", method="Pull") == sum(f.ByteSize() for f in frames)
     assert served.value("paramsel_sent_bytes_total", method="Pull") == sum(r.ByteSize() for r in replies)
@@ -125,7 +126,7 @@ def test_http_endpoint_serves_the_figures(served: Served) -> None:
     port = start_metrics_http(0, served.registry)
     try:
         assert port > 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
             text = reply.read().decode()
     finally:
         stop_metrics_http(port)
@@ -150,7 +151,7 @@ def call_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 def test_one_json_line_per_call(served: Served, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="paramsel.calls")
     good_and_bad(served, metadata=(("x-request-id", "req-42"),))
-    list(served.stub.Select(iter(GOOD), timeout=15))  # no request id: one is generated
+    list(served.stub.Select(iter(GOOD), timeout=TIMEOUT))  # no request id: one is generated
     assert_serving(served.channel)  # not a paramsel.v1 call: no line
     lines = call_lines(caplog)
     assert len(lines) == 3
@@ -180,44 +181,82 @@ def test_authorization_never_logged(served: Served, caplog: pytest.LogCaptureFix
 
 def test_request_id_is_clipped_and_printable(served: Served, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="paramsel.calls")
-    list(served.stub.Select(iter(GOOD), timeout=15, metadata=(("x-request-id", "r" * 500),)))
+    list(served.stub.Select(iter(GOOD), timeout=TIMEOUT, metadata=(("x-request-id", "r" * 500),)))
     (line,) = call_lines(caplog)
     assert line["request_id"] == "r" * 128
 
 
-def wait_for(condition: Any, seconds: float = 10.0) -> None:
+def wait_for(condition: Any, seconds: float = TIMEOUT) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
 
+DEADLINES = (0.5, 5.0, 30.0)
+"""Deadlines tried in turn for a call left to expire: the server must have the upload before it does,
+and a loaded machine can need longer than the first."""
+
+
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
-def test_abandoned_call_is_counted_and_released(
-    served: Served, caplog: pytest.LogCaptureFixture, how: str
-) -> None:
-    """A client that goes away mid-upload: its bytes leave the in-flight gauge and its code is recorded."""
+def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """A client that goes away mid-upload: its bytes leave the in-flight gauge and its code is recorded.
+
+    Each attempt has a server (and registry) of its own, so that an attempt whose deadline came before
+    the upload was in (a loaded machine) leaves nothing behind in the next one's figures."""
     caplog.set_level(logging.INFO, logger="paramsel.calls")
-    release = threading.Event()
-
-    def upload() -> Iterator[Any]:
-        yield from GOOD[:-1]
-        release.wait(10)  # hold the stream open until the client has given up
-
-    expected = {"cancel": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}[how]
-    call = served.stub.Select(upload(), timeout=0.5 if how == "deadline" else 15)
     held = sum(f.ByteSize() for f in GOOD[:-1])
-    wait_for(lambda: served.value("paramsel_inflight_bytes") == held)
-    if how == "cancel":
-        call.cancel()
-    with pytest.raises(grpc.RpcError):
-        list(call)
-    release.set()
-    wait_for(lambda: len(call_lines(caplog)) == 1)  # the line is written last
-    (line,) = call_lines(caplog)
-    # On cancel, gRPC may end the request iterator before it marks the context cancelled; the servicer
-    # waits for that rather than record the cut-short stream as INVALID_ARGUMENT.
-    assert line["code"] == expected
-    assert served.value("paramsel_calls_total", method="Select", code=line["code"]) == 1
-    assert served.value("paramsel_inflight_bytes") == 0
-    assert line["bytes_in"] == held
+    for attempt, timeout in enumerate(DEADLINES if how == "deadline" else (TIMEOUT,)):
+        registry = CollectorRegistry()
+        server, target = instrumented_server(registry, workers=4)
+        release = threading.Event()
+        try:
+            with grpc.insecure_channel(target) as channel:
+                served = Served(registry, channel)
+
+                def upload(release: threading.Event = release) -> Iterator[Any]:
+                    yield from GOOD[:-1]
+                    release.wait(TIMEOUT)  # hold the stream open until the client has given up
+
+                request_id = f"abandoned-{attempt}"
+                call = served.stub.Select(upload(), timeout=timeout, metadata=(("x-request-id", request_id),))
+                in_flight: list[bool] = []
+
+                def settled(
+                    call: Any = call, served: Served = served, in_flight: list[bool] = in_flight
+                ) -> bool:
+                    if served.value("paramsel_inflight_bytes") == held:
+                        in_flight.append(True)
+                        return True
+                    return not call.is_active()
+
+                wait_for(settled)
+                assert in_flight or how == "deadline", "the server never had the upload in flight"
+                if how == "cancel":
+                    call.cancel()
+                with pytest.raises(grpc.RpcError):
+                    list(call)
+                release.set()
+                if not in_flight:
+                    continue  # the deadline came before the server had the whole upload: allow more
+
+                def mine(request_id: str = request_id) -> list[dict[str, Any]]:
+                    return [line for line in call_lines(caplog) if line["request_id"] == request_id]
+
+                wait_for(lambda: len(mine()) == 1)  # the line is written last
+                (line,) = mine()
+                # On cancel, gRPC may end the request iterator before it marks the context cancelled;
+                # the servicer waits for that rather than record the cut-short stream as
+                # INVALID_ARGUMENT. A deadline is seen by the server either as its own deadline
+                # passing or as the client's cancellation arriving first (the client's copy of the
+                # deadline expires a moment before the server's): either code says the client left.
+                codes = {"cancel": ("CANCELLED",), "deadline": ("DEADLINE_EXCEEDED", "CANCELLED")}[how]
+                assert line["code"] in codes
+                assert served.value("paramsel_calls_total", method="Select", code=line["code"]) == 1
+                assert served.value("paramsel_inflight_bytes") == 0
+                assert line["bytes_in"] == held
+                return
+        finally:
+            release.set()
+            server.stop(0).wait()
+    pytest.fail(f"the upload never reached the server before the deadline, even with {DEADLINES[-1]} s")

@@ -34,7 +34,7 @@ def select_frames(numel: int) -> list[Any]:
 
 def health_status(channel: grpc.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status)
 
 
 @pytest.mark.timeout(120)

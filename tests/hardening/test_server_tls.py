@@ -76,7 +76,7 @@ def mtls_server(pki: Pki) -> Iterator[RunningServer]:
 
 def check(channel: grpc.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status)
 
 
 def refused(channel: grpc.Channel) -> grpc.StatusCode:
@@ -91,7 +91,7 @@ def test_a_tls_client_is_served(pki: Pki, tls_server: RunningServer) -> None:
         # And a paramsel call goes through the same encrypted channel.
         stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.Select(iter(()), timeout=5))
+            list(stub.Select(iter(()), timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # an empty stream: reached the servicer
 
 

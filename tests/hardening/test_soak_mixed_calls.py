@@ -22,7 +22,9 @@ from paramsel.wire.streams import SparseOut, read_frames, write_contributions, w
 
 THREADS = 4
 TOTAL_CALLS = 4000
-WALL_SECONDS = 60.0
+MIN_CALLS = 1000  # always run, however slow the machine: what the memory check needs to mean something
+WALL_SECONDS = 60.0  # past this, stop at MIN_CALLS instead of TOTAL_CALLS (a budget, never asserted)
+CALL_TIMEOUT = 60  # seconds per call: a hang fails, a slow machine does not
 RSS_GROWTH_BOUND = 50 << 20
 CHUNK = 1 << 20
 MODEL, PAYLOAD, RESULT = tensor_pb2.SECTION_MODEL, tensor_pb2.SECTION_PAYLOAD, tensor_pb2.SECTION_RESULT
@@ -163,7 +165,7 @@ def run_case(channel: grpc.Channel, case: Case) -> None:
     parse = RESPONSES[case.rpc].FromString
     failed: grpc.RpcError | None = None
     try:
-        replies = [parse(raw) for raw in method(iter(case.frames), timeout=30)]
+        replies = [parse(raw) for raw in method(iter(case.frames), timeout=CALL_TIMEOUT)]
     except grpc.RpcError as err:
         failed = err
     if failed is not None:
@@ -173,7 +175,7 @@ def run_case(channel: grpc.Channel, case: Case) -> None:
     case.expect(replies)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(900)  # MIN_CALLS take ~5 s on 2 idle cores: the limit only catches a hang
 def test_soak_mixed_good_and_bad_calls() -> None:
     registry = CollectorRegistry()
     server, target = instrumented_server(registry)
@@ -191,12 +193,12 @@ def test_soak_mixed_good_and_bad_calls() -> None:
         def worker(offset: int) -> None:
             nonlocal issued
             with grpc.insecure_channel(target) as channel:
-                while time.monotonic() < deadline and not failures:
+                while not failures:
                     with lock:
                         index = issued
+                        if index >= TOTAL_CALLS or (index >= MIN_CALLS and time.monotonic() >= deadline):
+                            return
                         issued += 1
-                    if index >= TOTAL_CALLS:
-                        return
                     try:
                         run_case(channel, table[(index + offset) % len(table)])
                     except AssertionError as error:
@@ -213,8 +215,7 @@ def test_soak_mixed_good_and_bad_calls() -> None:
         for thread in threads:
             thread.join()
         assert not failures, failures[:5]
-        done = min(issued, TOTAL_CALLS)
-        assert done >= TOTAL_CALLS // 4, f"only {done} calls in {WALL_SECONDS} s"
+        done = issued  # between MIN_CALLS and TOTAL_CALLS, depending on the machine's speed only
         samples.sort()
         quarter = max(len(samples) // 4, 1)
         first = sum(s for _, s in samples[:quarter]) / quarter

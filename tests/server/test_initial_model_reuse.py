@@ -53,7 +53,7 @@ def _select(target: str, digest: bytes | None, initial: dict[str, torch.Tensor] 
         sections.append((tensor_pb2.SECTION_INITIAL_MODEL, list(initial.items())))
     frames = write_frames(service_pb2.SelectRequest, ("start", start), chunk_size=1 << 20, dense=sections)
     with grpc.insecure_channel(target) as channel:
-        replies = service_pb2_grpc.ParameterSelectionServiceStub(channel).Select(frames, timeout=10)
+        replies = service_pb2_grpc.ParameterSelectionServiceStub(channel).Select(frames, timeout=60)
         result = read_frames(
             replies,
             first="header",
