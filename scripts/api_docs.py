@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import inspect
 import sys
 from pathlib import Path
@@ -19,6 +20,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 def _entry(name: str, value: object) -> list[str]:
     doc = inspect.getdoc(value) or ""
+    if inspect.isclass(value) and issubclass(value, enum.Enum):
+        # Its members, not its signature: the Enum constructor's differs between Python versions.
+        members = [f"- `{m.name}` = `{m.value!r}`" for m in value]
+        return [f"### `{name}`", "", doc, "", *members, ""]
     if inspect.isclass(value):
         lines = [f"### `{name}{_signature(value)}`", "", doc, ""]
         if dataclasses.is_dataclass(value):

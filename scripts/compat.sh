@@ -32,7 +32,7 @@ build() {  # $1 = name; leaves the environment in .venv-compat/$1
   oracle=$(sed -n 's/^# oracle: *//p' "$spec")
   stamp=$venv/.installed
   if [ -f "$stamp" ] && [ -z "$(find "$spec" requirements/compat/test-tools.txt requirements/oracle.txt \
-    pyproject.toml -newer "$stamp")" ]; then
+    scripts/oracle_missing.py pyproject.toml -newer "$stamp")" ]; then
     echo "== $name: up to date"
   else
     echo "== $name: building with Python $version"
@@ -49,6 +49,15 @@ build() {  # $1 = name; leaves the environment in .venv-compat/$1
     if [ "$oracle" = target ]; then
       "$venv/bin/pip" install --quiet --no-deps --ignore-requires-python --target "$venv/oracle" \
         -r requirements/oracle.txt
+      # Where the environment has no flwr (numpy below flwr 1.18's floor), the oracle's flwr still has
+      # to import: its dependencies the environment lacks go into the folder too, held to the
+      # environment's versions of anything they share, so nothing there shadows a different version.
+      "$venv/bin/python" scripts/oracle_missing.py "$venv/oracle" flwr > "$venv/oracle-missing.txt"
+      if [ -s "$venv/oracle-missing.txt" ]; then
+        "$venv/bin/pip" freeze --exclude-editable > "$venv/after.txt"
+        "$venv/bin/pip" install --quiet --target "$venv/oracle" -c "$venv/after.txt" \
+          -r "$venv/oracle-missing.txt"
+      fi
     fi
     touch "$stamp"
   fi
