@@ -28,7 +28,7 @@ def _run(code: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]
     """Runs ``code`` in a fresh interpreter; it ends by printing one JSON object, returned parsed."""
     env = {k: v for k, v in os.environ.items() if k != "PARAMSEL_TARGET"}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=False
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env, check=False
     )
     assert result.returncode == 0, result
     return result, json.loads(result.stdout.splitlines()[-1])

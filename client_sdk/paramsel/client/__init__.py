@@ -9,26 +9,35 @@ deadline, retries) if given, else to ``$PARAMSEL_TARGET``, else to a server embe
 (started on first use). Failures raise :class:`ParamselError`.
 """
 
-from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
-from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
-from paramsel.client._compact import pack_compact, unpack_compact
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Imported with the package: none of them needs torch, so that `paramsel health` (which connects the
+# way the SDK does) starts fast. Everything else is imported from its module on first use (PEP 562).
 from paramsel.client._connection import Connection
-from paramsel.client._criteria import (
-    LayerSelectionFunction,
-    LayerSelectionFunctionConstructor,
-    largest_final_magnitude_scores,
-    largest_increase_in_magnitude_scores,
-    largest_magnitude_change_scores,
-    select_layers_by_percentage,
-    select_layers_by_threshold,
-    select_scores_and_sample_masks,
-    smallest_final_magnitude_scores,
-    smallest_increase_in_magnitude_scores,
-    smallest_magnitude_change_scores,
-)
 from paramsel.client._errors import ParamselError, StatusCode
-from paramsel.client._exchangers import DynamicLayerExchanger, FedPmExchanger, SparseCooParameterExchanger
 from paramsel.client._target import ENV_TARGET
+
+if TYPE_CHECKING:
+    from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
+    from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
+    from paramsel.client._compact import pack_compact, unpack_compact
+    from paramsel.client._criteria import (
+        LayerSelectionFunction,
+        LayerSelectionFunctionConstructor,
+        largest_final_magnitude_scores,
+        largest_increase_in_magnitude_scores,
+        largest_magnitude_change_scores,
+        select_layers_by_percentage,
+        select_layers_by_threshold,
+        select_scores_and_sample_masks,
+        smallest_final_magnitude_scores,
+        smallest_increase_in_magnitude_scores,
+        smallest_magnitude_change_scores,
+    )
+    from paramsel.client._exchangers import DynamicLayerExchanger, FedPmExchanger, SparseCooParameterExchanger
 
 __all__ = [
     "ENV_TARGET",
@@ -58,3 +67,44 @@ __all__ = [
     "smallest_magnitude_change_scores",
     "unpack_compact",
 ]
+
+# Each lazily imported name, and the module that defines it.
+_LAZY = {
+    **dict.fromkeys(("aggregate_layers", "aggregate_sparse_coo"), "paramsel.client._aggregate"),
+    **dict.fromkeys(("AggregateResult", "Client", "PushResult", "SelectResult"), "paramsel.client._client"),
+    **dict.fromkeys(("pack_compact", "unpack_compact"), "paramsel.client._compact"),
+    **dict.fromkeys(
+        (
+            "LayerSelectionFunction",
+            "LayerSelectionFunctionConstructor",
+            "largest_final_magnitude_scores",
+            "largest_increase_in_magnitude_scores",
+            "largest_magnitude_change_scores",
+            "select_layers_by_percentage",
+            "select_layers_by_threshold",
+            "select_scores_and_sample_masks",
+            "smallest_final_magnitude_scores",
+            "smallest_increase_in_magnitude_scores",
+            "smallest_magnitude_change_scores",
+        ),
+        "paramsel.client._criteria",
+    ),
+    **dict.fromkeys(
+        ("DynamicLayerExchanger", "FedPmExchanger", "SparseCooParameterExchanger"),
+        "paramsel.client._exchangers",
+    ),
+}
+
+if not TYPE_CHECKING:  # type checkers see the imports above; a misspelt name stays an error for them
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups find it without coming here
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -203,13 +203,17 @@ def channel_for(resolved: Resolved) -> grpc.Channel:
         channel = _channels.get(key)
         if channel is None:
             if resolved.tls:
-                credentials = grpc.ssl_channel_credentials(
-                    root_certificates=_read(resolved.ca_file, "ca_file") if resolved.ca_file else None,
-                    private_key=_read(resolved.key_file, "key_file") if resolved.key_file else None,
-                    certificate_chain=_read(resolved.cert_file, "cert_file") if resolved.cert_file else None,
-                )
-                channel = grpc.secure_channel(resolved.target, credentials, options=options)
+                channel = grpc.secure_channel(resolved.target, credentials(resolved), options=options)
             else:
                 channel = grpc.insecure_channel(resolved.target, options=options)
             _channels[key] = channel
         return channel
+
+
+def credentials(resolved: Resolved) -> grpc.ChannelCredentials:
+    """The TLS credentials of a TLS connection: its CA (else gRPC's default roots) and client certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(resolved.ca_file, "ca_file") if resolved.ca_file else None,
+        private_key=_read(resolved.key_file, "key_file") if resolved.key_file else None,
+        certificate_chain=_read(resolved.cert_file, "cert_file") if resolved.cert_file else None,
+    )
