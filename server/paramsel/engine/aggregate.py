@@ -202,17 +202,23 @@ def _average_sparse_dense(name: str, sent: list[_Sent], weighted: bool) -> Spars
     total = 0
     acc: torch.Tensor | None = None
     for s in sent:
-        assert s.positions is not None
-        dense = torch.zeros(_numel(s.shape), dtype=s.values.dtype)
-        dense.index_put_((s.positions,), s.values, accumulate=True)  # sums repeats as to_dense() does
-        dense = dense.reshape(s.shape)
-        term = dense * s.count if weighted else dense
+        term = _dense_term(s, weighted)
         total += s.count if weighted else 1
         acc = term if acc is None else torch.add(acc, term)
+        del term  # freed before the next contribution's is built: the server reserves one at a time
     assert acc is not None  # every group has at least one entry
     flat = (acc / total).reshape(-1)
     nonzero = torch.nonzero(flat, as_tuple=True)[0]
     return SparseTensor(name, tuple(acc.shape), flat.index_select(0, nonzero), nonzero)
+
+
+def _dense_term(s: _Sent, weighted: bool) -> torch.Tensor:
+    """One contribution densified (``to_dense()``, repeats summed) and weighted, as FL4Health does."""
+    assert s.positions is not None
+    dense = torch.zeros(_numel(s.shape), dtype=s.values.dtype)
+    dense.index_put_((s.positions,), s.values, accumulate=True)  # sums repeats as to_dense() does
+    dense = dense.reshape(s.shape)
+    return dense * s.count if weighted else dense
 
 
 def _coalesced(

@@ -44,9 +44,7 @@ def pull_sparse(
             spec = specs[item.name]
             positions, increasing = _checked_positions(item, _numel(spec.shape))
             if mode is PullMode.REPLACE:
-                dense = torch.zeros(_numel(spec.shape), dtype=item.values.dtype)
-                dense.index_put_((positions,), item.values.detach(), accumulate=True)
-                pulled[item.name] = dense.reshape(spec.shape).to(spec.dtype)
+                pulled[item.name] = _densified(spec, item.values.detach(), positions)
             else:
                 base_tensor = _base_tensor(base, spec)
                 pulled[item.name] = _scatter(spec, base_tensor, item.values.detach(), positions, increasing)
@@ -132,6 +130,15 @@ def _checked_positions(item: SparseTensor, numel: int) -> tuple[torch.Tensor, bo
                 f"outside [0, {numel}) for its shape {tuple(item.shape)}"
             )
     return positions, increasing
+
+
+def _densified(spec: TensorSpec, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The dense tensor of sparse entries (repeats summed) in the model's dtype. A function of its own,
+    so that the densified tensor in the values' dtype is freed before the next tensor's is built (the
+    server reserves one at a time; see :mod:`paramsel.engine.budget`)."""
+    dense = torch.zeros(_numel(spec.shape), dtype=values.dtype)
+    dense.index_put_((positions,), values, accumulate=True)
+    return dense.reshape(spec.shape).to(spec.dtype)
 
 
 def _base_tensor(base: State | None, spec: TensorSpec) -> torch.Tensor:

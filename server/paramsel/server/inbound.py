@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 from paramsel import engine
+from paramsel.engine import budget
+from paramsel.server.limits import Declarations
 from paramsel.v1 import service_pb2, tensor_pb2
-from paramsel.wire import DenseDecl, WireError, WireLimitError
+from paramsel.wire import DenseDecl, SparseDecl, WireError
+from paramsel.wire.compact import bitmap_nbytes, elias_fano_nbytes
 from paramsel.wire.streams import Received, read_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
@@ -39,17 +42,8 @@ def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
     )
     if not received.layout:
         raise WireError("no layout was sent: declare the model's state in 'layout' frames")
-    # A small payload can name large tensors, and the answer is those tensors, dense: their size counts
-    # against the call's limit too, before anything is built.
-    named = {d.name for d, _ in received.dense.get(PAYLOAD, [])} | {
-        s.decl.name for s in received.sparse.get(PAYLOAD, [])
-    }
-    answer = sum(d.nbytes for d in received.layout if d.name in named)
-    if answer > max_bytes:
-        raise WireLimitError(
-            f"the tensors the payload names take {answer} bytes in the answer, over the server's {max_bytes} "
-            "bytes per call"
-        )
+    # A small payload can name large tensors: what the pull builds (the answer, densified tensors) was
+    # counted against the call's limit from the declarations, before the first chunk (pull_plan).
     return received
 
 
@@ -157,3 +151,117 @@ def contributions(received: Received, payload_kind: int) -> list[engine.Contribu
         )
         for n, dense_items, sparse_items in received.grouped(PAYLOAD)
     ]
+
+
+# --- Work plans: what a call will allocate beyond its upload, from its declarations -------------------
+
+_COO = tensor_pb2.POSITION_ENCODING_COO_INT64
+_FLAT = tensor_pb2.POSITION_ENCODING_FLAT_INT64
+_BITMAP = tensor_pb2.POSITION_ENCODING_BITMAP
+_ELIAS_FANO = tensor_pb2.POSITION_ENCODING_ELIAS_FANO
+_COMPACT = tensor_pb2.POSITION_ENCODING_COMPACT
+# Scratch of decoding or encoding BITMAP and ELIAS_FANO positions, per position (unpacked bits, index
+# arrays, bit fields), beside the positions themselves (8 bytes each).
+COMPACT_SCRATCH_PER_POSITION = 40
+# The objects the server keeps per declared tensor besides its bytes (declarations, tensor headers, the
+# engine's and the answer's per-tensor objects): measured at about 5 KiB per payload tensor and 0.7 KiB
+# per layout entry, when a call declares 100,000 tiny ones.
+TENSOR_OVERHEAD_BYTES = 8 << 10
+LAYOUT_ENTRY_OVERHEAD_BYTES = 1 << 10
+
+
+def overhead_work(declared: Declarations) -> budget.Work:
+    """The per-tensor objects of a call, counted as held by each declared tensor."""
+    entries = [(d.name, LAYOUT_ENTRY_OVERHEAD_BYTES) for d in declared.layout]
+    entries += [(d.name, TENSOR_OVERHEAD_BYTES) for _, _, d in declared.dense]
+    entries += [(d.name, TENSOR_OVERHEAD_BYTES) for _, _, d in declared.sparse]
+    return budget.Work(tuple(budget.Need(name, n, 0, "its declaration's objects") for name, n in entries))
+
+
+def decode_work(sparse: list[tuple[int, int, SparseDecl]]) -> budget.Work:
+    """Decoding sparse positions: flat int64 positions (held; FLAT_INT64 ones are views of the upload)
+    and, for BITMAP and ELIAS_FANO, the decoder's scratch."""
+    needs = []
+    for _, _, decl in sparse:
+        encoding = decl.position_encoding
+        held = 0 if encoding == _FLAT else 8 * decl.nnz
+        scratch = 0
+        if encoding in (_BITMAP, _ELIAS_FANO):
+            # Counting set bits copies the code once; unpacking it is bounded by the positions it holds.
+            scratch = max(decl.positions_nbytes, COMPACT_SCRATCH_PER_POSITION * decl.nnz)
+        if held or scratch:
+            needs.append(budget.Need(decl.name, held, scratch, f"{decl.nnz} positions decoded"))
+    return budget.Work(tuple(needs))
+
+
+def encode_need(name: str, entries: int, shape: tuple[int, ...], encoding: int) -> budget.Need | None:
+    """Encoding a sparse answer's positions (``entries`` at most) in ``encoding`` (COMPACT: whichever of
+    BITMAP and ELIAS_FANO needs more, as the choice depends on the entries there turn out to be)."""
+    if entries <= 0:
+        return None
+    size = budget.numel(shape)
+    if encoding in (_COMPACT, _BITMAP, _ELIAS_FANO):
+        costs = []  # (held, scratch): the code, and a bool per element or the encoder's arrays
+        if encoding != _ELIAS_FANO:
+            costs.append((bitmap_nbytes(size), size + entries))
+        if encoding != _BITMAP:
+            costs.append((elias_fano_nbytes(entries, size), COMPACT_SCRATCH_PER_POSITION * entries))
+        held, scratch = max(h for h, _ in costs), max(s for _, s in costs)
+    elif encoding == _FLAT:
+        return None
+    else:  # COO_INT64: (entries, ndim) coordinates, peeled off one axis at a time
+        held, scratch = 8 * len(shape) * entries, 16 * entries
+    return budget.Need(name, held, scratch, f"{entries} answer positions encoded")
+
+
+def aggregate_plan(declared: Declarations) -> budget.Work:
+    """An Aggregate's work: decoding positions, the averages (dense accumulators and answers), encoding
+    the sparse answer's positions."""
+    start = declared.first
+    weighted = start.weighted if start is not None and start.HasField("weighted") else True
+    counts = declared.contributions
+    sparse: list[list[budget.SparseSpec]] = [[] for _ in counts]
+    layers: list[list[engine.TensorSpec]] = [[] for _ in counts]
+    for _, owner, decl in declared.sparse:
+        if 0 <= owner < len(counts):
+            sparse[owner].append(budget.SparseSpec(decl.name, decl.dtype, decl.shape, decl.nnz))
+    for _, owner, dense_decl in declared.dense:
+        if 0 <= owner < len(counts):
+            layers[owner].append(engine.TensorSpec(dense_decl.name, dense_decl.dtype, dense_decl.shape))
+    averages = budget.aggregate_sparse_work(list(zip(counts, sparse, strict=True)), weighted=weighted)
+    try:
+        encoding = position_encoding(start.position_encoding) if start is not None else _COO
+    except WireError:  # refused later if the answer is sparse; until then, count the costliest
+        encoding = _COMPACT
+    encoded = [encode_need(n.name, n.answer_entries, n.answer_shape, encoding) for n in averages.needs]
+    return (
+        overhead_work(declared)
+        + decode_work(declared.sparse)
+        + averages
+        + budget.Work(tuple(n for n in encoded if n is not None))
+        + budget.aggregate_layers_work(list(zip(counts, layers, strict=True)), weighted=weighted)
+    )
+
+
+def pull_plan(declared: Declarations) -> budget.Work:
+    """A Pull's work: decoding positions, the answer tensors and, in replace mode, densified payloads."""
+    start = declared.first
+    scatter = start is not None and start.mode == service_pb2.PULL_MODE_SCATTER
+    mode = engine.PullMode.SCATTER if scatter else engine.PullMode.REPLACE
+    fedpm = start is not None and start.payload_kind == service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES
+    model = [engine.TensorSpec(d.name, d.dtype, d.shape) for d in declared.layout]
+    return (
+        overhead_work(declared)
+        + decode_work(declared.sparse)
+        + budget.pull_work(
+            model,
+            sparse=[
+                budget.SparseSpec(d.name, d.dtype, d.shape, d.nnz)
+                for s, _, d in declared.sparse
+                if s == PAYLOAD
+            ],
+            dense=[engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == PAYLOAD],
+            mode=mode,
+            fedpm=fedpm,
+        )
+    )

@@ -1,9 +1,13 @@
-"""Admission and accounting: concurrent calls, declared bytes in flight, tensors and elements per call.
+"""Admission and accounting: concurrent calls, bytes in flight, tensors and elements per call.
 
 Every paramsel.v1 call holds a slot (:meth:`CallLimits.call`) for its whole life. Its manifests are
 inspected as they arrive (:meth:`Call.watch`), before the stream reader allocates anything: the declared
-bytes are reserved against the server-wide in-flight budget and released when the call ends, however it
-ends (finished, failed, cancelled, past its deadline).
+bytes are reserved against the server-wide in-flight budget. Once the declarations are complete (at the
+first chunk, or at the end of a stream that has none), a call that computes from declared shapes -
+Aggregate's dense accumulators, Pull's densified tensors and answers - has its *work* planned from them
+(:mod:`paramsel.engine.budget`) and reserved the same way, before any of it is allocated. Upload plus
+work must fit ``max_call_bytes``; everything reserved is released when the call ends, however it ends
+(finished, failed, cancelled, past its deadline).
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from paramsel.wire import WireError, WireLimitError
-from paramsel.wire.codec import dense_decl, sparse_decl
+from paramsel.engine.budget import Work
+from paramsel.wire import DenseDecl, WireError, WireLimitError
+from paramsel.wire.codec import SparseDecl, dense_decl, sparse_decl
+
+CALL_FLAG = "--max-call-bytes"
+INFLIGHT_FLAG = "--max-inflight-bytes"
 
 
 class ServerDrainingError(Exception):
@@ -35,6 +43,25 @@ class Limits:
     max_elements_per_tensor: int
 
 
+@dataclass
+class Declarations:
+    """What a call's request stream declared before its first chunk: the plan's input."""
+
+    first: Any = None
+    """The start frame's message."""
+    layout: list[DenseDecl] = field(default_factory=list)
+    dense: list[tuple[int, int, DenseDecl]] = field(default_factory=list)
+    """(section, contribution index or -1, declaration), in declaration order."""
+    sparse: list[tuple[int, int, SparseDecl]] = field(default_factory=list)
+    """(section, contribution index or -1, declaration), in declaration order."""
+    contributions: list[int] = field(default_factory=list)
+    """Example counts of the contribution frames, in order."""
+
+
+Plan = Callable[[Declarations], Work]
+"""The work a call's computation will allocate, from its declarations (see :mod:`paramsel.engine.budget`)."""
+
+
 class Call:
     """One admitted call: counts its declarations and holds its share of the in-flight bytes."""
 
@@ -43,7 +70,9 @@ class Call:
         self._limits = owner.limits
         self.tensors = 0
         self.declared = 0
+        self.work = 0
         self.reserved = 0
+        self.declarations = Declarations()
 
     def _declare(self, name: str, elements: int, nbytes: int) -> None:
         self.tensors += 1
@@ -54,7 +83,8 @@ class Call:
         self.declared += nbytes
         if self.declared > self._limits.max_call_bytes:  # Inbound checks it too, after this
             raise WireLimitError(
-                f"the call declares more than {self._limits.max_call_bytes} bytes of tensor data, the server's limit"
+                f"the call declares more than {self._limits.max_call_bytes} bytes of tensor data, the server's "
+                f"limit ({CALL_FLAG})"
             )
         if elements > self._limits.max_elements_per_tensor:
             raise WireLimitError(
@@ -67,13 +97,17 @@ class Call:
 
     def _inspect(self, frame: Any) -> None:
         kind = frame.WhichOneof("frame")
+        seen = self.declarations
+        owner = len(seen.contributions) - 1
         if kind == "layout":
             for spec in frame.layout.tensors:
                 try:
-                    elements = dense_decl(spec, what="layout").numel
+                    layout = dense_decl(spec, what="layout")
                 except WireError:
-                    elements = 0
-                self._declare(spec.name, elements, 0)
+                    self._declare(spec.name, 0, 0)
+                    continue
+                self._declare(spec.name, layout.numel, 0)
+                seen.layout.append(layout)
         elif kind == "tensors":
             for spec in frame.tensors.tensors:
                 try:
@@ -82,6 +116,7 @@ class Call:
                     self._declare(spec.name, 0, 0)
                     continue  # invalid: the stream reader reports it, with its context
                 self._declare(decl.name, decl.numel, decl.nbytes)
+                seen.dense.append((frame.tensors.section, owner, decl))
         elif kind == "sparse_tensors":
             for sspec in frame.sparse_tensors.tensors:
                 try:
@@ -91,13 +126,49 @@ class Call:
                     continue
                 elements = max(math.prod(sdecl.shape), sdecl.nnz)
                 self._declare(sdecl.name, elements, sdecl.values_nbytes + sdecl.positions_nbytes)
+                seen.sparse.append((frame.sparse_tensors.section, owner, sdecl))
+        elif kind == "contribution":
+            seen.contributions.append(int(frame.contribution.num_examples))
+        elif kind is not None and seen.first is None:
+            seen.first = getattr(frame, kind)
 
-    def watch(self, frames: Iterable[Any]) -> Iterator[Any]:
-        """Passes frames through, checking each manifest against the limits before it goes on."""
+    def watch(self, frames: Iterable[Any], plan: Plan | None = None) -> Iterator[Any]:
+        """Passes frames through, checking each manifest against the limits before it goes on; with a
+        ``plan``, reserves the call's work once its declarations are complete, before the first chunk
+        (or the end of a stream without one) goes on."""
+        pending = plan
         for frame in frames:
             if frame.WhichOneof("frame") != "chunk":
                 self._inspect(frame)
+            elif pending is not None:
+                self.reserve_work(pending(self.declarations))
+                pending = None
             yield frame
+        if pending is not None:
+            self.reserve_work(pending(self.declarations))
+
+    def reserve_work(self, work: Work) -> None:
+        """Counts the work of the call's computation against its limit and the in-flight bytes, or refuses
+        the call (RESOURCE_EXHAUSTED) naming the tensor that needs the most and the figures."""
+        nbytes = work.nbytes
+        if nbytes <= 0:
+            return
+        largest = work.largest()
+        blame = (
+            ""
+            if largest is None
+            else f"tensor '{largest.name}' needs {largest.nbytes} bytes ({largest.what})"
+        )
+        needed = self.declared + self.work + nbytes
+        if needed > self._limits.max_call_bytes:
+            raise WireLimitError(
+                f"{blame}; the call needs {needed} bytes in all ({self.declared} uploaded, "
+                f"{self.work + nbytes} to compute and answer), over the server's limit of "
+                f"{self._limits.max_call_bytes} bytes per call ({CALL_FLAG})"
+            )
+        self._owner.reserve(nbytes, what=blame)
+        self.work += nbytes
+        self.reserved += nbytes
 
 
 class CallLimits:
@@ -120,12 +191,15 @@ class CallLimits:
         with self._lock:
             return self._inflight
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, *, what: str = "") -> None:
+        """Adds ``nbytes`` to the bytes in flight, or refuses them (RESOURCE_EXHAUSTED); ``what`` says
+        what they are for, in the message."""
         with self._lock:
             if self._inflight + nbytes > self.limits.max_inflight_bytes:
+                spent = f"{what}: " if what else ""
                 raise WireLimitError(
-                    f"the server has {self._inflight} bytes in flight; {nbytes} more would pass its limit of "
-                    f"{self.limits.max_inflight_bytes}: retry later"
+                    f"{spent}the server has {self._inflight} bytes in flight; {nbytes} more would pass its "
+                    f"limit of {self.limits.max_inflight_bytes} ({INFLIGHT_FLAG}): retry later"
                 )
             self._inflight += nbytes
 

@@ -89,7 +89,9 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         self, request_iterator: Iterator[service_pb2.PullRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PullResponse]:
         with statuses(context, "Pull"), self.limits.call() as call:
-            received = inbound.read_pull(call.watch(request_iterator), max_bytes=self._config.max_call_bytes)
+            received = inbound.read_pull(
+                call.watch(request_iterator, inbound.pull_plan), max_bytes=self._config.max_call_bytes
+            )
             start: service_pb2.PullStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
             if start.mode not in _PULL_MODES:
@@ -123,7 +125,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     ) -> Iterator[service_pb2.AggregateResponse]:
         with statuses(context, "Aggregate"), self.limits.call() as call:
             received = inbound.read_contributions(
-                call.watch(request_iterator), max_bytes=self._config.max_call_bytes
+                call.watch(request_iterator, inbound.aggregate_plan), max_bytes=self._config.max_call_bytes
             )
             start: service_pb2.AggregateStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)

@@ -1,0 +1,364 @@
+"""What a computation will allocate, worked out from what a request declares, before anything is built.
+
+A request of a few dozen bytes can declare a sparse tensor of 2**31 entries: aggregating it builds a
+dense accumulator of that shape, pulling it a dense tensor. These functions give, from the declarations
+alone (names, dtypes, shapes, entry counts), an upper bound of the bytes the matching engine function
+holds at its peak - its answer and its scratch - at the dtypes it computes in, so that a server can
+reserve them, or refuse the call, first. Nothing here allocates more than a few empty tensors: the
+dtypes a computation promotes to are found by running its own promotion (torch's, or this process's
+numpy's) on empty stand-ins.
+
+Each tensor's figure is a :class:`Need`: ``held`` bytes stay until the call ends (the answer, and what
+it is built from), ``scratch`` bytes only while that tensor is computed. The engine computes one tensor
+at a time, so a :class:`Work` is the sum of every ``held`` plus the largest ``scratch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .pull import PullMode
+from .state import TensorSpec
+
+# Scratch per sent entry of the tensor being computed, on top of the entries' own dtype (``w`` bytes
+# each): masks, sort and unique buffers, index copies. An upper bound of what the O(nnz) steps of the
+# sparse aggregation and of a sparse pull hold at once.
+ENTRY_SCRATCH_BYTES = 32
+ENTRY_SCRATCH_VALUES = 4
+# Dense scratch of a sparse aggregation, in accumulators of the widest dtype: the accumulator and one
+# more of its size (its cast to a wider dtype, or its != 0 mask) when every shape agrees; with
+# broadcasting, the densified contribution and its weighted copy beside the old and the new sum.
+SAME_SHAPE_ACCUMULATORS = 2
+BROADCAST_ACCUMULATORS = 4
+# A layer aggregation holds the running sum, the next weighted term and the new sum (weighted), or the
+# two sums (unweighted), at most.
+WEIGHTED_LAYER_ARRAYS = 3
+UNWEIGHTED_LAYER_ARRAYS = 2
+# FedPM's pull, -log(1 / x - 1), holds two whole intermediate tensors at a time.
+FEDPM_INTERMEDIATES = 2
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """A declared sparse tensor: ``nnz`` values of ``dtype`` in a dense ``shape``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nnz: int
+
+
+@dataclass(frozen=True)
+class Need:
+    """The bytes one tensor's computation holds at most, and how the figure is made (for messages)."""
+
+    name: str
+    held: int
+    """Kept until the call ends: the answer, and what it is built from."""
+    scratch: int
+    """Held only while this tensor is computed."""
+    what: str
+    answer_entries: int = 0
+    """For a sparse answer: at most how many entries it has (their encoding is the server's to count)."""
+    answer_shape: tuple[int, ...] = ()
+    """For a sparse answer: its dense shape."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.held + self.scratch
+
+
+@dataclass(frozen=True)
+class Work:
+    """The needs of one call's computation: every ``held`` at once, plus the largest ``scratch``."""
+
+    needs: tuple[Need, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n.held for n in self.needs) + max((n.scratch for n in self.needs), default=0)
+
+    def largest(self) -> Need | None:
+        """The tensor that needs the most bytes (its needs merged: held summed, the largest scratch),
+        described by its largest need; the first of them on a tie; None when there are none."""
+        merged: dict[str, Need] = {}
+        for need in self.needs:
+            seen = merged.get(need.name)
+            if seen is None:
+                merged[need.name] = need
+                continue
+            what = need.what if need.nbytes > seen.nbytes else seen.what
+            merged[need.name] = Need(need.name, seen.held + need.held, max(seen.scratch, need.scratch), what)
+        return max(merged.values(), key=lambda n: n.nbytes, default=None)
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.needs + other.needs)
+
+
+def numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def broadcast_shape(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """numpy's (and torch's) broadcast of ``shapes``; None when they do not broadcast together."""
+    joined: tuple[int, ...] = ()
+    for shape in shapes:
+        out: list[int] = []
+        for index in range(1, max(len(joined), len(shape)) + 1):
+            x = joined[-index] if index <= len(joined) else 1
+            y = shape[-index] if index <= len(shape) else 1
+            if x != y and x != 1 and y != 1:
+                return None
+            out.append(y if x == 1 else x)
+        joined = tuple(reversed(out))
+    return joined
+
+
+def entry_scratch(entries: int, widest: int) -> int:
+    """Scratch of the O(nnz) steps over ``entries`` entries computed in ``widest``-byte values."""
+    return entries * (ENTRY_SCRATCH_BYTES + ENTRY_SCRATCH_VALUES * widest)
+
+
+def _over(shape: tuple[int, ...], element_bytes: int) -> str:
+    return f"over shape {list(shape)} at {_bytes(element_bytes)} per element"
+
+
+def _bytes(count: int) -> str:
+    return f"{count} byte" if count == 1 else f"{count} bytes"
+
+
+# --- Aggregate --------------------------------------------------------------------------------------
+
+
+def aggregate_sparse_work(
+    contributions: Sequence[tuple[int, Sequence[SparseSpec]]], *, weighted: bool = True
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.aggregate_sparse` holds, per tensor name.
+
+    ``contributions`` is (num_examples, sparse tensors) per client. Per name: the dense accumulators
+    over the (broadcast) shape, at the widest dtype the average passes through (values, weighted terms,
+    sums, quotient), as scratch; the answer - at most as many entries as all contributions sent
+    (broadcasting repeats entries), values and flat int64 positions - as held; and the O(nnz) scratch.
+    Names whose shapes do not broadcast need nothing: the engine refuses them before it allocates.
+    """
+    groups: dict[str, list[tuple[int, SparseSpec]]] = {}
+    for count, tensors in contributions:
+        for spec in tensors:
+            groups.setdefault(spec.name, []).append((count, spec))
+    needs = []
+    for name, sent in groups.items():
+        shapes = [spec.shape for _, spec in sent]
+        same = all(shape == shapes[0] for shape in shapes)
+        out = shapes[0] if same else broadcast_shape(shapes)
+        if out is None:
+            continue
+        size = numel(out)
+        widest, quotient = _sparse_dtypes(sent, weighted, same)
+        entries = sum(spec.nnz * (size // max(numel(spec.shape), 1)) for _, spec in sent)
+        answer_entries = min(size, entries)
+        accumulators = SAME_SHAPE_ACCUMULATORS if same else BROADCAST_ACCUMULATORS
+        largest = max(spec.nnz for _, spec in sent)
+        held = answer_entries * (itemsize(quotient) + 8)
+        scratch = (
+            accumulators * size * widest + answer_entries * (9 + 2 * widest) + entry_scratch(largest, widest)
+        )
+        what = (
+            f"{accumulators} dense accumulators {_over(out, widest)} (the widest dtype of the average), "
+            f"and an answer of up to {answer_entries} entries"
+        )
+        needs.append(Need(name, held, scratch, what, answer_entries, out))
+    return Work(tuple(needs))
+
+
+def _probe(dtype: torch.dtype, ndim: int) -> torch.Tensor:
+    """An empty tensor that promotes as a tensor of ``ndim`` dimensions does (0-d ones defer)."""
+    return torch.empty((0,) * ndim, dtype=dtype) if ndim else torch.zeros((), dtype=dtype)
+
+
+def _sparse_dtypes(
+    sent: Sequence[tuple[int, SparseSpec]], weighted: bool, same: bool
+) -> tuple[int, torch.dtype]:
+    """(the widest itemsize the sparse average passes through, the answer's dtype)."""
+    widest = 1
+    acc: torch.Tensor | None = None
+    total = 0
+    for count, spec in sent:
+        # Same shapes: the engine weighs the flat summed values (1-d); otherwise the dense tensor.
+        values = _probe(spec.dtype, 1 if same else len(spec.shape))
+        term = values * count if weighted else values
+        total += count if weighted else 1
+        if acc is None:
+            acc = term
+        elif same:
+            acc = acc.to(torch.promote_types(acc.dtype, term.dtype))
+        else:
+            acc = torch.add(acc, term)
+        widest = max(widest, values.element_size(), term.element_size(), acc.element_size())
+    assert acc is not None
+    quotient = acc / max(total, 1)
+    return max(widest, quotient.element_size()), quotient.dtype
+
+
+def aggregate_layers_work(
+    contributions: Sequence[tuple[int, Sequence[TensorSpec]]], *, weighted: bool = True
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.aggregate_layers` holds, per tensor name.
+
+    Per name: the answer over the broadcast shape in the quotient's dtype (held), and the running sum,
+    the next weighted term and the new sum at the widest dtype the average passes through (scratch),
+    with this process's numpy promotion (torch's for bfloat16).
+    """
+    groups: dict[str, list[tuple[int, TensorSpec]]] = {}
+    for count, tensors in contributions:
+        for spec in tensors:
+            groups.setdefault(spec.name, []).append((count, spec))
+    needs = []
+    for name, sent in groups.items():
+        out = broadcast_shape([spec.shape for _, spec in sent])
+        if out is None:
+            continue
+        size = numel(out)
+        widest, quotient = _layer_dtypes(sent, weighted)
+        arrays = WEIGHTED_LAYER_ARRAYS if weighted else UNWEIGHTED_LAYER_ARRAYS
+        what = f"its average and {arrays} sums {_over(out, widest)} (the widest dtype of the average)"
+        needs.append(Need(name, size * quotient, arrays * size * widest, what))
+    return Work(tuple(needs))
+
+
+def _layer_dtypes(sent: Sequence[tuple[int, TensorSpec]], weighted: bool) -> tuple[int, int]:
+    """(the widest itemsize a layer average passes through, the answer's itemsize)."""
+    ndims = {len(spec.shape) for _, spec in sent}
+    if 0 in ndims and len(ndims) > 1:
+        # numpy 1 promotes a 0-d array beside a dimensioned one by its value, which an empty stand-in
+        # lacks: count the widest dtype there is.
+        return 8, 8
+    if any(spec.dtype == torch.bfloat16 for _, spec in sent):
+        torch_widest, torch_quotient = _sparse_dtypes(
+            [(count, SparseSpec(spec.name, spec.dtype, spec.shape, 0)) for count, spec in sent],
+            weighted,
+            same=False,
+        )
+        return torch_widest, itemsize(torch_quotient)
+    widest = 1
+    acc: np.ndarray | None = None
+    total = 0
+    with np.errstate(all="ignore"):
+        for count, spec in sent:
+            array = np.empty((0,) * len(spec.shape), dtype=_numpy_dtype(spec.dtype))
+            try:
+                term = array * count if weighted else array
+            except OverflowError:  # the engine refuses it; count the widest dtype there is
+                return 8, 8
+            total += count if weighted else 1
+            acc = term if acc is None else np.add(acc, term)
+            widest = max(widest, array.itemsize, np.asarray(term).itemsize, np.asarray(acc).itemsize)
+        assert acc is not None
+        quotient = np.asarray(acc / max(total, 1)).itemsize
+    return max(widest, quotient), quotient
+
+
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+# --- Pull -------------------------------------------------------------------------------------------
+
+
+def _matching(
+    model: Sequence[TensorSpec], entries: Iterable[tuple[str, tuple[int, ...]]]
+) -> dict[str, TensorSpec]:
+    """The model's specs of the payload entries the engine will compute: a name the model lacks or a
+    shape it disagrees with is refused before anything is allocated, and needs nothing."""
+    specs = {spec.name: spec for spec in model}
+    return {
+        name: specs[name] for name, shape in entries if name in specs and tuple(specs[name].shape) == shape
+    }
+
+
+def pull_sparse_work(
+    model: Sequence[TensorSpec], payload: Sequence[SparseSpec], *, mode: PullMode = PullMode.REPLACE
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.pull_sparse` holds.
+
+    Per payload tensor: the answer, the model's tensor in its dtype (held); in REPLACE mode the tensor
+    densified in the payload values' dtype when that is not the model's (scratch); and the O(nnz)
+    scratch.
+    """
+    specs = _matching(model, ((item.name, item.shape) for item in payload))
+    needs = []
+    for item in payload:
+        spec = specs.get(item.name)
+        if spec is None:
+            continue
+        size = numel(spec.shape)
+        held = size * itemsize(spec.dtype)
+        widest = max(itemsize(item.dtype), itemsize(spec.dtype))
+        densified = (
+            size * itemsize(item.dtype) if mode is PullMode.REPLACE and item.dtype != spec.dtype else 0
+        )
+        what = f"its answer {_over(spec.shape, itemsize(spec.dtype))}"
+        if densified:
+            what += f", and the payload densified first at {_bytes(itemsize(item.dtype))} per element"
+        needs.append(Need(item.name, held, densified + entry_scratch(item.nnz, widest), what))
+    return Work(tuple(needs))
+
+
+def pull_layers_work(model: Sequence[TensorSpec], payload: Sequence[TensorSpec]) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.pull_layers` holds: each answer in the model's
+    dtype (counted even where it is the payload tensor itself, uncopied)."""
+    specs = _matching(model, ((item.name, item.shape) for item in payload))
+    return Work(
+        tuple(
+            Need(
+                item.name,
+                numel(spec.shape) * itemsize(spec.dtype),
+                0,
+                f"its answer {_over(spec.shape, itemsize(spec.dtype))}",
+            )
+            for item in payload
+            if (spec := specs.get(item.name)) is not None
+        )
+    )
+
+
+def pull_fedpm_work(model: Sequence[TensorSpec], payload: Sequence[TensorSpec]) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.pull_fedpm` holds: each answer in the model's
+    dtype, and two intermediates of ``-log(1 / x - 1)`` in the dtype ``1 / x`` gives."""
+    specs = _matching(model, ((item.name, item.shape) for item in payload))
+    needs = []
+    for item in payload:
+        spec = specs.get(item.name)
+        if spec is None:
+            continue
+        size = numel(spec.shape)
+        inverse = (1 / _probe(item.dtype, 1)).element_size()
+        what = (
+            f"its answer {_over(spec.shape, itemsize(spec.dtype))}, and {FEDPM_INTERMEDIATES} intermediates "
+            f"of -log(1 / x - 1) at {_bytes(inverse)} per element"
+        )
+        needs.append(Need(item.name, size * itemsize(spec.dtype), FEDPM_INTERMEDIATES * size * inverse, what))
+    return Work(tuple(needs))
+
+
+def pull_work(
+    model: Sequence[TensorSpec],
+    *,
+    sparse: Sequence[SparseSpec] = (),
+    dense: Sequence[TensorSpec] = (),
+    mode: PullMode = PullMode.REPLACE,
+    fedpm: bool = False,
+) -> Work:
+    """The work of a pull of ``sparse`` or ``dense`` (FedPM probabilities when ``fedpm``) payloads."""
+    work = pull_sparse_work(model, sparse, mode=mode)
+    return work + (pull_fedpm_work(model, dense) if fedpm else pull_layers_work(model, dense))
