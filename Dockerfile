@@ -41,8 +41,11 @@ RUN groupadd --system --gid 10001 paramsel \
 
 COPY --from=builder /opt/venv /opt/venv
 
+# MALLOC_MMAP_THRESHOLD_: glibc returns large freed blocks at once (server/paramsel/server/memory.py
+# says why; `paramsel serve` sets the same itself).
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    MALLOC_MMAP_THRESHOLD_=131072
 
 USER 10001:10001
 WORKDIR /home/paramsel
@@ -54,7 +57,9 @@ EXPOSE 50051
 # (docker stop -t / compose stop_grace_period).
 STOPSIGNAL SIGTERM
 
-# grpc.health.v1 Check through paramsel itself; no separately downloaded probe binary.
+# grpc.health.v1 Check through paramsel itself; no separately downloaded probe binary. For a TLS server
+# give the container PARAMSEL_CA_FILE (and PARAMSEL_CERT_FILE / PARAMSEL_KEY_FILE for mutual TLS) and,
+# since the probe dials 127.0.0.1, PARAMSEL_TLS_SERVER_NAME: the host the server certificate names.
 HEALTHCHECK --interval=10s --timeout=10s --start-period=30s --retries=3 \
     CMD ["paramsel", "health", "--target", "127.0.0.1:50051", "--timeout", "5"]
 

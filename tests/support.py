@@ -7,8 +7,10 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -54,7 +56,7 @@ def serve_process(*args: str, output: Output | None = None) -> Iterator[tuple[su
 def assert_serving(channel: grpc.Channel) -> None:
     """The server still answers its health check for the paramsel service."""
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+    reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -82,3 +84,26 @@ def instrumented_server(registry: Any, *, workers: int = 8) -> tuple[grpc.Server
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
+
+
+@contextmanager
+def serve_process_logging_to(
+    log: Path, *args: str, timeout: float = 120
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``serve_process`` whose stdout and stderr go to the file ``log`` (no pipe to drain, nothing lost
+    if the test stops reading); yields the process and its ``host:port``, SIGTERMs it after."""
+    cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + timeout
+        while (match := _ANNOUNCE.search(log.read_text(errors="replace"))) is None:
+            if proc.poll() is not None:
+                raise AssertionError(f"paramsel serve exited with {proc.returncode}:\n{log.read_text()}")
+            assert time.monotonic() < deadline, f"paramsel serve did not announce its port in {timeout} s"
+            time.sleep(0.05)
+        yield proc, f"{match.group(1)}:{match.group(2)}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -33,7 +33,7 @@ def _health(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         [*_COMMAND, "health", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         env={**base, **(env or {})},
         check=False,
     )
@@ -151,7 +151,7 @@ def test_check_health_in_process(server: RunningServer) -> None:
     overall = check_health(server.target)
     assert overall.serving
     assert overall.status == "SERVING"
-    assert check_health(server.target, SERVICE_NAME, timeout=2).serving
+    assert check_health(server.target, SERVICE_NAME, timeout=30).serving
     unknown = check_health(server.target, "nope")
     assert not unknown.serving
     assert unknown.status == "SERVICE_NOT_FOUND"

@@ -1,4 +1,4 @@
-"""Bearer-token authentication on paramsel.v1 calls; health and reflection stay open; tokens stay secret."""
+"""Bearer-token authentication on every call but health checks (reflection included); tokens stay secret."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from paramsel.wire.streams import write_contributions, write_frames
 
 TOKEN = "s3cret-token-value-3f9a"
 OTHER = "second-token-77c1"
-TIMEOUT = 15
+TIMEOUT = 60  # seconds: a generous bound for calls, never a measure of speed
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -104,13 +104,17 @@ def test_a_right_token_is_served(
     assert token not in caplog.text
 
 
-def test_health_and_reflection_need_no_token(secured: tuple[RunningServer, grpc.Channel]) -> None:
+def test_health_needs_no_token_and_reflection_does(secured: tuple[RunningServer, grpc.Channel]) -> None:
     _, channel = secured
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
-    (answer,) = stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT))
+    assert err.value.code() == UNAUTHENTICATED
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    (answer,) = stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT, metadata=metadata)
     assert "paramsel.v1.ParameterSelectionService" in {s.name for s in answer.list_services_response.service}
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
+from paramsel.client._connection import Connection
 from paramsel.demo.cli import register as register_demo
 from paramsel.server.config import ServerConfig
 from paramsel.server.health_check import DEFAULT_TIMEOUT_SECONDS, default_target, run_health
 from paramsel.server.security import TOKENS_ENV, ConfigError, load_tokens
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,16 +41,33 @@ def _parser() -> argparse.ArgumentParser:
         "--max-call-bytes",
         type=int,
         default=defaults.max_call_bytes,
-        help="largest tensor data one call may declare (default %(default)s)",
+        help="bytes one call may make the server hold: its upload and what is computed from it (default %(default)s = 8 GiB)",
     )
     s.add_argument(
-        "--max-workers", type=int, default=defaults.max_workers, help="threads (default %(default)s)"
+        "--max-workers",
+        type=int,
+        default=defaults.max_workers,
+        help="threads serving calls; must be above --max-concurrent-calls (default %(default)s)",
     )
     s.add_argument(
         "--grace-seconds",
-        type=float,
+        type=_non_negative_seconds,
         default=defaults.grace_seconds,
         help="drain time on SIGTERM (default %(default)s)",
+    )
+    s.add_argument(
+        "--progress-timeout-seconds",
+        type=_positive_seconds,
+        default=defaults.progress_timeout_seconds,
+        help="end a call that waits longer than this on its client, for its next request frame or for it "
+        "to take the next response frame, with DEADLINE_EXCEEDED (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=defaults.max_calls_per_peer,
+        help="calls one client address may have running at once; more are refused with "
+        "RESOURCE_EXHAUSTED (default: no cap; behind a proxy or NAT all clients share one address)",
     )
     s.add_argument(
         "--model-cache-bytes",
@@ -54,12 +75,20 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.model_cache_bytes,
         help="initial models kept by digest for reuse; 0 keeps none (default %(default)s)",
     )
-    s.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    s.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="logging level, in any case (default %(default)s)",
+    )
     _add_limits(s, defaults)
     _add_security(s)
-    s.set_defaults(run=_serve)
+    s.set_defaults(run=_serve, usage=s.format_usage)
     h = commands.add_parser(
-        "health", help="ask a server's grpc.health.v1 service whether it is SERVING (exit 0) or not (exit 1)"
+        "health",
+        help="ask a server's grpc.health.v1 service whether it is SERVING (exit 0) or not (exit 1)",
+        allow_abbrev=False,
     )
     h.add_argument(
         "--target",
@@ -73,9 +102,40 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT_SECONDS,
         help="seconds to wait for the answer (default %(default)s)",
     )
-    h.set_defaults(run=_health)
+    _add_health_tls(h)
+    h.set_defaults(run=_health, usage=h.format_usage)
     register_demo(commands)
     return parser
+
+
+def _add_health_tls(h: argparse.ArgumentParser) -> None:
+    """The SDK's Connection settings, with its environment variables as defaults."""
+    h.add_argument(
+        "--ca-file", metavar="PATH", help="PEM CA bundle of the server: TLS (default $PARAMSEL_CA_FILE)"
+    )
+    h.add_argument(
+        "--cert-file",
+        metavar="PATH",
+        help="PEM client certificate for mutual TLS (default $PARAMSEL_CERT_FILE)",
+    )
+    h.add_argument("--key-file", metavar="PATH", help="PEM key of --cert-file (default $PARAMSEL_KEY_FILE)")
+    h.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force TLS on (default roots unless a CA is given) or off (default: on iff a file is set)",
+    )
+    h.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the server's certificate must carry, when not the target's host "
+        "(default $PARAMSEL_TLS_SERVER_NAME)",
+    )
+    h.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="bearer token to send (health needs none); default $PARAMSEL_TOKEN, else $PARAMSEL_TOKEN_FILE",
+    )
 
 
 def _add_limits(s: argparse.ArgumentParser, defaults: ServerConfig) -> None:
@@ -85,13 +145,13 @@ def _add_limits(s: argparse.ArgumentParser, defaults: ServerConfig) -> None:
         type=int,
         default=defaults.max_concurrent_calls,
         help="paramsel calls running at once; more are refused with RESOURCE_EXHAUSTED, not queued; "
-        "keep it below --max-workers (default %(default)s)",
+        "must be below --max-workers (default %(default)s)",
     )
     s.add_argument(
         "--max-inflight-bytes",
         type=int,
         default=defaults.max_inflight_bytes,
-        help="tensor bytes declared by all running calls together (default %(default)s = 12 GiB)",
+        help="the same bytes of all running calls together (default %(default)s = 12 GiB)",
     )
     s.add_argument(
         "--max-tensors-per-call",
@@ -148,6 +208,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_call_bytes=args.max_call_bytes,
         max_workers=args.max_workers,
         grace_seconds=args.grace_seconds,
+        progress_timeout_seconds=args.progress_timeout_seconds,
+        max_calls_per_peer=args.max_calls_per_peer,
         model_cache_bytes=args.model_cache_bytes,
         max_concurrent_calls=args.max_concurrent_calls,
         max_inflight_bytes=args.max_inflight_bytes,
@@ -163,34 +225,74 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from paramsel.server.app import serve
+    """Settings that cannot be used (out of range, contradictory, files unreadable) are usage errors:
+    the usage line and the reason on stderr, exit 2, as argparse does for a malformed flag. A server that
+    cannot listen where it was told exits 1."""
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    def usage_error(err: Exception) -> int:
+        print(f"{args.usage()}paramsel serve: error: {err}", file=sys.stderr)
+        return 2
+
     try:
         config = config_from_args(args)
-        if args.production and not config.tokens and config.tls_client_ca_file is None:
-            logging.getLogger("paramsel.server").warning(
-                "--production without --token-file, $%s or --tls-client-ca: any client may call", TOKENS_ENV
-            )
+    except ValueError as err:  # ConfigError too
+        return usage_error(err)
+    from paramsel.server.app import serve  # torch with it: only once the settings are known to be usable
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.production and not config.tokens and config.tls_client_ca_file is None:
+        logging.getLogger("paramsel.server").warning(
+            "--production without --token-file, $%s or --tls-client-ca: any client may call", TOKENS_ENV
+        )
+    try:
         serve(config)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:  # a TLS file that cannot be read or is not PEM
+        return usage_error(err)
+    except OSError as err:  # the address cannot be bound
         print(f"paramsel serve: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 
-def _positive_seconds(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _health(args: argparse.Namespace) -> int:
-    return run_health(args.target, args.service, args.timeout)
+    try:
+        connection = Connection(
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            tls=args.tls,
+            token_file=args.token_file,
+        )
+    except ValueError as err:  # contradictory TLS flags
+        print(f"{args.usage()}paramsel health: error: {err}", file=sys.stderr)
+        return 2
+    return run_health(
+        args.target, args.service, args.timeout, connection=connection, server_name=args.tls_server_name
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from paramsel.wire.sizes import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
@@ -21,23 +22,36 @@ class ServerConfig:
     """Default tensor bytes per response message; a request may ask for less or more (up to 3 MiB)."""
 
     max_call_bytes: int = 8 << 30
-    """Largest total of tensor bytes one call may declare; more is refused with RESOURCE_EXHAUSTED."""
+    """Bytes one call may make the server hold - the tensor bytes it declares and what is computed from
+    them (README "Sizing a machine"); more is refused with RESOURCE_EXHAUSTED before it is allocated."""
 
     max_workers: int = 20
-    """Threads serving calls; calls beyond this wait in gRPC's queue."""
+    """Threads serving calls; calls beyond this wait in gRPC's queue. Must be above
+    ``max_concurrent_calls``: the spare threads answer refusals, GetServerInfo and reflection while every
+    call slot is taken (health checks have threads of their own)."""
 
     grace_seconds: float = 10.0
     """How long ``stop`` lets in-flight calls finish."""
+
+    progress_timeout_seconds: float = 30.0
+    """Longest a call may wait on its client - for the next request frame, or for the client to take the
+    next response frame - before the server ends it with DEADLINE_EXCEEDED, freeing its slot and the
+    bytes it reserved. The server's own computing never counts."""
+
+    max_calls_per_peer: int | None = None
+    """Calls one client address may have running at once (health checks aside); more are refused with
+    RESOURCE_EXHAUSTED. None: no cap per address (behind a proxy or NAT, all clients share one)."""
 
     model_cache_bytes: int = 2 << 30
     """Initial models kept by digest for reuse (least recently used out first); 0 keeps none."""
 
     max_concurrent_calls: int = 16
     """paramsel.v1 calls running at once; one more is refused at once with RESOURCE_EXHAUSTED (not queued).
-    Keep it below ``max_workers`` so that health checks and refusals always find a thread."""
+    Must be below ``max_workers``, so that refusals always find a thread."""
 
     max_inflight_bytes: int = 12 << 30
-    """Tensor bytes declared by all running calls together; a manifest that would pass it is refused."""
+    """The bytes ``max_call_bytes`` counts, of all running calls together; a call that would pass it is
+    refused with RESOURCE_EXHAUSTED."""
 
     max_tensors_per_call: int = 100_000
     """Tensors (layout entries and manifest entries) one call may declare."""
@@ -81,6 +95,20 @@ class ServerConfig:
                 "max_concurrent_calls, max_inflight_bytes, max_tensors_per_call and "
                 "max_elements_per_tensor must be positive"
             )
+        if self.max_concurrent_calls >= self.max_workers:
+            raise ValueError(
+                f"max_concurrent_calls ({self.max_concurrent_calls}) must be below max_workers "
+                f"({self.max_workers}): the spare threads answer refusals, GetServerInfo and reflection "
+                "while every call slot is taken; raise --max-workers or lower --max-concurrent-calls"
+            )
+        if self.max_calls_per_peer is not None and self.max_calls_per_peer <= 0:
+            raise ValueError(f"max_calls_per_peer must be positive (or None), got {self.max_calls_per_peer}")
+        if not (math.isfinite(self.progress_timeout_seconds) and self.progress_timeout_seconds > 0):
+            raise ValueError(
+                f"progress_timeout_seconds must be positive, got {self.progress_timeout_seconds}"
+            )
+        if not (math.isfinite(self.grace_seconds) and self.grace_seconds >= 0):
+            raise ValueError(f"grace_seconds must be a number >= 0, got {self.grace_seconds}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate file and its key file (--tls-cert and --tls-key)")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -176,14 +176,17 @@ class _Call:
 
 def _code(context: grpc.ServicerContext, error: BaseException | None) -> str:
     """The status the client sees: CANCELLED or DEADLINE_EXCEEDED once it has gone away (whatever the
-    handler made of its cut-short stream), else the context's code, else OK or UNKNOWN by how it ended."""
+    handler made of its cut-short stream), DEADLINE_EXCEEDED when the server's progress timeout ended it
+    (the watchdog sets that code), else the context's code, else OK or UNKNOWN by how it ended."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
-    if not context.is_active():
-        return grpc.StatusCode.CANCELLED.name
     read = getattr(context, "code", None)  # grpc >= 1.38; missing from grpc-stubs
     code = read() if callable(read) else None
+    if not context.is_active():
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return code.name
+        return grpc.StatusCode.CANCELLED.name
     if isinstance(code, grpc.StatusCode):
         return code.name
     if error is None:
@@ -213,16 +216,18 @@ class _CountedRequests:
 
 
 def _counted_responses(responses: Iterator[Any], call: _Call, context: grpc.ServicerContext) -> Iterator[Any]:
-    error: BaseException | None = None
+    # The error is never kept in a local: the frame would then hold its own traceback, a cycle that
+    # leaves a dropped call's generators (and the call slot they hold) to the garbage collector's next
+    # full pass instead of releasing them when gRPC lets go of the call.
     try:
         for frame in responses:
             call.sent(frame)
             yield frame
     except BaseException as raised:
-        error = raised
+        call.finish(context, raised)
         raise
     finally:
-        call.finish(context, error)
+        call.finish(context, None)  # a no-op once finished above
 
 
 def _wrap(

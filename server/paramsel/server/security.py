@@ -1,7 +1,8 @@
-"""TLS credentials, bearer tokens, and the interceptors that gate paramsel.v1 calls.
+"""TLS credentials, bearer tokens, and the interceptor that gates calls on them.
 
-Only paramsel.v1 methods are gated: the health service and reflection stay open, so that probes work
-without a token. Token values are never logged, nor kept in a ``repr``.
+With tokens configured every call needs one except grpc.health.v1's, so that probes work without a
+token: reflection too, which would otherwise let anyone hold the server's threads with idle streams.
+Token values are never logged, nor kept in a ``repr``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 
 log = logging.getLogger("paramsel.server")
 
-GATED_PREFIX = "/paramsel.v1."
+OPEN_PREFIX = "/grpc.health.v1.Health/"
 TOKENS_ENV = "PARAMSEL_TOKENS"
 _BEARER = "bearer "
 
@@ -78,7 +79,7 @@ def load_tokens(token_file: str | None, environ: Any = None) -> tuple[str, ...]:
     return tokens + parse_tokens(env.get(TOKENS_ENV, ""), separator=",")
 
 
-def _refusal(
+def refusal(
     handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape as ``handler`` that aborts with ``code`` before reading anything."""
@@ -103,7 +104,7 @@ def _refusal(
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Requires ``authorization: Bearer <token>`` matching one of ``tokens`` on every paramsel.v1 call."""
+    """Requires ``authorization: Bearer <token>`` matching one of ``tokens`` on every call but a health check."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
         if not tokens:
@@ -138,10 +139,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or not method.startswith(GATED_PREFIX):
+        if handler is None or method.startswith(OPEN_PREFIX):
             return handler
         problem = self._problem(handler_call_details.invocation_metadata)
         if problem is None:
             return handler
         log.warning("refused %s: %s", method, problem)
-        return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)

@@ -18,7 +18,20 @@ class ParameterSelectionServiceStub(object):
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
     match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
     that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
+    than the server accepts, or the server (or the client's address) already runs as many calls as it
+    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
+    the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
+    (30 s by default) for the client's next request frame or for it to take the next response frame.
+
+    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
+    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
+    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
+    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
+    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
+    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
+    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
+    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
     """
 
     def __init__(self, channel):
@@ -67,7 +80,20 @@ class ParameterSelectionServiceServicer(object):
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
     match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
     that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
+    than the server accepts, or the server (or the client's address) already runs as many calls as it
+    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
+    the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
+    (30 s by default) for the client's next request frame or for it to take the next response frame.
+
+    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
+    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
+    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
+    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
+    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
+    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
+    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
+    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
     """
 
     def Select(self, request_iterator, context):
@@ -91,6 +117,9 @@ class ParameterSelectionServiceServicer(object):
     def Pull(self, request_iterator, context):
         """Applies a payload received from the aggregator to a model and returns the tensors that changed.
         Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
+        Memory (see the service comment): each tensor the payload names counts as its answer, the layout's
+        shape in the layout's dtype, and in replace mode a sparse payload also as that shape densified in the
+        payload values' dtype when it is not the layout's, even when the payload sends no entries.
         Errors: see the service comment; also INVALID_ARGUMENT for a payload that names a tensor the model
         lacks, has positions out of range, or a shape the model disagrees with.
         """
@@ -101,9 +130,15 @@ class ParameterSelectionServiceServicer(object):
     def Aggregate(self, request_iterator, context):
         """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
         sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
-        sent it, weighted by example counts or not - and returns the aggregate typed as Select does.
+        sent it, weighted by example counts or not - and returns the aggregate typed as Select does. As
+        those strategies do, one name's contributions may differ in dtype (promoted as torch does for sparse
+        payloads, as numpy does for layers) and in shape, as long as the shapes broadcast together.
+        Memory (see the service comment): each name counts as dense accumulators over its (broadcast)
+        declared shape at the widest dtype its average passes through, whatever few entries were sent, plus
+        its answer.
         Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
-        one name with different shapes or dtypes across contributions, or a name twice in one.
+        one name with shapes that do not broadcast together, a name twice in one contribution, or (numpy 2)
+        an example count a layer's integer dtype cannot hold.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +147,8 @@ class ParameterSelectionServiceServicer(object):
     def GetServerInfo(self, request, context):
         """What this server is and speaks: its version, the contract's package, and the encodings, dtypes,
         criteria and limits it supports, so that a client can tell before it sends anything. Never fails
-        on its own; UNAUTHENTICATED when the server requires a token and none was sent.
+        on its own; UNAUTHENTICATED when the server requires a token and none was sent; UNAVAILABLE while
+        the server shuts down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,7 +202,20 @@ class ParameterSelectionService(object):
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
     match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
     that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts; CANCELLED / DEADLINE_EXCEEDED as the client decides.
+    than the server accepts, or the server (or the client's address) already runs as many calls as it
+    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
+    the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
+    (30 s by default) for the client's next request frame or for it to take the next response frame.
+
+    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
+    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
+    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
+    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
+    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
+    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
+    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
+    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
     """
 
     @staticmethod
