@@ -2,6 +2,10 @@
 (cut short, reordered, frames dropped or repeated, chunk lengths wrong, shapes huge or negative, values
 NaN, enums unknown, random or bit-flipped frames). Whatever arrives, the answer is success or a
 deliberate status (never UNKNOWN or INTERNAL), the server stays SERVING, and its memory stays bounded.
+
+Each test runs against a plain server and against one requiring TLS and a bearer token (see secured.py).
+There, every fuzzed call is also sent without a good token, and is refused UNAUTHENTICATED; and with the
+token it gets exactly the status a plain reference server, sent the same calls in the same order, gives.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import torch
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from secured import CONFIGS, UNAUTHENTICATED, Metadata, Security, security, server_logs
 from support import assert_serving
 
-from paramsel.server import ServerConfig, create_server
+from paramsel.client import Client, ParamselError, StatusCode
+from paramsel.server import create_server
 from paramsel.server.app import SERVICE_NAME, RunningServer
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, write_contributions, write_frames
@@ -50,6 +56,9 @@ CALL_TIMEOUT = 60  # seconds: a hang fails as DEADLINE_EXCEEDED; a slow (loaded)
 # Shapes no server may allocate: above the per-tensor element limit, overflowing int64, or negative.
 HUGE = [2**31 + 1, 2**40, 2**62, 2**63 - 1, -1, -(2**63)]
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# The secured configuration sends each example three times (with the token, without, and to the plain
+# reference server), over TLS: it runs half the examples, taking about as long as the plain run.
+SECURED_SHARE = 2
 
 
 def rss() -> int:
@@ -59,34 +68,78 @@ def rss() -> int:
 
 
 class Fuzzed:
-    def __init__(self, server: RunningServer, channel: grpc.Channel) -> None:
+    """A server of one configuration, a channel to it as its clients connect, and (secured) a plain
+    reference server that gets the same calls."""
+
+    def __init__(
+        self, security: Security, server: RunningServer, channel: grpc.Channel, reference: grpc.Channel | None
+    ) -> None:
+        self.security = security
         self.server = server
         self.channel = channel
+        self.reference = reference
         self.baseline = rss()
 
-    def outcome(self, rpc: str, frames: list[bytes]) -> grpc.StatusCode | None:
+    def examples(self, count: int) -> int:
+        return max(count // SECURED_SHARE, 10) if self.security.secured else count
+
+    @staticmethod
+    def send(
+        channel: grpc.Channel, rpc: str, frames: list[bytes], metadata: Metadata
+    ) -> grpc.StatusCode | None:
         """Sends already-serialized frames, so that any bytes at all can be sent."""
-        method = self.channel.stream_stream(f"/{SERVICE_NAME}/{rpc}")
+        method = channel.stream_stream(f"/{SERVICE_NAME}/{rpc}")
         try:
-            for _ in method(iter(frames), timeout=CALL_TIMEOUT):
+            for _ in method(iter(frames), timeout=CALL_TIMEOUT, metadata=metadata):
                 pass
         except grpc.RpcError as err:
             return err.code()  # type: ignore[no-any-return]
         return None
+
+    def outcome(self, rpc: str, frames: list[bytes], bad_auth: int = 0) -> grpc.StatusCode | None:
+        """The status of ``frames`` sent as a client of this configuration sends them (over TLS, with
+        the token, when secured). When secured, also checks that the same frames with the ``bad_auth``-th
+        bad authorization are refused UNAUTHENTICATED, and that the plain reference server answers them
+        with the same status."""
+        code = self.send(self.channel, rpc, frames, self.security.metadata)
+        if self.reference is not None:
+            auth = self.security.bad_auth()[bad_auth % len(self.security.bad_auth())]
+            refused = self.send(self.channel, rpc, frames, auth)
+            assert refused == UNAUTHENTICATED, f"{rpc} with authorization {auth}: {refused}"
+            expected = self.send(self.reference, rpc, frames, ())
+            assert code == expected, f"{rpc} with the token over TLS: {code}; a plain server: {expected}"
+        return code
 
     def check_memory(self) -> None:
         grown = rss() - self.baseline
         assert grown < RSS_BOUND, f"RSS grew {grown >> 20} MiB during the fuzzing"
 
 
-@pytest.fixture(scope="module")
-def fuzzed() -> Iterator[Fuzzed]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, max_call_bytes=MAX_CALL_BYTES))
-    try:
-        with grpc.insecure_channel(running.target) as channel:
-            yield Fuzzed(running, channel)
-    finally:
-        running.stop(0)
+@pytest.fixture(scope="module", params=CONFIGS)
+def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+    root = tmp_path_factory.mktemp(f"fuzz-{request.param.replace('+', '-')}")
+    secured = security(request.param, root)
+    with server_logs(root / "server.log") as log:
+        running = create_server(secured.server_config(max_call_bytes=MAX_CALL_BYTES))
+        reference = None
+        if secured.secured:
+            reference = create_server(Security("plain").server_config(max_call_bytes=MAX_CALL_BYTES))
+        try:
+            with secured.channel(running.target) as channel:
+                if reference is None:
+                    yield Fuzzed(secured, running, channel, None)
+                else:
+                    with grpc.insecure_channel(reference.target) as plain:
+                        yield Fuzzed(secured, running, channel, plain)
+        finally:
+            running.stop(0)
+            if reference is not None:
+                reference.stop(0)
+        if secured.token is not None:
+            assert secured.token not in log.read_text(), "the bearer token was logged"
+
+
+BAD_AUTH = st.integers(0, 63)  # which bad authorization the secured configuration also sends
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,20 +338,20 @@ def test_valid_streams_succeed(fuzzed: Fuzzed, rpc: str) -> None:
     """The unmutated streams are accepted, so each mutation is what a failure answers."""
 
     @settings(FUZZ, max_examples=10)
-    @given(frames=valid_stream(rpc))
-    def run(frames: list[Any]) -> None:
-        assert fuzzed.outcome(rpc, [f.SerializeToString() for f in frames]) is None
+    @given(frames=valid_stream(rpc), bad_auth=BAD_AUTH)
+    def run(frames: list[Any], bad_auth: int) -> None:
+        assert fuzzed.outcome(rpc, [f.SerializeToString() for f in frames], bad_auth) is None
 
     run()
 
 
 @pytest.mark.parametrize("rpc", RPCS)
 def test_mutated_streams_get_deliberate_statuses(fuzzed: Fuzzed, rpc: str) -> None:
-    @FUZZ
-    @given(case=mutated(rpc))
-    def run(case: tuple[str, list[bytes]]) -> None:
+    @settings(FUZZ, max_examples=fuzzed.examples(FUZZ.max_examples))
+    @given(case=mutated(rpc), bad_auth=BAD_AUTH)
+    def run(case: tuple[str, list[bytes]], bad_auth: int) -> None:
         mutation, frames = case
-        code = fuzzed.outcome(rpc, frames)
+        code = fuzzed.outcome(rpc, frames, bad_auth)
         assert code in ACCEPTABLE, f"{rpc} after {mutation}: {code}"
         assert_serving(fuzzed.channel)
 
@@ -308,10 +361,10 @@ def test_mutated_streams_get_deliberate_statuses(fuzzed: Fuzzed, rpc: str) -> No
 
 @pytest.mark.parametrize("rpc", RPCS)
 def test_random_bytes_get_deliberate_statuses(fuzzed: Fuzzed, rpc: str) -> None:
-    @settings(FUZZ, max_examples=60)
-    @given(frames=st.lists(st.binary(max_size=128), max_size=6))
-    def run(frames: list[bytes]) -> None:
-        code = fuzzed.outcome(rpc, frames)
+    @settings(FUZZ, max_examples=fuzzed.examples(60))
+    @given(frames=st.lists(st.binary(max_size=128), max_size=6), bad_auth=BAD_AUTH)
+    def run(frames: list[bytes], bad_auth: int) -> None:
+        code = fuzzed.outcome(rpc, frames, bad_auth)
         assert code in ACCEPTABLE, f"{rpc}: {code}"
 
     run()
@@ -338,7 +391,7 @@ def test_huge_and_negative_declarations(fuzzed: Fuzzed, rpc: str, dims: list[int
     section = {"Pull": PAYLOAD, "Aggregate": PAYLOAD}.get(rpc, MODEL)
     frames.append(message(tensors=tensor_pb2.TensorManifest(section=section, tensors=[spec])))
     frames.append(message(chunk=tensor_pb2.Chunk(section=section, offset_bytes=0, data=b"\0" * 64)))
-    code = fuzzed.outcome(rpc, [f.SerializeToString() for f in frames])
+    code = fuzzed.outcome(rpc, [f.SerializeToString() for f in frames], bad_auth=len(dims))
     assert code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert_serving(fuzzed.channel)
     fuzzed.check_memory()
@@ -370,5 +423,17 @@ def test_stub_and_raw_calls_agree(fuzzed: Fuzzed) -> None:
     frames = [service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=crit))]
     stub = service_pb2_grpc.ParameterSelectionServiceStub(fuzzed.channel)
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Select(iter(frames), timeout=CALL_TIMEOUT))
+        list(stub.Select(iter(frames), timeout=CALL_TIMEOUT, metadata=fuzzed.security.metadata))
     assert err.value.code() == fuzzed.outcome("Select", [f.SerializeToString() for f in frames])
+
+
+def test_the_sdk_reaches_the_server_as_configured(fuzzed: Fuzzed) -> None:
+    """The configuration is the one an SDK user sets up: Connection(ca_file=..., token=...) is served,
+    and (secured) the same connection without its token is refused."""
+    target = fuzzed.server.target
+    assert Client(connection=fuzzed.security.connection(target)).server_info().server_version
+    if fuzzed.security.secured:
+        with pytest.raises(ParamselError) as err:
+            Client(connection=fuzzed.security.connection(target, token=False)).server_info()
+        assert err.value.status == StatusCode.UNAUTHENTICATED
+    assert_serving(fuzzed.channel)

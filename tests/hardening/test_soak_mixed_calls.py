@@ -1,21 +1,30 @@
 """Soak: four threads send a few thousand mixed good and bad calls to one in-process server. Every good
-call gets the hand-computed answer, every bad one its deliberate status, and memory does not creep."""
+call gets the hand-computed answer, every bad one its deliberate status, and memory does not creep.
+
+It runs against a plain server and against one requiring TLS and a bearer token (see secured.py): there
+the calls go over TLS with the token, and a few in the mix carry no token or a bad one, which are refused
+UNAUTHENTICATED; the server's own count of calls by status agrees, and the token is never logged.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
+from secured import CONFIGS, UNAUTHENTICATED, Metadata, Security, security, server_logs
 from support import assert_serving, instrumented_server
 
+from paramsel.server import create_server
 from paramsel.server.app import SERVICE_NAME
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire.streams import SparseOut, read_frames, write_contributions, write_frames
@@ -49,6 +58,7 @@ class Case:
     rpc: str
     frames: list[bytes]
     expect: grpc.StatusCode | Callable[[list[Any]], None]
+    metadata: Metadata = ()
 
 
 def encoded(frames: Iterator[Any] | list[Any]) -> list[bytes]:
@@ -135,7 +145,8 @@ def check_aggregate(replies: list[Any]) -> None:
     assert state["x"].tolist() == [4.0, 5.0]
 
 
-def cases() -> list[Case]:
+def cases(security: Security) -> list[Case]:
+    """The mix: with the configuration's credentials, and (secured) two calls without a good token."""
     good_select = select_frames(0.5)
     push_start = service_pb2.PushStart(criterion=top_k(0.5))
     unheld = service_pb2.SelectStart(
@@ -146,7 +157,7 @@ def cases() -> list[Case]:
         ),
         initial_model_digest=tensor_pb2.ModelDigest(sha256=bytes(range(32))),
     )
-    return [
+    table = [
         Case("select", "Select", encoded(good_select), check_select),
         Case("push", "Push", encoded(select_frames(0.5, service_pb2.PushRequest, push_start)), check_push),
         Case("pull", "Pull", encoded(pull_frames()), check_pull),
@@ -158,6 +169,13 @@ def cases() -> list[Case]:
         Case("cut_short", "Select", encoded(good_select[:-1]), INVALID),
         Case("unheld_initial", "Select", encoded(select_frames(0.5, start=unheld)), PRECONDITION),
     ]
+    table = [Case(c.name, c.rpc, c.frames, c.expect, security.metadata) for c in table]
+    if security.secured:
+        # Good calls but for their authorization: a small share of the mix.
+        no_token, _, wrong_token, *_ = security.bad_auth()
+        table.append(Case("no_token", "Select", encoded(good_select), UNAUTHENTICATED, no_token))
+        table.append(Case("wrong_token", "Aggregate", table[3].frames, UNAUTHENTICATED, wrong_token))
+    return table
 
 
 def run_case(channel: grpc.Channel, case: Case) -> None:
@@ -165,7 +183,9 @@ def run_case(channel: grpc.Channel, case: Case) -> None:
     parse = RESPONSES[case.rpc].FromString
     failed: grpc.RpcError | None = None
     try:
-        replies = [parse(raw) for raw in method(iter(case.frames), timeout=CALL_TIMEOUT)]
+        replies = [
+            parse(raw) for raw in method(iter(case.frames), timeout=CALL_TIMEOUT, metadata=case.metadata)
+        ]
     except grpc.RpcError as err:
         failed = err
     if failed is not None:
@@ -175,32 +195,81 @@ def run_case(channel: grpc.Channel, case: Case) -> None:
     case.expect(replies)
 
 
+def calls_by_code(registry: CollectorRegistry) -> collections.Counter[str]:
+    """paramsel_calls_total on ``registry``, by status code."""
+    counts: collections.Counter[str] = collections.Counter()
+    for family in registry.collect():
+        if family.name == "paramsel_calls":
+            for sample in family.samples:
+                if sample.name == "paramsel_calls_total":
+                    counts[sample.labels["code"]] += int(sample.value)
+    return counts
+
+
+class Soaked:
+    """The server under soak: its address, the registry its calls are counted on, and how it stops."""
+
+    def __init__(self, target: str, registry: CollectorRegistry, stop: Callable[[], object]) -> None:
+        self.target = target
+        self.registry = registry
+        self.stop = stop
+
+
+def start_server(secured: Security) -> Soaked:
+    if not secured.secured:  # as before: the observability interceptor on a registry of its own
+        registry = CollectorRegistry()
+        server, target = instrumented_server(registry)
+        return Soaked(target, registry, lambda: server.stop(0).wait())
+    # create_server as `paramsel serve` builds it, TLS and token included: its calls are counted on
+    # the global registry, shared with the other in-process servers, so the test compares before-and-after.
+    running = create_server(secured.server_config())
+    return Soaked(running.target, REGISTRY, lambda: running.stop(0))
+
+
+@pytest.fixture(params=CONFIGS)
+def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Security:
+    return security(request.param, tmp_path)
+
+
 @pytest.mark.timeout(900)  # MIN_CALLS take ~5 s on 2 idle cores: the limit only catches a hang
-def test_soak_mixed_good_and_bad_calls() -> None:
-    registry = CollectorRegistry()
-    server, target = instrumented_server(registry)
-    table = cases()
+def test_soak_mixed_good_and_bad_calls(secured: Security, tmp_path: Path) -> None:
+    with server_logs(tmp_path / "server.log") as log:
+        soak(secured)
+    if secured.token is not None:
+        assert secured.token not in log.read_text(), "the bearer token was logged"
+
+
+def soak(secured: Security) -> None:
+    soaked = start_server(secured)
+    registry = soaked.registry
+    before = calls_by_code(registry)
+    inflight_before = registry.get_sample_value("paramsel_inflight_bytes")
+    table = cases(secured)
+    refused_per_round = sum(case.expect == UNAUTHENTICATED for case in table)
     try:
-        with grpc.insecure_channel(target) as warm:
+        with secured.channel(soaked.target) as warm:
             for case in table:  # every path once, so that one-time allocations land before the baseline
                 run_case(warm, case)
         lock = threading.Lock()
         issued = 0
+        refused = 0
         samples: list[tuple[int, int]] = []
         failures: list[str] = []
         deadline = time.monotonic() + WALL_SECONDS
 
         def worker(offset: int) -> None:
-            nonlocal issued
-            with grpc.insecure_channel(target) as channel:
+            nonlocal issued, refused
+            with secured.channel(soaked.target) as channel:
                 while not failures:
                     with lock:
                         index = issued
                         if index >= TOTAL_CALLS or (index >= MIN_CALLS and time.monotonic() >= deadline):
                             return
                         issued += 1
+                        case = table[(index + offset) % len(table)]
+                        refused += case.expect == UNAUTHENTICATED
                     try:
-                        run_case(channel, table[(index + offset) % len(table)])
+                        run_case(channel, case)
                     except AssertionError as error:
                         failures.append(str(error))
                         return
@@ -221,19 +290,18 @@ def test_soak_mixed_good_and_bad_calls() -> None:
         first = sum(s for _, s in samples[:quarter]) / quarter
         last = sum(s for _, s in samples[-quarter:]) / quarter
         assert last - first < RSS_GROWTH_BOUND, f"RSS grew {(last - first) / 2**20:.1f} MiB over {done} calls"
-        with grpc.insecure_channel(target) as channel:
+        with secured.channel(soaked.target) as channel:
             assert_serving(channel)
             for case in table:
                 run_case(channel, case)
-        # The interceptor saw every call once: warm-up, soak and the final round.
-        calls = sum(
-            s.value
-            for family in registry.collect()
-            if family.name == "paramsel_calls"
-            for s in family.samples
-            if s.name == "paramsel_calls_total"
-        )
-        assert calls == done + 2 * len(table)
-        assert registry.get_sample_value("paramsel_inflight_bytes") == 0
+            assert_serving(channel)
+        # The interceptor saw every call once (warm-up, soak and the final round), refusals included,
+        # and answered none with UNKNOWN or INTERNAL.
+        counts = calls_by_code(registry)
+        counts.subtract(before)
+        assert counts.total() == done + 2 * len(table), counts
+        assert counts["UNAUTHENTICATED"] == refused + 2 * refused_per_round, counts
+        assert counts["UNKNOWN"] == counts["INTERNAL"] == 0, counts
+        assert registry.get_sample_value("paramsel_inflight_bytes") == inflight_before
     finally:
-        server.stop(0).wait()
+        soaked.stop()
