@@ -86,3 +86,31 @@ def test_sigterm_drains_then_exits_zero() -> None:
         assert isinstance(result, list), result
         assert result[0].WhichOneof("frame") == "header"
         assert proc.wait(timeout=TIMEOUT) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_sigterm_right_after_the_announcement_drains() -> None:
+    """The port is announced only once SIGTERM and SIGINT drain the server: an orchestrator (or a test)
+    that signals the moment it reads the announcement gets a graceful stop, not the default kill. The
+    signal is sent from the announcement itself, in this process, as early as any reader could."""
+    import os
+
+    from paramsel.server import ServerConfig
+    from paramsel.server.app import serve
+
+    seen: dict[str, Any] = {}
+
+    def announce(text: str, **_: Any) -> None:
+        seen["text"] = text
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        # Unhandled, the default action would end pytest itself: fail instead.
+        assert callable(seen["handler"]), f"SIGTERM's action at the announcement: {seen['handler']}"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve(ServerConfig(host="127.0.0.1", port=0, grace_seconds=1), announce=announce)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert seen["text"].startswith("paramsel serving on 127.0.0.1:")

@@ -253,15 +253,16 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     """Runs until SIGTERM or SIGINT, then drains gracefully. The process's freed memory goes back to the
     system as calls end (see :mod:`paramsel.server.memory`): ``serve`` owns its process, so it may."""
     return_freed_memory()
-    running = create_server(config)
-    announce(f"paramsel serving on {config.host}:{running.port}", flush=True)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %s: draining for up to %.1f s", signum, config.grace_seconds)
         stopping.set()
 
+    # Before the port is announced: a SIGTERM that follows the announcement at once must drain, not kill.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    running = create_server(config)
+    announce(f"paramsel serving on {config.host}:{running.port}", flush=True)
     stopping.wait()
     running.stop()
