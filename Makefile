@@ -1,17 +1,24 @@
 # One entry point for every task. Each target sets up what it needs first (the .venv stamp).
 PY := .venv/bin/python
 STAMP := .venv/.installed
+LOCK := requirements/dev.lock
 ORACLE := .oracle/.installed
 SOURCES := server client_sdk tests examples benchmarks scripts
 
-.PHONY: setup proto check-proto check-container lint format test compat demo example bench serve ci clean
+.PHONY: setup lock proto check-proto check-container lint format test compat demo example bench serve ci clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+# Every package at the version of requirements/dev.lock (all of .[dev,demo], transitive ones included);
+# the check fails first when the lock no longer meets requirements/constraints.txt (run make lock).
+$(STAMP): pyproject.toml requirements/constraints.txt $(LOCK)
+	python3 scripts/check_lock.py --lock-only
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet -c requirements/constraints.txt -e ".[dev,demo]"
+	.venv/bin/pip install --quiet -c $(LOCK) -e ".[dev,demo]"
 	touch $(STAMP)
+
+lock:  ## re-resolve requirements/dev.lock after a change to pyproject.toml or requirements/constraints.txt
+	scripts/lock.sh
 
 # The real FL4Health 0.4.2, the differential tests' oracle, in a side folder (requirements/oracle.txt
 # says why it cannot be installed into this environment); only their pytest run has it on its path.
@@ -62,4 +69,4 @@ serve: setup
 ci: check-proto lint test compat
 
 clean:
-	rm -rf .venv .venv-proto .venv-compat .oracle .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-proto .venv-lock .venv-compat .oracle .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@
 # runtime_version.ValidateProtobufRuntimeVersion and refuses any older runtime, so it cannot serve
 # protobuf 4. Gencode from protoc 25.1 (protobuf 4.25) only uses the descriptor-pool and builder APIs
 # that every runtime from 4.21 to 6.x has (no version check), and protobuf's cross-version guarantee
-# keeps such gencode loading on newer runtimes; the compatibility job (scripts/compat_env.sh) imports
+# keeps such gencode loading on newer runtimes; the compatibility job (scripts/compat.sh) imports
 # and exercises these exact files under protobuf 4.21, 4.25, 5.x and 6.x. Likewise the service stubs
 # from grpcio-tools 1.62.3 have no "grpcio >= generator" guard, so any grpcio >= 1.62.3 runs them.
 # Generating at install time instead would need a protoc on every user's machine; loading descriptors

@@ -1,7 +1,7 @@
 """Differential tests: the real FL4Health 0.4.2 is the oracle, and its outputs are the expected values.
 
 FL4Health is imported from wherever this interpreter finds it: installed in the compatibility
-environments (``scripts/compat_env.sh``), or from the ``.oracle/`` folder that ``make test`` puts on
+environments (``scripts/compat.sh``), or from the ``.oracle/`` folder that ``make test`` puts on
 ``PYTHONPATH`` for the main environment. With ``PARAMSEL_REQUIRE_ORACLE=1`` (set by ``make test`` and
 the compatibility job) a missing FL4Health fails the run; otherwise these tests are skipped, so that a
 bare ``pytest`` still runs the rest.
