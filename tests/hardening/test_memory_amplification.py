@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from support import assert_serving, serve_process_logging_to
+from support import assert_serving, serve_process
 
 from paramsel import engine
-from paramsel.client import Client
+from paramsel.client import Client, PayloadKind, SparseTensor
 from paramsel.engine import budget
 from paramsel.engine.budget import Need, SparseSpec, Work
 from paramsel.engine.state import TensorSpec
@@ -33,7 +33,7 @@ from paramsel.server import inbound
 from paramsel.server.limits import CallLimits, Limits
 from paramsel.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import WireLimitError
-from paramsel.wire.streams import SparseOut, read_frames
+from paramsel.wire.streams import read_frames
 
 PAYLOAD = tensor_pb2.SECTION_PAYLOAD
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
@@ -143,7 +143,7 @@ class PeakGrowth:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
     """``paramsel serve`` with the default limits; yields its pid and address."""
-    with serve_process_logging_to(tmp_path / "serve.log") as (proc, target):
+    with serve_process(log=tmp_path / "serve.log") as (proc, target):
         yield proc.pid, target
 
 
@@ -155,12 +155,12 @@ def warm_up(target: str) -> None:
 
 def legitimate_aggregate(target: str) -> None:
     """A small weighted sparse aggregate, checked against its value by hand."""
-    a = SparseOut("w", (4,), torch.tensor([2.0, 4.0]), torch.tensor([0, 3]))
-    b = SparseOut("w", (4,), torch.tensor([8.0]), torch.tensor([3]))
-    result = Client(target=target).aggregate(SPARSE, [(1, [], [a]), (3, [], [b])])
+    a = SparseTensor("w", (4,), torch.tensor([2.0, 4.0]), torch.tensor([0, 3]))
+    b = SparseTensor("w", (4,), torch.tensor([8.0]), torch.tensor([3]))
+    result = Client(target=target).aggregate(PayloadKind.SPARSE_COO, [(1, [], [a]), (3, [], [b])])
     # (1 * [2, 0, 0, 4] + 3 * [0, 0, 0, 8]) / 4 = [0.5, 0, 0, 7]
     (got,) = result.sparse
-    assert got.decl.name == "w"
+    assert got.name == "w"
     assert got.values.tolist() == [0.5, 7.0]
     assert got.positions.tolist() == [0, 3]
 
@@ -168,8 +168,8 @@ def legitimate_aggregate(target: str) -> None:
 def legitimate_pull(target: str) -> None:
     """A small replace-mode pull: the densified tensor, in the model's dtype."""
     layout = {"w": torch.zeros(5, dtype=torch.float64), "b": torch.zeros(2)}
-    payload = SparseOut("w", (5,), torch.tensor([1.5, -2.0]), torch.tensor([1, 4]))
-    changed = Client(target=target).pull(SPARSE, layout, sparse=[payload])
+    payload = SparseTensor("w", (5,), torch.tensor([1.5, -2.0]), torch.tensor([1, 4]))
+    changed = Client(target=target).pull(PayloadKind.SPARSE_COO, layout, sparse=[payload])
     assert list(changed) == ["w"]
     assert changed["w"].dtype == torch.float64
     assert changed["w"].tolist() == [0.0, 1.5, 0.0, 0.0, -2.0]
@@ -209,6 +209,7 @@ def assert_refused_cheaply(err: grpc.RpcError, elapsed: float, growth: int, *fig
     assert growth < RSS_GROWTH_BOUND, f"the server's memory rose by {growth >> 20} MiB"
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_a_50_byte_aggregate_of_a_2_31_shape_is_refused_before_it_allocates(served: tuple[int, str]) -> None:
     pid, target = served
     warm_up(target)
@@ -225,6 +226,7 @@ def test_a_50_byte_aggregate_of_a_2_31_shape_is_refused_before_it_allocates(serv
     legitimate_pull(target)
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 @pytest.mark.parametrize(
     ("layout_dtype", "value_dtype"),
     [(F32, F32), (U8, F64)],
@@ -250,13 +252,14 @@ def test_a_pull_of_a_2_31_layout_is_refused_before_it_allocates(
     legitimate_pull(target)
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_two_aggregates_that_each_fit_but_not_together_one_is_refused(tmp_path: Path) -> None:
     shape = 1 << 22  # one contribution, one entry: two float32 accumulators of 16 MiB each
     one = inbound.aggregate_plan(_declarations_of(raw_aggregate(shape=shape))).nbytes + 12
     assert 32 << 20 < one < 33 << 20
     cap = one * 3 // 2  # room for one such call, not two
     args = ("--max-inflight-bytes", str(cap), "--progress-timeout-seconds", str(TIMEOUT))
-    with serve_process_logging_to(tmp_path / "serve.log", *args) as (_, target):
+    with serve_process(*args, log=tmp_path / "serve.log") as (_, target):
         warm_up(target)
         with grpc.insecure_channel(target) as channel:
             stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)

@@ -4,19 +4,23 @@ sent, and the server keeps serving; a cancelled or timed-out upload releases its
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from support import assert_serving
+from reserved import reserved_bytes
+from support import assert_serving, metric, start_server, wait_for
 
-from paramsel.server import ServerConfig, create_server
+from paramsel.server import inbound
 from paramsel.server.app import RunningServer
+from paramsel.server.limits import CallLimits, Limits
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import write_contributions, write_frames
 
@@ -64,7 +68,13 @@ def select(stub: service_pb2_grpc.ParameterSelectionServiceStub, frames: Any) ->
     return list(stub.Select(iter(frames), timeout=TIMEOUT))
 
 
-def refused_before_chunks(call: Any, frames: list[Any]) -> grpc.RpcError:
+def refused_at_first_chunk(call: Any, frames: list[Any]) -> grpc.RpcError:
+    """Sends the declarations and the first chunk, then holds the stream open: the refusal must come
+    anyway (the work is reserved at the first chunk, before anything is computed)."""
+    return refused_before_chunks(call, frames, chunks=1)
+
+
+def refused_before_chunks(call: Any, frames: list[Any], *, chunks: int = 0) -> grpc.RpcError:
     """Sends only the declarations and then holds the stream open: the refusal must come anyway.
 
     The proof is the order of events, not a stopwatch: the refusal arrives while the upload is still
@@ -73,7 +83,7 @@ def refused_before_chunks(call: Any, frames: list[Any]) -> grpc.RpcError:
     held_to_the_end: list[bool] = []
 
     def declarations_only() -> Iterator[Any]:
-        yield from frames[: declarations(frames)]
+        yield from frames[: declarations(frames) + chunks]
         held_to_the_end.append(not release.wait(HOLD))
 
     try:
@@ -117,16 +127,9 @@ class Held:
         return self.result
 
 
-def wait_for(condition: Any, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def limited(request: pytest.FixtureRequest) -> Iterator[tuple[RunningServer, Any]]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, **request.param))
+    running = start_server(**request.param)
     with grpc.insecure_channel(running.target) as channel:
         yield running, channel
     running.stop(0)
@@ -168,14 +171,37 @@ def test_elements_per_tensor(limited: tuple[RunningServer, Any]) -> None:
     assert_serving(channel)
 
 
-@pytest.mark.parametrize("limited", [{"max_call_bytes": 4000}], indirect=True)
-def test_bytes_per_call(limited: tuple[RunningServer, Any]) -> None:
-    _, channel = limited
-    stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
-    err = refused_before_chunks(stub.Select, select_frames(600, 600))
-    assert err.code() == EXHAUSTED
-    assert select(stub, select_frames(600, 400))
-    assert_serving(channel)
+@contextmanager
+def serving(**settings: Any) -> Iterator[tuple[RunningServer, Any]]:
+    """A server of these settings, on a free port, and a channel to it."""
+    running = start_server(**settings)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            yield running, channel
+    finally:
+        running.stop(0)
+
+
+def test_bytes_per_call() -> None:
+    fits = select_frames(600, 400)
+    limit = reserved_bytes("Select", fits)
+    # 4000 uploaded; 2 x 8 KiB of objects; 1000 float32 scores; all of them joined and partitioned for
+    # the k-th largest (4000); 500 entries selected (float32 values, int64 positions) and their 500
+    # int64 positions encoded: what a call is counted for, beside its upload, as the README's table says.
+    assert limit == 4000 + 2 * inbound.TENSOR_OVERHEAD_BYTES + 4000 + 4000 + 500 * (4 + 8) + 500 * 8
+    with serving(max_call_bytes=limit) as (running, channel):
+        stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
+        # An upload over the limit is refused from its declarations, before any chunk.
+        err = refused_before_chunks(stub.Select, select_frames(limit // 8 + 1, limit // 8 + 1))
+        assert err.code() == EXHAUSTED
+        assert f"more than {limit} bytes" in err.details()
+        # An upload well within it whose work is not: refused at the first chunk, the rest never read.
+        err = refused_at_first_chunk(stub.Select, select_frames(1000, 1000))
+        assert err.code() == EXHAUSTED
+        assert f"over the server's limit of {limit} bytes per call (--max-call-bytes)" in err.details()
+        assert select(stub, fits)
+        assert running.limits.inflight_bytes == 0
+        assert_serving(channel)
 
 
 @pytest.mark.parametrize("limited", [{"max_concurrent_calls": 1}], indirect=True)
@@ -195,21 +221,47 @@ def test_concurrent_calls_beyond_the_limit_are_refused_not_queued(limited: tuple
     assert select(stub, select_frames(10))
 
 
-@pytest.mark.parametrize("limited", [{"max_inflight_bytes": 10 << 20}], indirect=True)
-def test_inflight_bytes_across_calls(limited: tuple[RunningServer, Any]) -> None:
-    running, channel = limited
-    stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
-    held = Held(stub, select_frames(2 << 20))  # 8 MiB declared and reserved, not yet sent
-    wait_for(lambda: running.limits.inflight_bytes == 8 << 20)
-    err = refused_before_chunks(stub.Select, select_frames(1 << 20))  # 4 MiB more
-    assert err.code() == EXHAUSTED
-    assert "in flight" in err.details()
-    assert select(stub, select_frames(1 << 18))  # 1 MiB fits beside it
-    assert held.finish()
-    wait_for(lambda: running.limits.inflight_bytes == 0)
-    assert select(stub, select_frames(1 << 20))
-    assert running.limits.inflight_bytes == 0
-    assert_serving(channel)
+def change_frames(*numels: int) -> list[Any]:
+    """A Select of the top 1 % by |w - w0|, the initial model sent: scores written over it, so the work
+    (the k-th search, the few entries selected) is a fraction of the upload."""
+    model = [(f"t{i}", torch.randn(n)) for i, n in enumerate(numels)]
+    initial = [(name, tensor + 0.1 * torch.randn(tensor.shape)) for name, tensor in model]
+    criterion = criteria_pb2.Criterion(
+        top_k=criteria_pb2.TopKCriterion(
+            sparsity_level=0.01, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE
+        )
+    )
+    first = ("start", service_pb2.SelectStart(criterion=criterion))
+    dense = [(MODEL, model), (tensor_pb2.SECTION_INITIAL_MODEL, initial)]
+    return list(write_frames(service_pb2.SelectRequest, first, chunk_size=CHUNK, dense=dense))
+
+
+def test_inflight_bytes_across_calls() -> None:
+    held_frames, small_frames, big = (
+        change_frames(1 << 17, 1 << 17),
+        change_frames(1024),
+        change_frames(3 << 16),
+    )
+    held_upload, big_upload = 2 << 20, 3 << 19  # model and initial model, declared before any chunk
+    held_bytes, small_bytes, big_bytes = (
+        reserved_bytes("Select", f) for f in (held_frames, small_frames, big)
+    )
+    cap = held_bytes + small_bytes  # room for the held call's upload and work, and the small call's
+    assert big_upload > cap - held_upload  # the big upload does not fit beside the held one ...
+    assert big_bytes <= cap  # ... but the whole big call fits alone
+    with serving(max_inflight_bytes=cap) as (running, channel):
+        stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
+        held = Held(stub, held_frames)
+        wait_for(lambda: running.limits.inflight_bytes == held_upload)
+        err = refused_before_chunks(stub.Select, big)
+        assert err.code() == EXHAUSTED
+        assert "in flight" in err.details()
+        assert select(stub, small_frames)  # upload and work fit beside the held upload
+        assert held.finish()  # its work is reserved as it computes, where the small call's was
+        wait_for(lambda: running.limits.inflight_bytes == 0)
+        assert select(stub, big)
+        assert running.limits.inflight_bytes == 0
+        assert_serving(channel)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,6 +277,18 @@ def rss_bytes() -> int:
 
 
 UPLOAD_ELEMENTS = 100_000_000  # 400 MB of float32 declared
+
+
+def upload_and_plan(frames: list[Any]) -> int:
+    """What a call of these declarations holds reserved once its first chunk is in: the upload, and the
+    work its declared shapes decide (here, top-k's scores and the k-th search's sample and masks)."""
+    limits = CallLimits(Limits(4, 1 << 50, 1 << 50, 1000, 1 << 40))
+    with limits.call() as call:
+        for _ in call.watch(iter(frames), inbound.select_plan):
+            pass
+        return call.declared + call.work
+
+
 SENT_CHUNKS = 300  # ~300 MiB of it actually sent before the call is cut
 
 
@@ -243,17 +307,33 @@ def interrupt_upload(
     sent = threading.Event()
     stop = threading.Event()
     data = bytes(CHUNK)
+    received_before = metric(running, "paramsel_received_bytes_total", method="Select")
+    uploaded = 0
 
     def upload() -> Iterator[Any]:
-        yield service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=TOP_K))
+        nonlocal uploaded
         spec = tensor_pb2.TensorSpec(name="w", dtype=F32, shape=[UPLOAD_ELEMENTS])
-        yield service_pb2.SelectRequest(tensors=tensor_pb2.TensorManifest(section=MODEL, tensors=[spec]))
-        for i in range(SENT_CHUNKS):
-            yield service_pb2.SelectRequest(
+        declarations = [
+            service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=TOP_K)),
+            service_pb2.SelectRequest(tensors=tensor_pb2.TensorManifest(section=MODEL, tensors=[spec])),
+        ]
+        chunks = (
+            service_pb2.SelectRequest(
                 chunk=tensor_pb2.Chunk(section=MODEL, offset_bytes=i * CHUNK, data=data)
             )
+            for i in range(SENT_CHUNKS)
+        )
+        for frame in itertools.chain(declarations, chunks):
+            uploaded += frame.ByteSize()
+            yield frame
         sent.set()
         stop.wait(TIMEOUT)
+
+    def taken_in() -> bool:
+        """The server's handler has read every frame sent (the server's own count of request bytes),
+        or the call is over."""
+        received = metric(running, "paramsel_received_bytes_total", method="Select") - received_before
+        return received >= uploaded or not call.is_active()
 
     call = stub.Select(upload(), timeout=TIMEOUT if deadline is None else deadline)
     peak = held = 0
@@ -263,8 +343,8 @@ def interrupt_upload(
             if not call.is_active():  # the deadline came first: the caller tries a longer one
                 break
         if sent.is_set():
-            # The last chunks are still in flow-control windows; let the server take them in.
-            time.sleep(0.5)
+            # The last chunks may still be in flow-control windows: wait until the server has them.
+            wait_for(taken_in, what="the server to read the whole upload")
             peak = rss_bytes()
             held = running.limits.inflight_bytes  # released when the call ends: proof it had not yet
         if how == "cancel":
@@ -277,18 +357,27 @@ def interrupt_upload(
         stop.set()
     wait_for(lambda: running.limits.active_calls == 0)
     assert running.limits.inflight_bytes == 0
-    if not sent.is_set() or (deadline is not None and held != UPLOAD_ELEMENTS * 4):
+    spec = tensor_pb2.TensorSpec(name="w", dtype=F32, shape=[UPLOAD_ELEMENTS])
+    expected = upload_and_plan(
+        [
+            service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=TOP_K)),
+            service_pb2.SelectRequest(tensors=tensor_pb2.TensorManifest(section=MODEL, tensors=[spec])),
+            service_pb2.SelectRequest(chunk=tensor_pb2.Chunk(section=MODEL, offset_bytes=0, data=b"x")),
+        ]
+    )
+    if not sent.is_set() or (deadline is not None and held != expected):
         return None
-    assert held == UPLOAD_ELEMENTS * 4
+    assert held == expected
     return baseline, peak
 
 
+@pytest.mark.slow  # ~300 MiB uploaded, in-process: a large model
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_an_interrupted_upload_releases_its_memory(how: str, caplog: pytest.LogCaptureFixture) -> None:
     # gRPC may log the cut-short stream's exception, traceback and all; pytest keeps log records until
     # the test ends, and that traceback would keep the upload's buffers alive: records are not needed.
     caplog.set_level(logging.CRITICAL + 1, logger="grpc._server")
-    running = create_server(ServerConfig(host="127.0.0.1", port=0))
+    running = start_server()
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)

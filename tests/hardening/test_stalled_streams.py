@@ -7,19 +7,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from support import assert_serving, serve_process_logging_to
+from support import assert_serving, metric, running_server, serve_process, start_server, wait_for
 
-from paramsel.server import ServerConfig, create_server
-from paramsel.server.admission import Admission, peer_address
+from paramsel import engine
+from paramsel.server import outbound
+from paramsel.server.admission import peer_address
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
-from paramsel.wire.streams import write_frames
+from paramsel.wire.streams import SparseOut, write_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
 F32 = tensor_pb2.DATA_TYPE_FLOAT32
@@ -109,13 +109,7 @@ def small_push(stub: service_pb2_grpc.ParameterSelectionServiceStub) -> Any:
     return header
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
+@pytest.mark.slow  # a `paramsel serve` process
 @pytest.mark.timeout(240)
 def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> None:
     """The finding: 16 streams that send a start and a manifest, then nothing, took every call slot for
@@ -124,7 +118,7 @@ def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> No
     clients still hold their streams and connections open."""
     log = tmp_path / "serve.log"
     flags = ("--progress-timeout-seconds", str(PROGRESS_TIMEOUT), "--max-concurrent-calls", "16")
-    with serve_process_logging_to(log, *flags) as (_, target):
+    with serve_process(*flags, log=log) as (_, target):
         channels = [grpc.insecure_channel(target) for _ in range(4)]  # stalled clients, four connections
         stalled: list[Stalled] = []
         try:
@@ -167,8 +161,10 @@ def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> No
 @pytest.mark.timeout(240)
 def test_stalled_streams_release_the_bytes_they_declared() -> None:
     """The finding: two streams declaring 8 GiB + 4 GiB and sending 4 bytes held the whole 12 GiB
-    in-flight budget, refusing every other call. Ended by the progress timeout, they release it."""
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, progress_timeout_seconds=PROGRESS_TIMEOUT))
+    in-flight budget, refusing every other call. (Their first chunk now has them refused at once, as
+    their work does not fit beside their upload; without it, they hold what they declared.) Ended by
+    the progress timeout, they release it."""
+    running = start_server(progress_timeout_seconds=PROGRESS_TIMEOUT)
     stalled: list[Stalled] = []
     try:
         assert running.config.max_inflight_bytes == 12 << 30
@@ -179,9 +175,6 @@ def test_stalled_streams_release_the_bytes_they_declared() -> None:
                 frames = [
                     service_pb2.PushRequest(start=service_pb2.PushStart(criterion=TOP_K)),
                     service_pb2.PushRequest(tensors=tensor_pb2.TensorManifest(section=MODEL, tensors=[spec])),
-                    service_pb2.PushRequest(
-                        chunk=tensor_pb2.Chunk(section=MODEL, offset_bytes=0, data=bytes(4))
-                    ),
                 ]
                 stalled.append(Stalled(stub.Push, frames))
             for s in stalled:
@@ -201,7 +194,7 @@ def test_stalled_streams_release_the_bytes_they_declared() -> None:
 def test_a_client_that_stops_reading_the_answer_is_ended_too() -> None:
     """The other direction: a client that sent its request but takes no response frame holds the call
     (its handler blocks in the send) until the progress timeout ends it."""
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, progress_timeout_seconds=PROGRESS_TIMEOUT))
+    running = start_server(progress_timeout_seconds=PROGRESS_TIMEOUT)
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
@@ -218,29 +211,49 @@ def test_a_client_that_stops_reading_the_answer_is_ended_too() -> None:
         running.stop(0)
 
 
-def test_computing_does_not_count_as_stalled() -> None:
-    """Only waits on the client count: a handler that computes for longer than the progress timeout,
-    before its answer and between its frames, is not ended."""
-    admission = Admission(progress_timeout=1.0)
+def pull_frames() -> list[Any]:
+    """A Pull of a 2-entry sparse payload into a 3x4 tensor: its answer is a header, a manifest and a
+    chunk."""
+    payload = SparseOut("w", (3, 4), torch.ones(2), torch.tensor([[0, 1], [2, 3]]))
+    return list(
+        write_frames(
+            service_pb2.PullRequest,
+            ("start", service_pb2.PullStart(payload_kind=service_pb2.PAYLOAD_KIND_SPARSE_COO)),
+            chunk_size=1 << 20,
+            layout=[("w", torch.zeros(3, 4))],
+            sparse=[(tensor_pb2.SECTION_PAYLOAD, [payload], tensor_pb2.POSITION_ENCODING_COO_INT64)],
+        )
+    )
 
-    def slow(requests: Iterator[bytes], _context: grpc.ServicerContext) -> Iterator[bytes]:
-        received = list(requests)
-        time.sleep(3)  # computing: the client waits, the server does not
-        for frame in received:
+
+def test_computing_does_not_count_as_stalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only waits on the client count: a call whose server computes for longer than the progress
+    timeout, before its answer and between its frames, is not ended. (The server's computing is
+    lengthened by sleeps in the engine and in the encoder of the answer.)"""
+    timeout = 1.0
+    compute, encode = engine.pull_sparse, outbound.pull_frames
+
+    def slow_compute(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2 * timeout)  # computing: the client waits, the server does not
+        return compute(*args, **kwargs)
+
+    def slow_encode(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for number, frame in enumerate(encode(*args, **kwargs)):
+            if number == 1:
+                time.sleep(1.5 * timeout)  # computing the next frame, after the client took the first
             yield frame
-            time.sleep(1.5)
 
-    handler = grpc.stream_stream_rpc_method_handler(slow)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[admission])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Slow", {"Echo": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            echo = channel.stream_stream("/test.Slow/Echo")
-            assert list(echo(iter([b"a", b"b"]), timeout=TIMEOUT)) == [b"a", b"b"]
-    finally:
-        server.stop(0)
+    monkeypatch.setattr(engine, "pull_sparse", slow_compute)
+    monkeypatch.setattr(outbound, "pull_frames", slow_encode)
+    with (
+        running_server(progress_timeout_seconds=timeout) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
+        replies = list(stub.Pull(iter(pull_frames()), timeout=TIMEOUT))
+        assert len(replies) >= 3
+        assert replies[0].header.changed_tensors == 1
+        assert metric(running, "paramsel_calls_total", method="Pull", code="OK") == 1
 
 
 def test_peer_address_drops_the_port() -> None:
@@ -254,8 +267,7 @@ def test_peer_address_drops_the_port() -> None:
 def test_calls_per_peer_are_capped_when_asked() -> None:
     """--max-calls-per-peer: one client address cannot take every slot; beyond the cap it is refused
     with RESOURCE_EXHAUSTED at once, and its slots come back when its calls end."""
-    config = ServerConfig(host="127.0.0.1", port=0, max_calls_per_peer=2, progress_timeout_seconds=TIMEOUT)
-    running = create_server(config)
+    running = start_server(max_calls_per_peer=2, progress_timeout_seconds=TIMEOUT)
     stalled: list[Stalled] = []
     try:
         with grpc.insecure_channel(running.target) as channel:

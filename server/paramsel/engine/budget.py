@@ -11,6 +11,10 @@ numpy's) on empty stand-ins.
 Each tensor's figure is a :class:`Need`: ``held`` bytes stay until the call ends (the answer, and what
 it is built from), ``scratch`` bytes only while that tensor is computed. The engine computes one tensor
 at a time, so a :class:`Work` is the sum of every ``held`` plus the largest ``scratch``.
+
+A selection (Select, Push) is planned here too: scores, the k-th search's fixed scratch, drift norms,
+FedPM masks. What only its data decides (the k-th search's candidates, the selected entries, ties) the
+engine reserves itself as it computes, from counts it has just taken (see :mod:`paramsel.engine.needs`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .fedpm import is_fedpm_score
+from .kth import partition_entry_bytes, sample_bytes, samples
+from .needs import Need as Need  # re-exported: defined beside the engine's own reservations
+from .needs import Work as Work
 from .pull import PullMode
+from .scores import ScoreFunction, formula, written_over_initial
 from .state import TensorSpec
 
 # Scratch per sent entry of the tensor being computed, on top of the entries' own dtype (``w`` bytes
@@ -42,6 +51,20 @@ WEIGHTED_LAYER_ARRAYS = 3
 UNWEIGHTED_LAYER_ARRAYS = 2
 # FedPM's pull, -log(1 / x - 1), holds two whole intermediate tensors at a time.
 FEDPM_INTERMEDIATES = 2
+# Score tensors each formula makes beside the scores themselves: |w| - |w0| computes |w0| apart (and,
+# written over w0, |w|).
+SCORE_TEMPORARIES = {
+    ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: 1,
+    ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: 1,
+}
+# Bool masks over one tensor's entries that a top-k selection holds at once: the k-th search's counting
+# pass keeps one beside each comparison, exact_k the strictly-above mask beside the tied one.
+SELECTION_MASKS = 2
+# FedPM's masks: int64 (held). Beside one, per entry of its score tensor: its float64 probability, as
+# many uniform draws and their bool comparison, less the mask itself (counted as held); before the draws,
+# the sigmoid in the tensor's own float dtype and its float64 copy take less.
+FEDPM_MASK_BYTES = 8
+FEDPM_SCRATCH_BYTES = 8 + 8 + 1 - FEDPM_MASK_BYTES
 
 
 @dataclass(frozen=True)
@@ -52,53 +75,6 @@ class SparseSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nnz: int
-
-
-@dataclass(frozen=True)
-class Need:
-    """The bytes one tensor's computation holds at most, and how the figure is made (for messages)."""
-
-    name: str
-    held: int
-    """Kept until the call ends: the answer, and what it is built from."""
-    scratch: int
-    """Held only while this tensor is computed."""
-    what: str
-    answer_entries: int = 0
-    """For a sparse answer: at most how many entries it has (their encoding is the server's to count)."""
-    answer_shape: tuple[int, ...] = ()
-    """For a sparse answer: its dense shape."""
-
-    @property
-    def nbytes(self) -> int:
-        return self.held + self.scratch
-
-
-@dataclass(frozen=True)
-class Work:
-    """The needs of one call's computation: every ``held`` at once, plus the largest ``scratch``."""
-
-    needs: tuple[Need, ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n.held for n in self.needs) + max((n.scratch for n in self.needs), default=0)
-
-    def largest(self) -> Need | None:
-        """The tensor that needs the most bytes (its needs merged: held summed, the largest scratch),
-        described by its largest need; the first of them on a tie; None when there are none."""
-        merged: dict[str, Need] = {}
-        for need in self.needs:
-            seen = merged.get(need.name)
-            if seen is None:
-                merged[need.name] = need
-                continue
-            what = need.what if need.nbytes > seen.nbytes else seen.what
-            merged[need.name] = Need(need.name, seen.held + need.held, max(seen.scratch, need.scratch), what)
-        return max(merged.values(), key=lambda n: n.nbytes, default=None)
-
-    def __add__(self, other: Work) -> Work:
-        return Work(self.needs + other.needs)
 
 
 def numel(shape: Iterable[int]) -> int:
@@ -362,3 +338,128 @@ def pull_work(
     """The work of a pull of ``sparse`` or ``dense`` (FedPM probabilities when ``fedpm``) payloads."""
     work = pull_sparse_work(model, sparse, mode=mode)
     return work + (pull_fedpm_work(model, dense) if fedpm else pull_layers_work(model, dense))
+
+
+# --- Select and Push --------------------------------------------------------------------------------
+
+
+def score_dtype(fn: ScoreFunction, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of ``fn``'s scores of a ``dtype`` tensor, found by running its formula on empty
+    stand-ins; None when torch cannot score that dtype (the engine refuses it before scoring it)."""
+    if dtype == torch.bool:
+        return None
+    probe = torch.empty(0, dtype=dtype)
+    try:
+        return formula(fn)(probe, probe).dtype
+    except RuntimeError:
+        return None
+
+
+def top_k_work(
+    model: Sequence[TensorSpec],
+    fn: ScoreFunction,
+    *,
+    overwrite_initial: bool = False,
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.select_top_k` holds that the shapes decide.
+
+    Per tensor, in state order: its scores in the dtype ``fn``'s formula gives (held; none when they are
+    written over the initial model's tensor), a temporary of their size for ``|w| - |w0|`` (scratch),
+    and, when the scores of all tensors promote to a wider dtype than its own, their copy in that dtype
+    (held while the k-th largest is searched). Beside them the k-th search's sample (held), and the
+    larger of two scratches: every score joined in the promoted dtype to be partitioned, when there are
+    too few to sample; :data:`SELECTION_MASKS` bool masks over the largest tensor (the k-th search's
+    counting pass, and ``exact_k``'s selection, hold that many).
+
+    The rest depends on the scores, not on their shapes - how many lie near the k-th largest, how many
+    entries are selected (every one at or above it: ties decide) - and the engine reserves it as it
+    computes (see :mod:`paramsel.engine.needs`). Tensors from the first one ``fn`` cannot score need
+    nothing: the engine refuses it before scoring it.
+    """
+    needs: list[Need] = []
+    dtypes: list[torch.dtype] = []
+    sizes: list[int] = []
+    for spec in model:
+        dtype = score_dtype(fn, spec.dtype)
+        if dtype is None:
+            return Work(tuple(needs))
+        size = numel(spec.shape)
+        in_place = overwrite_initial and written_over_initial(fn, spec.dtype)
+        score_bytes = itemsize(dtype)
+        temporary = size * SCORE_TEMPORARIES.get(fn, 0) * (itemsize(spec.dtype) if in_place else score_bytes)
+        if in_place:
+            what = "its scores, written over the initial model's tensor"
+        else:
+            what = f"its scores {_over(spec.shape, score_bytes)}"
+        if temporary:
+            what += ", and |w0| (or |w|) beside them"
+        needs.append(Need(spec.name, 0 if in_place else size * score_bytes, temporary, what))
+        dtypes.append(dtype)
+        sizes.append(size)
+    total = sum(sizes)
+    if total == 0:
+        return Work(tuple(needs))  # refused: nothing to select
+    promoted = functools.reduce(torch.promote_types, dtypes)
+    wide = itemsize(promoted)
+    for spec, dtype, size in zip(model, dtypes, sizes, strict=True):
+        if dtype != promoted:
+            needs.append(
+                Need(
+                    spec.name,
+                    size * wide,
+                    0,
+                    f"its scores copied {_over(spec.shape, wide)} ({promoted}, the dtype every tensor's "
+                    "scores are compared in)",
+                )
+            )
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
+    masks = SELECTION_MASKS * sizes[largest]
+    if samples(total):
+        held, joined = sample_bytes(len(sizes)), 0
+        what = f"the k-th search's sample, and {SELECTION_MASKS} bool masks over its {sizes[largest]} entries"
+    else:
+        held, joined = 0, total * partition_entry_bytes(promoted)
+        what = (
+            f"the k-th search: all {total} scores joined and partitioned at "
+            f"{_bytes(partition_entry_bytes(promoted))} each, or {SELECTION_MASKS} bool masks over its entries"
+        )
+    needs.append(Need(model[largest].name, held, max(masks, joined), what))
+    return Work(tuple(needs))
+
+
+def drift_work(model: Sequence[TensorSpec]) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.drift_norms` holds: one tensor at a time,
+    ``w - w0`` in its dtype and its float32 copy when that dtype is not float32 (scratch)."""
+    needs = []
+    for spec in model:
+        probe = torch.empty(0, dtype=spec.dtype)
+        try:
+            difference = probe - probe
+            widened = difference.float()
+        except RuntimeError:  # bool: refused before anything is computed
+            break
+        per = difference.element_size() + (widened.element_size() if widened.dtype != difference.dtype else 0)
+        what = f"w - w0 {_over(spec.shape, difference.element_size())}"
+        if widened.dtype != difference.dtype:
+            what += ", and its float32 copy"
+        needs.append(Need(spec.name, 0, numel(spec.shape) * per, what))
+    return Work(tuple(needs))
+
+
+def fedpm_work(model: Sequence[TensorSpec]) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.sample_fedpm_masks` holds: per score tensor, its
+    int64 mask (held) and, one tensor at a time, its float64 probabilities, draws and their comparison
+    (scratch)."""
+    needs = []
+    for spec in model:
+        if not is_fedpm_score(spec.name):
+            continue
+        if spec.dtype == torch.bool:
+            break  # refused before it is sampled
+        size = numel(spec.shape)
+        what = (
+            f"its int64 mask {_over(spec.shape, FEDPM_MASK_BYTES)}, and float64 probabilities and draws "
+            "beside it"
+        )
+        needs.append(Need(spec.name, size * FEDPM_MASK_BYTES, size * FEDPM_SCRATCH_BYTES, what))
+    return Work(tuple(needs))

@@ -38,11 +38,19 @@ def sample_fedpm_masks(current: State, *, seed: int) -> LayerResult:
             if not is_fedpm_score(name):
                 continue
             require_not_bool(name, tensor)
-            probability = torch.sigmoid(tensor.detach()).double().numpy()
-            if probability.size and math.isnan(float(probability.min())):
-                raise InvalidArgument(f"score tensor {name!r} has a NaN score; no mask can be sampled")
-            # u < p with u uniform on [0, 1) is 1 with probability p, and exactly 0 / 1 at p = 0 / 1.
-            draws = np.asarray(rng.random(probability.shape) < probability)
+            mask = _sampled_mask(name, tensor.detach(), rng)
             names.append(name)
-            masks.append(torch.from_numpy(draws.astype(np.int64)))
+            masks.append(mask)
     return LayerResult(names, masks, {})
+
+
+def _sampled_mask(name: str, tensor: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One tensor's mask. A function of its own, so that its float64 probabilities and draws are freed
+    before the next tensor's are made (a server reserves one tensor's at a time; see
+    :func:`paramsel.engine.budget.fedpm_work`)."""
+    probability = torch.sigmoid(tensor).double().numpy()
+    if probability.size and math.isnan(float(probability.min())):
+        raise InvalidArgument(f"score tensor {name!r} has a NaN score; no mask can be sampled")
+    # u < p with u uniform on [0, 1) is 1 with probability p, and exactly 0 / 1 at p = 0 / 1.
+    draws = np.asarray(rng.random(probability.shape) < probability)
+    return torch.from_numpy(draws.astype(np.int64))

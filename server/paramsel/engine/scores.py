@@ -56,6 +56,18 @@ _OVER_INITIAL: dict[ScoreFunction, Callable[[torch.Tensor, torch.Tensor], torch.
 }
 
 
+def formula(fn: ScoreFunction) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn``'s formula as :func:`score_tensors` applies it out of place (``w0`` is ``w`` for the
+    final-magnitude functions)."""
+    return _FORMULAS[fn]
+
+
+def written_over_initial(fn: ScoreFunction, dtype: torch.dtype) -> bool:
+    """Whether ``score_tensors(..., overwrite_initial=True)`` writes ``fn``'s scores of a tensor of
+    ``dtype`` over the initial model's tensor instead of a new one."""
+    return fn in _OVER_INITIAL and dtype.is_floating_point
+
+
 def require_initial(fn_name: str, initial: State | None) -> State:
     if initial is None:
         raise FailedPrecondition(f"{fn_name} needs the initial model, but none was given")
@@ -74,8 +86,7 @@ def score_tensors(
     if fn.needs_initial_model:
         initial = require_initial(fn.value, initial)
         check_same_layout(current, initial)
-    formula = _FORMULAS[fn]
-    in_place = _OVER_INITIAL.get(fn) if overwrite_initial else None
+    out_of_place = _FORMULAS[fn]
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tensor in current.items():
@@ -86,10 +97,10 @@ def score_tensors(
             try:
                 # In place only where the result has w0's dtype and shape: floats (ints wrap the same,
                 # but torch has no in-place abs for every integer dtype; keep those out of it).
-                if in_place is not None and w.is_floating_point() and w0.dtype == w.dtype:
-                    scores[name] = in_place(w, w0)
+                if overwrite_initial and w0.dtype == w.dtype and written_over_initial(fn, w.dtype):
+                    scores[name] = _OVER_INITIAL[fn](w, w0)
                 else:
-                    scores[name] = formula(w, w0)
+                    scores[name] = out_of_place(w, w0)
             except RuntimeError as err:
                 # e.g. torch has no abs for uint16/32/64: a dtype the caller cannot use with this criterion.
                 raise InvalidArgument(f"tensor {name!r} of dtype {w.dtype} cannot be scored: {err}") from err

@@ -17,6 +17,7 @@ import torch
 
 from .errors import InvalidArgument
 from .kth import find_kth
+from .needs import Reserve, dropped_zeros_need, selected_need, ties_need
 from .scores import ScoreFunction, score_tensors
 from .state import State, require_fraction, require_nonempty
 
@@ -59,17 +60,23 @@ def select_top_k(
     score_function: ScoreFunction,
     exact_k: bool = False,
     overwrite_initial: bool = False,
+    reserve: Reserve | None = None,
 ) -> TopKResult:
     """Select the entries whose score is at least the k-th largest; see DESIGN.md "Semantics".
 
     ``exact_k`` (beyond FL4Health) selects exactly k: of the entries tied at the threshold, only the
     earliest in the state (state order, then row-major) are taken, as many as k leaves room for.
     ``overwrite_initial`` lets the scores be written over ``initial``'s tensors (see ``score_tensors``).
+    ``reserve`` is given, before each is allocated, what only the scores decide: the k-th search's
+    candidates and band, and each tensor's selected entries (see :mod:`paramsel.engine.needs`); what the
+    shapes decide is :func:`paramsel.engine.budget.top_k_work`.
     """
     require_fraction("sparsity_level", sparsity_level)
     require_nonempty(current)
     scores = score_tensors(score_function, current, initial, overwrite_initial=overwrite_initial)
-    return select_top_k_by_scores(current, scores, sparsity_level=sparsity_level, exact_k=exact_k)
+    return select_top_k_by_scores(
+        current, scores, sparsity_level=sparsity_level, exact_k=exact_k, reserve=reserve
+    )
 
 
 def select_top_k_by_scores(
@@ -78,6 +85,7 @@ def select_top_k_by_scores(
     *,
     sparsity_level: float,
     exact_k: bool = False,
+    reserve: Reserve | None = None,
 ) -> TopKResult:
     """:func:`select_top_k` with scores computed elsewhere (a caller's own score function).
 
@@ -105,7 +113,7 @@ def select_top_k_by_scores(
     if total == 0:
         raise InvalidArgument("every tensor of the model state is empty: there are no entries to select")
     k = math.ceil(total * sparsity_level)
-    kth = find_kth(list(scores.values()), k, collect=not exact_k)
+    kth = find_kth(list(scores.values()), k, collect=not exact_k, reserve=reserve, names=list(scores))
     threshold = kth.value
     candidates = dict(zip(scores, kth.candidates, strict=True)) if kth.candidates is not None else {}
 
@@ -113,41 +121,74 @@ def select_top_k_by_scores(
     selected_entries = 0
     with torch.no_grad():
         # Room left for tied entries under exact_k: k minus everything strictly above the threshold.
-        room = k - sum(int((score > threshold).sum()) for score in scores.values()) if exact_k else 0
+        # (count_nonzero, not sum: a bool sum widens the mask to int64 first.)
+        room = (
+            k - sum(int(torch.count_nonzero(score > threshold)) for score in scores.values())
+            if exact_k
+            else 0
+        )
         for name, tensor in current.items():
             # A Python scalar on the right makes torch round it to the tensor's dtype (float16, say)
             # or compare integers in the default float dtype, exactly as FL4Health's comparison does.
             score = scores.pop(name)  # each score goes as soon as its tensor is done
+            value_size = tensor.element_size()
             if exact_k:
-                positions, room = _exactly(score, threshold, room)
+                positions, room = _exactly(name, score, threshold, room, value_size, reserve)
             elif name in candidates and score.dtype == kth.dtype:
                 # Every entry at or above the threshold is a candidate, and compared in the same dtype.
                 kept, kept_scores = candidates.pop(name)
                 # The threshold is exact in their dtype; as a scalar of that dtype it compares the same
                 # way on numpy 1.x (value-based casting) and 2.x (NEP 50).
-                positions = kept[kept_scores >= kept_scores.dtype.type(threshold)]
+                positions = _where(
+                    name, kept_scores >= kept_scores.dtype.type(threshold), value_size, reserve, kept
+                )
+                del kept, kept_scores
             else:
-                positions = np.flatnonzero((score >= threshold).reshape(-1).numpy())
+                positions = _where(name, (score >= threshold).reshape(-1).numpy(), value_size, reserve)
             selected_entries += positions.size
             if tensor.dim() == 0 or positions.size == 0:
                 continue
-            sparse = _sent_entries(name, tensor.detach(), positions)
+            sparse = _sent_entries(name, tensor.detach(), positions, reserve)
+            del positions  # with zeros dropped, these are not the answer's: freed before the next tensor's
             if sparse is not None:
                 sent.append(sparse)
     return TopKResult(sent, total, k, threshold, selected_entries)
 
 
+Positions = np.ndarray[tuple[int], np.dtype[np.intp]]
+
+
+def _where(
+    name: str,
+    mask: np.ndarray[tuple[int], np.dtype[np.bool_]],
+    value_size: int,
+    reserve: Reserve | None,
+    among: Positions | None = None,
+) -> Positions:
+    """The positions ``mask`` selects (of ``among``, else flat ones), their answer reserved first."""
+    if reserve is not None:
+        reserve(selected_need(name, int(np.count_nonzero(mask)), value_size, mask.nbytes))
+    return np.flatnonzero(mask) if among is None else among[mask]
+
+
 def _exactly(
-    score: torch.Tensor, threshold: float, room: int
-) -> tuple[np.ndarray[tuple[int], np.dtype[np.intp]], int]:
+    name: str, score: torch.Tensor, threshold: float, room: int, value_size: int, reserve: Reserve | None
+) -> tuple[Positions, int]:
     """Positions above the threshold plus the first ``room`` tied ones; returns the room left."""
     flat = score.reshape(-1)
     mask = (flat > threshold).numpy()
     if room > 0:
-        ties = np.flatnonzero((flat == threshold).numpy())[:room]
-        mask[ties] = True  # a mask, not a merge of sorted lists: O(n), no sort
-        room -= ties.size
-    return np.flatnonzero(mask), room
+        tied = (flat == threshold).numpy()
+        ties = int(np.count_nonzero(tied))
+        if ties <= room:
+            mask |= tied  # every tie fits: no positions needed
+        else:  # only the first ``room`` ties: once per call, as no room is left after
+            if reserve is not None:
+                reserve(ties_need(name, ties, flat.numel()))
+            mask[np.flatnonzero(tied)[:room]] = True  # a mask, not a merge of sorted lists: O(n), no sort
+        room -= min(ties, room)
+        del tied
+    return _where(name, mask, value_size, reserve), room
 
 
 def _reject_non_finite(name: str, score: torch.Tensor) -> None:
@@ -161,7 +202,10 @@ def _reject_non_finite(name: str, score: torch.Tensor) -> None:
 
 
 def _sent_entries(
-    name: str, tensor: torch.Tensor, selected: np.ndarray[tuple[int], np.dtype[np.intp]]
+    name: str,
+    tensor: torch.Tensor,
+    selected: np.ndarray[tuple[int], np.dtype[np.intp]],
+    reserve: Reserve | None = None,
 ) -> SparseTensor | None:
     positions = torch.from_numpy(selected.astype(np.int64, copy=False))
     values = tensor.reshape(-1).index_select(0, positions)
@@ -169,6 +213,8 @@ def _sent_entries(
     # (or -0.0) is dropped; checking only the selected values keeps this O(k), not O(N).
     nonzero = values != 0
     if not bool(nonzero.all()):
+        if reserve is not None:
+            reserve(dropped_zeros_need(name, positions.numel(), values.element_size()))
         positions = positions[nonzero]
         values = values[nonzero]
         if positions.numel() == 0:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from paramsel import engine
+from paramsel.engine import budget
+from paramsel.engine.needs import Reserve
 from paramsel.v1 import criteria_pb2, service_pb2
 from paramsel.wire import WireError
 
@@ -44,9 +46,11 @@ def run_criterion(
     initial: dict[str, torch.Tensor] | None,
     *,
     initial_is_scratch: bool = False,
+    reserve: Reserve | None = None,
 ) -> Selection:
     """Runs the criterion; ``initial_is_scratch`` says nothing reads ``initial`` afterwards, so top-k
-    may write its scores over it."""
+    may write its scores over it. ``reserve`` is given what only the data decide (a top-k selection's
+    candidates and selected entries) before it is allocated; :func:`criterion_work` is the rest."""
     kind = criterion.WhichOneof("kind")
     if kind == "top_k":
         top_k = criterion.top_k
@@ -62,6 +66,7 @@ def run_criterion(
             score_function=SCORE_FUNCTIONS[top_k.score_function],
             exact_k=top_k.exact_k,
             overwrite_initial=initial_is_scratch,
+            reserve=reserve,
         )
         return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_COO, top_k=result)
     if kind == "drift_threshold":
@@ -93,3 +98,22 @@ def run_criterion(
     raise WireError(
         "criterion: none is set (expected one of top_k, drift_threshold, drift_percentage, fed_pm)"
     )
+
+
+def criterion_work(
+    criterion: criteria_pb2.Criterion | None, model: list[engine.TensorSpec], *, initial_is_scratch: bool
+) -> budget.Work:
+    """What running ``criterion`` on a model of these declared tensors builds, as far as their shapes
+    decide it (:mod:`paramsel.engine.budget`); nothing for a criterion the engine refuses outright."""
+    kind = criterion.WhichOneof("kind") if criterion is not None else None
+    if kind == "top_k":
+        assert criterion is not None
+        function = SCORE_FUNCTIONS.get(criterion.top_k.score_function)
+        if function is None:
+            return budget.Work()
+        return budget.top_k_work(model, function, overwrite_initial=initial_is_scratch)
+    if kind in ("drift_threshold", "drift_percentage"):
+        return budget.drift_work(model)
+    if kind == "fed_pm":
+        return budget.fedpm_work(model)
+    return budget.Work()

@@ -3,11 +3,14 @@
 Every paramsel.v1 call holds a slot (:meth:`CallLimits.call`) for its whole life. Its manifests are
 inspected as they arrive (:meth:`Call.watch`), before the stream reader allocates anything: the declared
 bytes are reserved against the server-wide in-flight budget. Once the declarations are complete (at the
-first chunk, or at the end of a stream that has none), a call that computes from declared shapes -
-Aggregate's dense accumulators, Pull's densified tensors and answers - has its *work* planned from them
-(:mod:`paramsel.engine.budget`) and reserved the same way, before any of it is allocated. Upload plus
-work must fit ``max_call_bytes``; everything reserved is released when the call ends, however it ends
-(finished, failed, cancelled, past its deadline).
+first chunk, or at the end of a stream that has none), the call's *work* - what it builds from the
+declared shapes: Aggregate's dense accumulators, Pull's densified tensors and answers, a selection's
+scores, masks and k-th search - is planned from them (:mod:`paramsel.engine.budget`) and reserved the
+same way, before any of it is allocated. What only the data decide (how many entries a top-k selection
+keeps, its encoded answer) is reserved later, but still before it is allocated
+(:meth:`Call.reserve_need`, :meth:`Call.reserve_work`). Upload plus work must fit ``max_call_bytes``;
+everything reserved is released when the call ends, however it ends (finished, failed, cancelled, past
+its deadline).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from paramsel.engine.budget import Work
+from paramsel.engine.budget import Need, Work
 from paramsel.wire import DenseDecl, WireError, WireLimitError
 from paramsel.wire.codec import SparseDecl, dense_decl, sparse_decl
 
@@ -71,6 +74,9 @@ class Call:
         self.tensors = 0
         self.declared = 0
         self.work = 0
+        self.scratch = 0
+        """The largest scratch reserved so far: steps run one at a time, so a later step's scratch
+        needs only what it has beyond it."""
         self.reserved = 0
         self.declarations = Declarations()
 
@@ -149,8 +155,11 @@ class Call:
 
     def reserve_work(self, work: Work) -> None:
         """Counts the work of the call's computation against its limit and the in-flight bytes, or refuses
-        the call (RESOURCE_EXHAUSTED) naming the tensor that needs the most and the figures."""
-        nbytes = work.nbytes
+        the call (RESOURCE_EXHAUSTED) naming the tensor that needs the most and the figures.
+
+        May be called more than once: what is reserved adds up as one :class:`Work` of all the needs
+        would (every ``held``, the largest ``scratch`` once)."""
+        nbytes = work.held + max(work.scratch - self.scratch, 0)
         if nbytes <= 0:
             return
         largest = work.largest()
@@ -168,7 +177,13 @@ class Call:
             )
         self._owner.reserve(nbytes, what=blame)
         self.work += nbytes
+        self.scratch = max(self.scratch, work.scratch)
         self.reserved += nbytes
+
+    def reserve_need(self, need: Need) -> None:
+        """:meth:`reserve_work` of one need: the engine's callback (:data:`paramsel.engine.needs.Reserve`)
+        for what only the data decide, reserved just before it is allocated."""
+        self.reserve_work(Work((need,)))
 
 
 class CallLimits:

@@ -7,9 +7,12 @@ from collections.abc import Iterator
 import torch
 
 from paramsel import engine
+from paramsel.engine import budget
 from paramsel.server.criteria import Selection
+from paramsel.server.inbound import encode_need
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire.codec import choose_encoding
 from paramsel.wire.positions import flat_to_coo
 from paramsel.wire.streams import SparseOut, write_frames
 
@@ -50,6 +53,48 @@ def selection_header(selection: Selection) -> service_pb2.SelectionHeader:
 
 def _as(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return values.to(dtype) if dtype is not None and values.is_floating_point() else values
+
+
+def _cast_need(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> budget.Need | None:
+    """The copy :func:`_as` makes of ``tensor`` (held until the answer is sent), if it makes one."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return None
+    size = budget.itemsize(dtype)
+    return budget.Need(name, tensor.numel() * size, 0, f"{tensor.numel()} values sent at {size} bytes each")
+
+
+def select_answer_work(selection: Selection, encoding: int, value_dtype: torch.dtype | None) -> budget.Work:
+    """What :func:`select_frames` builds beside the selection, held until the answer is sent: positions
+    encoded (each tensor's encoding as ``encoding`` resolves for its entries) and values cast to
+    ``value_dtype``. Known once the selection is made, reserved before the answer is built."""
+    needs: list[budget.Need | None] = []
+    if selection.top_k is not None:
+        for t in selection.top_k.tensors:
+            entries = t.values.numel()
+            try:
+                chosen = choose_encoding(encoding, entries, t.shape)
+            except WireError:  # refused when the answer is built; until then, count the costliest
+                chosen = tensor_pb2.POSITION_ENCODING_COMPACT
+            needs += [
+                encode_need(t.name, entries, t.shape, chosen),
+                _cast_need(t.name, t.values, value_dtype),
+            ]
+    elif selection.layers is not None:
+        layers = selection.layers
+        needs += [_cast_need(n, t, value_dtype) for n, t in zip(layers.names, layers.tensors, strict=True)]
+    return budget.Work(tuple(n for n in needs if n is not None))
+
+
+def push_answer_work(selection: Selection) -> budget.Work:
+    """What :func:`push_frames` builds beside the selection: a top-k selection's positions as FL4Health's
+    (entries, ndim) int64 indices (whole tensors and masks are sent as they are)."""
+    if selection.top_k is None:
+        return budget.Work()
+    needs = [
+        encode_need(t.name, t.values.numel(), t.shape, tensor_pb2.POSITION_ENCODING_COO_INT64)
+        for t in selection.top_k.tensors
+    ]
+    return budget.Work(tuple(n for n in needs if n is not None))
 
 
 def select_frames(

@@ -13,7 +13,7 @@ from paramsel.server import inbound, outbound
 from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import Selection, run_criterion
 from paramsel.server.info import server_info
-from paramsel.server.limits import CallLimits, Limits
+from paramsel.server.limits import Call, CallLimits, Limits
 from paramsel.server.models import ModelStore, check_held_early, requested_digest, resolve_initial
 from paramsel.server.status import statuses
 from paramsel.v1 import service_pb2, service_pb2_grpc
@@ -51,10 +51,14 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         self._models = ModelStore(config.model_cache_bytes)
         self.limits = limits or CallLimits(limits_of(config))
 
-    def _selection(self, frames: Iterator[Any]) -> tuple[Any, int, Selection]:
-        """Select's and Push's common part: read the models, resolve the initial one, select."""
+    def _selection(self, call: Call, frames: Iterator[Any]) -> tuple[Any, int, Selection]:
+        """Select's and Push's common part: read the models, resolve the initial one, select.
+
+        What the criterion builds from the declared shapes is reserved at the first chunk
+        (``select_plan``); what only the data decide, as the engine comes to it (``reserve_need``)."""
         received = inbound.read_models(
-            check_held_early(frames, self._models), max_bytes=self._config.max_call_bytes
+            check_held_early(call.watch(frames, inbound.select_plan), self._models),
+            max_bytes=self._config.max_call_bytes,
         )
         start = received.first
         size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
@@ -66,23 +70,31 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         return (
             start,
             size,
-            run_criterion(start.criterion, _model(received), initial, initial_is_scratch=scratch),
+            run_criterion(
+                start.criterion,
+                _model(received),
+                initial,
+                initial_is_scratch=scratch,
+                reserve=call.reserve_need,
+            ),
         )
 
     def Select(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.SelectRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.SelectResponse]:
         with statuses(context, "Select"), self.limits.call() as call:
-            start, size, selection = self._selection(call.watch(request_iterator))
+            start, size, selection = self._selection(call, request_iterator)
             encoding = inbound.position_encoding(start.position_encoding)
             value_dtype = inbound.value_dtype(start.value_dtype)
+            call.reserve_work(outbound.select_answer_work(selection, encoding, value_dtype))
             yield from outbound.select_frames(selection, encoding, size, value_dtype)
 
     def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PushResponse]:
         with statuses(context, "Push"), self.limits.call() as call:
-            _, size, selection = self._selection(call.watch(request_iterator))
+            _, size, selection = self._selection(call, request_iterator)
+            call.reserve_work(outbound.push_answer_work(selection))
             yield from outbound.push_frames(selection, size)
 
     def Pull(  # noqa: N802 - gRPC method name

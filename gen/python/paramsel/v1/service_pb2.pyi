@@ -761,8 +761,8 @@ class GetServerInfoResponse(google.protobuf.message.Message):
     gRPC's message limit.
     """
     max_call_bytes: builtins.int
-    """Bytes one call may make the server hold: its declared tensor bytes and, for Aggregate and Pull,
-    what it builds from them (see the service comment).
+    """Bytes one call may make the server hold: its declared tensor bytes and what it builds from them
+    (see the service comment).
     """
     requires_token: builtins.bool
     """Whether paramsel calls need a bearer token."""

@@ -24,14 +24,17 @@ class ParameterSelectionServiceStub(object):
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.
 
-    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
-    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
-    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
-    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
-    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
-    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
-    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
-    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
+    Memory. Every allocation the server makes for a call counts, before it is made, against the server's
+    limit per call (--max-call-bytes, GetServerInfoResponse.max_call_bytes) and, with those of every
+    running call, against its limit in flight (--max-inflight-bytes): the call's declared tensor bytes as
+    its manifests arrive, then what it builds from them - dense accumulators, densified tensors, scores,
+    masks, the answer and the scratch beside them, at the widest dtype each passes through - reckoned from
+    the declarations alone once they are complete (at the first chunk, or at the end of a stream that has
+    none). What only the data decide is counted once the server has counted it, still before it is
+    allocated: a top-k selection's answer (every entry at or above the k-th largest score, ties included)
+    and its encoding, so Select and Push can be refused after their upload. A call that does not fit is
+    refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the bytes needed, the limit and
+    its flag; what a call reserved is released when it ends, however it ends.
     """
 
     def __init__(self, channel):
@@ -86,19 +89,29 @@ class ParameterSelectionServiceServicer(object):
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.
 
-    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
-    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
-    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
-    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
-    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
-    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
-    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
-    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
+    Memory. Every allocation the server makes for a call counts, before it is made, against the server's
+    limit per call (--max-call-bytes, GetServerInfoResponse.max_call_bytes) and, with those of every
+    running call, against its limit in flight (--max-inflight-bytes): the call's declared tensor bytes as
+    its manifests arrive, then what it builds from them - dense accumulators, densified tensors, scores,
+    masks, the answer and the scratch beside them, at the widest dtype each passes through - reckoned from
+    the declarations alone once they are complete (at the first chunk, or at the end of a stream that has
+    none). What only the data decide is counted once the server has counted it, still before it is
+    allocated: a top-k selection's answer (every entry at or above the k-th largest score, ties included)
+    and its encoding, so Select and Push can be refused after their upload. A call that does not fit is
+    refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the bytes needed, the limit and
+    its flag; what a call reserved is released when it ends, however it ends.
     """
 
     def Select(self, request_iterator, context):
         """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
-        whole tensors for the layer and FedPM criteria. Errors: see the service comment.
+        whole tensors for the layer and FedPM criteria.
+        Memory (see the service comment): top-k counts each model tensor's scores in the dtype the score
+        function gives them (none when written over an initial model sent without a digest) and their copy
+        in the dtype all tensors' scores are compared in when that is wider, and the search for the k-th
+        largest score; then the entries selected, their encoded positions and values cast to value_dtype.
+        The layer criteria count w - w0 and its float32 copy, one tensor at a time; FedPM an int64 mask per
+        score tensor and its float64 draws.
+        Errors: see the service comment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,7 +121,7 @@ class ParameterSelectionServiceServicer(object):
         """Selects as Select does and returns the result packed exactly as FL4Health packs it:
         [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
         after its tensor (the names array FL4Health appends is the names of the first n arrays).
-        Errors: see the service comment.
+        Memory: as Select, the indices counted as (entries, ndim) int64. Errors: see the service comment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,14 +221,17 @@ class ParameterSelectionService(object):
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.
 
-    Memory. A call's declared tensor bytes count against the server's limit per call (--max-call-bytes,
-    GetServerInfoResponse.max_call_bytes) and, with those of every running call, against its limit in
-    flight (--max-inflight-bytes). Aggregate and Pull also count what they build from the declared shapes:
-    dense accumulators, densified tensors, the answer and the scratch beside them, at the widest dtype
-    each passes through, reckoned from the declarations alone once they are complete (at the first chunk,
-    or at the end of a stream that has none) and before any of it is allocated. A call whose upload and
-    work together do not fit is refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the
-    bytes needed, the limit and its flag; what a call reserved is released when it ends, however it ends.
+    Memory. Every allocation the server makes for a call counts, before it is made, against the server's
+    limit per call (--max-call-bytes, GetServerInfoResponse.max_call_bytes) and, with those of every
+    running call, against its limit in flight (--max-inflight-bytes): the call's declared tensor bytes as
+    its manifests arrive, then what it builds from them - dense accumulators, densified tensors, scores,
+    masks, the answer and the scratch beside them, at the widest dtype each passes through - reckoned from
+    the declarations alone once they are complete (at the first chunk, or at the end of a stream that has
+    none). What only the data decide is counted once the server has counted it, still before it is
+    allocated: a top-k selection's answer (every entry at or above the k-th largest score, ties included)
+    and its encoding, so Select and Push can be refused after their upload. A call that does not fit is
+    refused with RESOURCE_EXHAUSTED naming the tensor that needs the most, the bytes needed, the limit and
+    its flag; what a call reserved is released when it ends, however it ends.
     """
 
     @staticmethod
