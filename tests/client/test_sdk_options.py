@@ -6,9 +6,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramsel.client import Client, SparseCooParameterExchanger, largest_final_magnitude_scores
+from paramsel.client import (
+    Client,
+    PayloadKind,
+    ScoreFunction,
+    SparseCooParameterExchanger,
+    SparseTensor,
+    TopK,
+    largest_final_magnitude_scores,
+)
 from paramsel.server.app import RunningServer
-from paramsel.v1 import criteria_pb2, tensor_pb2
 
 
 class Ties(nn.Module):
@@ -30,18 +37,14 @@ def test_exact_k_through_the_sdk(server: RunningServer) -> None:
 
 
 def test_lossy_value_dtypes(server: RunningServer) -> None:
-    criterion = criteria_pb2.Criterion(
-        top_k=criteria_pb2.TopKCriterion(
-            sparsity_level=1.0, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
-        )
-    )
+    criterion = TopK(1.0, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
     model = {"w": torch.tensor([1.0 + 2**-10 + 2**-13, 3.0]), "n": torch.tensor([7, 9])}
     client = Client(target=server.target)
-    for wire, dtype, first in [
-        (tensor_pb2.DATA_TYPE_FLOAT16, torch.float16, 1.0 + 2**-10),  # float16's step at 1 is 2**-10
-        (tensor_pb2.DATA_TYPE_BFLOAT16, torch.bfloat16, 1.0),  # bfloat16's is 2**-7
+    for dtype, first in [
+        (torch.float16, 1.0 + 2**-10),  # float16's step at 1 is 2**-10
+        (torch.bfloat16, 1.0),  # bfloat16's is 2**-7
     ]:
-        result = client.select(criterion, model, value_dtype=wire)
+        result = client.select(criterion, model, value_dtype=dtype)
         w, n = result.sparse
         assert w.values.dtype == dtype
         assert w.values.float().tolist() == [first, 3.0]
@@ -55,17 +58,14 @@ def test_lossy_value_dtypes(server: RunningServer) -> None:
 
 
 def test_pull_rpc_and_local_pull_agree(server: RunningServer) -> None:
-    from paramsel.v1 import service_pb2
-    from paramsel.wire.streams import SparseOut
-
     model = nn.Linear(3, 2)
     layout = {name: t.detach().clone() for name, t in model.state_dict().items()}
     exchanger = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores, target=server.target)
     payload = [np.array([4.0, 5.0]), np.array([[0, 2], [1, 1]]), np.array([2, 3]), np.array(["weight"])]
     remote = Client(target=server.target).pull(
-        service_pb2.PAYLOAD_KIND_SPARSE_COO,
+        PayloadKind.SPARSE_COO,
         layout,
-        sparse=[SparseOut("weight", (2, 3), torch.tensor([4.0, 5.0]), torch.tensor([[0, 2], [1, 1]]))],
+        sparse=[SparseTensor("weight", (2, 3), torch.tensor([4.0, 5.0]), torch.tensor([[0, 2], [1, 1]]))],
     )
     exchanger.pull_parameters(payload, model)
     assert torch.equal(model.weight.detach(), remote["weight"])

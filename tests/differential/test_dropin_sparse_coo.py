@@ -194,17 +194,13 @@ def test_every_attribute_assigned_and_assigned_again(paramsel_target: str) -> No
 
 def test_criterion_follows_the_attributes() -> None:
     exchanger = ours.SparseCooParameterExchanger(0.5, ours.largest_final_magnitude_scores)
-    criterion = exchanger.criterion
-    assert criterion is not None
-    assert criterion.top_k.sparsity_level == 0.5
+    assert exchanger.criterion == ours.TopK(0.5, ours.ScoreFunction.LARGEST_FINAL_MAGNITUDE)
     exchanger.sparsity_level = 0.25
     exchanger.score_gen_function = fl_score("smallest_increase_in_magnitude_scores")
     exchanger.exact_k = True
-    criterion = exchanger.criterion
-    assert criterion is not None
-    assert criterion.top_k.sparsity_level == 0.25
-    assert criterion.top_k.exact_k
-    assert criterion.top_k.score_function == 6  # SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE
+    assert exchanger.criterion == ours.TopK(
+        0.25, ours.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE, exact_k=True
+    )
     exchanger.score_gen_function = _position_scores
     assert exchanger.criterion is None
 

@@ -10,10 +10,17 @@ import pytest
 import torch
 from support import assert_serving
 
-from paramsel.client import Client, ParamselError, StatusCode, aggregate_layers, aggregate_sparse_coo
+from paramsel.client import (
+    Client,
+    ParamselError,
+    PayloadKind,
+    SparseTensor,
+    StatusCode,
+    aggregate_layers,
+    aggregate_sparse_coo,
+)
 from paramsel.server.app import RunningServer
 from paramsel.v1 import service_pb2, tensor_pb2
-from paramsel.wire.streams import SparseOut
 
 
 def _sparse(values: list[float], coords: list[list[int]], shape: list[int], name: str) -> tuple:
@@ -66,33 +73,33 @@ def test_weighted_and_unweighted_layers(server: RunningServer) -> None:
 @pytest.mark.parametrize(
     ("contributions", "kind", "message"),
     [
-        ([], service_pb2.PAYLOAD_KIND_LAYERS, "no contributions"),
-        ([(0, [("x", torch.ones(2))], [])], service_pb2.PAYLOAD_KIND_LAYERS, "num_examples must be > 0"),
+        ([], PayloadKind.LAYERS, "no contributions"),
+        ([(0, [("x", torch.ones(2))], [])], PayloadKind.LAYERS, "num_examples must be > 0"),
         (
             [(1, [("x", torch.ones(2))], []), (1, [("x", torch.ones(3))], [])],
-            service_pb2.PAYLOAD_KIND_LAYERS,
+            PayloadKind.LAYERS,
             "'x'",
         ),
         (
             [(1, [("x", torch.ones(2)), ("x", torch.ones(2))], [])],
-            service_pb2.PAYLOAD_KIND_LAYERS,
+            PayloadKind.LAYERS,
             "declared twice",
         ),
-        ([(1, [("x", torch.ones(2))], [])], service_pb2.PAYLOAD_KIND_SPARSE_COO, "sparse_tensors manifests"),
+        ([(1, [("x", torch.ones(2))], [])], PayloadKind.SPARSE_COO, "sparse_tensors manifests"),
         (
-            [(1, [], [SparseOut("w", (2, 2), torch.ones(1), torch.tensor([[0, 2]]))])],
-            service_pb2.PAYLOAD_KIND_SPARSE_COO,
+            [(1, [], [SparseTensor("w", (2, 2), torch.ones(1), torch.tensor([[0, 2]]))])],
+            PayloadKind.SPARSE_COO,
             "out of range",
         ),
         (
             [(1, [("x", torch.ones(2))], [])],
-            service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES,
+            PayloadKind.FEDPM_PROBABILITIES,
             "cannot be aggregated",
         ),
     ],
 )
 def test_bad_aggregations_are_invalid_argument(
-    server: RunningServer, channel: grpc.Channel, contributions: list, kind: int, message: str
+    server: RunningServer, channel: grpc.Channel, contributions: list, kind: PayloadKind, message: str
 ) -> None:
     with pytest.raises(ParamselError, match=message) as err:
         Client(target=server.target).aggregate(kind, contributions)

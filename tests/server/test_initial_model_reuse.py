@@ -10,41 +10,38 @@ import pytest
 import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from support import assert_serving
+from support import assert_serving, start_server
 
 from paramsel.client import (
     Client,
     ParamselError,
+    ScoreFunction,
     SparseCooParameterExchanger,
+    TopK,
     largest_magnitude_change_scores,
 )
 from paramsel.client import _client as client_module
-from paramsel.server import ServerConfig, create_server
 from paramsel.server.app import RunningServer
 from paramsel.server.models import ModelStore
-from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from paramsel.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.digest import model_digest
 from paramsel.wire.streams import read_frames, write_frames
 
 MODEL = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
 INITIAL = {"w": torch.tensor([1.0, 0.0, 3.5, 0.0])}  # |w - w0| = [0, 2, 0.5, 4]
-TOP_HALF = criteria_pb2.Criterion(
-    top_k=criteria_pb2.TopKCriterion(
-        sparsity_level=0.5, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE
-    )
-)
+TOP_HALF = TopK(0.5, ScoreFunction.LARGEST_MAGNITUDE_CHANGE)
 
 
 @pytest.fixture
 def fresh() -> Iterator[RunningServer]:
-    running = create_server(ServerConfig(port=0))
+    running = start_server()
     yield running
     running.stop(0)
 
 
 def _select(target: str, digest: bytes | None, initial: dict[str, torch.Tensor] | None) -> Any:
     start = service_pb2.SelectStart(
-        criterion=TOP_HALF, position_encoding=tensor_pb2.POSITION_ENCODING_FLAT_INT64
+        criterion=TOP_HALF.to_proto(), position_encoding=tensor_pb2.POSITION_ENCODING_FLAT_INT64
     )
     if digest is not None:
         start.initial_model_digest.sha256 = digest
@@ -122,7 +119,7 @@ def test_sdk_uploads_the_initial_model_once_per_server(
     assert sent == [False, True, False]  # named and found: only the current model travels
     assert all((a == b).all() for a, b in zip(first, second, strict=True))
     # After a server restart (a new, empty server) the SDK re-uploads transparently.
-    restarted = create_server(ServerConfig(port=0))
+    restarted = start_server()
     try:
         moved = SparseCooParameterExchanger(0.3, largest_magnitude_change_scores, target=restarted.target)
         third = moved.push_parameters(current, initial)
@@ -134,7 +131,7 @@ def test_sdk_uploads_the_initial_model_once_per_server(
 
 def test_eviction_means_a_re_upload_not_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
     # Room for one 4 KiB model: the second initial model evicts the first.
-    small = create_server(ServerConfig(port=0, model_cache_bytes=6 << 10))
+    small = start_server(model_cache_bytes=6 << 10)
     try:
         client = Client(target=small.target)
         model = {"w": torch.arange(1024, dtype=torch.float32)}

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 # Imported with the package: none of them needs torch, so that `paramsel health` (which connects the
 # way the SDK does) starts fast. Everything else is imported from its module on first use (PEP 562).
 from paramsel.client._connection import Connection
-from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._errors import InvalidArgumentError, ParamselError, StatusCode
 from paramsel.client._target import ENV_TARGET
 
 if TYPE_CHECKING:
     from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
-    from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult
+    from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult, SparseTensor
     from paramsel.client._compact import pack_compact, unpack_compact
     from paramsel.client._criteria import (
         LayerSelectionFunction,
@@ -38,21 +38,57 @@ if TYPE_CHECKING:
         smallest_magnitude_change_scores,
     )
     from paramsel.client._exchangers import DynamicLayerExchanger, FedPmExchanger, SparseCooParameterExchanger
+    from paramsel.client._types import (
+        AggregateHeader,
+        Criterion,
+        DataType,
+        DriftPercentage,
+        DriftThreshold,
+        FedPm,
+        LayerSummary,
+        PayloadKind,
+        PositionEncoding,
+        PullMode,
+        ScoreFunction,
+        SelectionHeader,
+        SelectionKind,
+        ServerInfo,
+        TopK,
+        TopKSummary,
+    )
 
 __all__ = [
     "ENV_TARGET",
+    "AggregateHeader",
     "AggregateResult",
     "Client",
     "Connection",
+    "Criterion",
+    "DataType",
+    "DriftPercentage",
+    "DriftThreshold",
     "DynamicLayerExchanger",
+    "FedPm",
     "FedPmExchanger",
+    "InvalidArgumentError",
     "LayerSelectionFunction",
     "LayerSelectionFunctionConstructor",
+    "LayerSummary",
     "ParamselError",
+    "PayloadKind",
+    "PositionEncoding",
+    "PullMode",
     "PushResult",
+    "ScoreFunction",
     "SelectResult",
+    "SelectionHeader",
+    "SelectionKind",
+    "ServerInfo",
     "SparseCooParameterExchanger",
+    "SparseTensor",
     "StatusCode",
+    "TopK",
+    "TopKSummary",
     "aggregate_layers",
     "aggregate_sparse_coo",
     "largest_final_magnitude_scores",
@@ -71,7 +107,30 @@ __all__ = [
 # Each lazily imported name, and the module that defines it.
 _LAZY = {
     **dict.fromkeys(("aggregate_layers", "aggregate_sparse_coo"), "paramsel.client._aggregate"),
-    **dict.fromkeys(("AggregateResult", "Client", "PushResult", "SelectResult"), "paramsel.client._client"),
+    **dict.fromkeys(
+        ("AggregateResult", "Client", "PushResult", "SelectResult", "SparseTensor"), "paramsel.client._client"
+    ),
+    **dict.fromkeys(
+        (
+            "AggregateHeader",
+            "Criterion",
+            "DataType",
+            "DriftPercentage",
+            "DriftThreshold",
+            "FedPm",
+            "LayerSummary",
+            "PayloadKind",
+            "PositionEncoding",
+            "PullMode",
+            "ScoreFunction",
+            "SelectionHeader",
+            "SelectionKind",
+            "ServerInfo",
+            "TopK",
+            "TopKSummary",
+        ),
+        "paramsel.client._types",
+    ),
     **dict.fromkeys(("pack_compact", "unpack_compact"), "paramsel.client._compact"),
     **dict.fromkeys(
         (

@@ -9,23 +9,21 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from paramsel.client._client import AggregateResult, Client
+from paramsel.client._client import AggregateResult, Client, SparseTensor
 from paramsel.client._compact import fl4health_sparse
 from paramsel.client._connection import Connection
-from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._errors import ParamselError, invalid_argument
 from paramsel.client._packing import pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, to_numpy, to_tensor
-from paramsel.v1 import service_pb2
-from paramsel.wire import WireError
-from paramsel.wire.streams import SparseOut
+from paramsel.client._types import PayloadKind
 
 Results = Sequence[tuple[NDArrays, int]]
 T = TypeVar("T")
-_Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]
+_Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseTensor]]
 
 
 def _refuse(message: str) -> ParamselError:
-    return ParamselError(StatusCode.INVALID_ARGUMENT, message)
+    return invalid_argument(message)
 
 
 def _pseudo_sort_key(result: tuple[NDArrays, int]) -> Any:
@@ -78,7 +76,7 @@ def _tensor(array: Any, what: str) -> torch.Tensor:
         raise _refuse(f"{what}: {error}") from None
 
 
-def _sparse_tensor(client: int, value: Any, index: Any, shape: Any, name: str) -> SparseOut:
+def _sparse_tensor(client: int, value: Any, index: Any, shape: Any, name: str) -> SparseTensor:
     """One tensor of a sparse packed list, refused where FL4Health's strategy would fail on it."""
     where = f"results[{client}]: sparse tensor {name!r}"
     shape = np.asarray(shape)
@@ -97,7 +95,7 @@ def _sparse_tensor(client: int, value: Any, index: Any, shape: Any, name: str) -
             f"{where}: indices must be an (nnz, ndim) = ({values.size}, {shape.size}) array, "
             f"got shape {indices.shape}"
         )
-    return SparseOut(
+    return SparseTensor(  # COO coordinates, as FL4Health's indices
         name,
         tuple(int(d) for d in shape),
         _tensor(values.reshape(-1), where),
@@ -123,16 +121,14 @@ def _split_repeats(named: list[T], name_of: Callable[[T], str]) -> list[list[T]]
 
 
 def _aggregate(
-    kind: int,
+    kind: PayloadKind,
     contributions: list[_Contribution],
     weighted: bool,
     target: str | None,
     connection: Connection | None,
 ) -> AggregateResult:
-    try:
-        return Client(target=target, connection=connection).aggregate(kind, contributions, weighted=weighted)
-    except WireError as error:  # a tensor the wire cannot carry (complex, uint16, ...), found while encoding
-        raise _refuse(str(error)) from None
+    # A tensor the wire cannot carry (complex, uint16, ...) is refused while encoding, as INVALID_ARGUMENT.
+    return Client(target=target, connection=connection).aggregate(kind, contributions, weighted=weighted)
 
 
 def aggregate_sparse_coo(
@@ -160,11 +156,11 @@ def aggregate_sparse_coo(
         ]
         groups = _split_repeats(tensors, lambda t: t.name)
         contributions += [(num_examples, [], group) for group in groups]
-    result = _aggregate(service_pb2.PAYLOAD_KIND_SPARSE_COO, contributions, weighted, target, connection)
+    result = _aggregate(PayloadKind.SPARSE_COO, contributions, weighted, target, connection)
     for s in result.sparse:
-        if not s.decl.shape:
+        if not s.shape:
             raise _refuse(
-                f"tensor {s.decl.name!r} averages to a 0-d tensor, which FL4Health's FedAvgSparseCooTensor "
+                f"tensor {s.name!r} averages to a 0-d tensor, which FL4Health's FedAvgSparseCooTensor "
                 "cannot re-sparsify (it fails on it)"
             )
     return pack_sparse(*fl4health_sparse(result.sparse))
@@ -189,5 +185,5 @@ def aggregate_layers(
             for a, name in zip(arrays, names, strict=False)
         ]
         contributions += [(num_examples, group, []) for group in _split_repeats(named, lambda n: n[0])]
-    result = _aggregate(service_pb2.PAYLOAD_KIND_LAYERS, contributions, weighted, target, connection)
+    result = _aggregate(PayloadKind.LAYERS, contributions, weighted, target, connection)
     return pack_layers([to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors])

@@ -1,7 +1,8 @@
-"""The three rpcs as Python calls: tensors in, tensors out, ParamselError on failure."""
+"""The rpcs as Python calls: typed values and tensors in, typed results out, ParamselError on failure."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -11,11 +12,26 @@ import torch
 from tqdm.auto import tqdm
 
 from paramsel.client._connection import Connection, Resolved, channel_for, resolve, with_target
-from paramsel.client._errors import ParamselError, StatusCode
-from paramsel.client._retry import with_retries
-from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireError
+from paramsel.client._errors import ParamselError, invalid_argument, local_errors
+from paramsel.client._retry import Operation, with_retries
+from paramsel.client._types import (
+    AggregateHeader,
+    Criterion,
+    PayloadKind,
+    PositionEncoding,
+    PullMode,
+    SelectionHeader,
+    ServerInfo,
+    aggregate_header,
+    as_criterion,
+    coerce_enum,
+    selection_header,
+    server_info,
+)
+from paramsel.v1 import service_pb2, tensor_pb2
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
 from paramsel.wire.digest import model_digest
+from paramsel.wire.dtypes import DTYPES, dtype_to_proto
 from paramsel.wire.fastframes import frame_parser, serialize_frame
 from paramsel.wire.streams import (
     Received,
@@ -37,13 +53,66 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class SparseTensor:
+    """A sparse tensor: the dense tensor's name and shape, the values sent, and their positions.
+
+    Results (:class:`SelectResult`, :class:`AggregateResult`) carry flat positions. Given to
+    :meth:`Client.pull` or :meth:`Client.aggregate`, ``positions`` may be either form: a 1-d tensor is
+    flat positions, a 2-d one COO coordinates.
+    """
+
+    name: str
+    """The state-dict key of the dense tensor."""
+    shape: tuple[int, ...]
+    """The dense tensor's shape."""
+    values: torch.Tensor
+    """The values, 1-d, one per position."""
+    positions: torch.Tensor
+    """int64 positions of the values: flat row-major positions (nnz,), or COO coordinates (nnz, ndim)."""
+
+
+def _sparse_tensors(received: Sequence[SparseData]) -> list[SparseTensor]:
+    return [SparseTensor(s.decl.name, tuple(s.decl.shape), s.values, s.positions) for s in received]
+
+
+def _outgoing(sparse: Sequence[SparseTensor], what: str) -> list[SparseOut]:
+    """The tensors to send, each in the encoding its positions are in (1-d: FLAT_INT64, 2-d: COO_INT64).
+
+    A ``SparseOut`` (the SDK's old, unexported input type) is taken with a DeprecationWarning."""
+    out = []
+    for i, tensor in enumerate(sparse):
+        if isinstance(tensor, SparseOut):
+            warnings.warn(
+                f"{what}: paramsel.wire.streams.SparseOut is deprecated; pass paramsel.client.SparseTensor",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            tensor = SparseTensor(tensor.name, tuple(tensor.shape), tensor.values, tensor.positions)
+        elif not isinstance(tensor, SparseTensor):
+            raise TypeError(
+                f"{what}[{i}] must be a paramsel.client.SparseTensor, got {type(tensor).__name__}"
+            )
+        if tensor.positions.dim() == 1:
+            encoding = tensor_pb2.POSITION_ENCODING_FLAT_INT64
+        elif tensor.positions.dim() == 2:
+            encoding = tensor_pb2.POSITION_ENCODING_COO_INT64
+        else:
+            raise invalid_argument(
+                f"{what}[{i}] '{tensor.name}': positions must be flat (nnz,) or COO (nnz, ndim), "
+                f"got shape {tuple(tensor.positions.shape)}"
+            )
+        out.append(SparseOut(tensor.name, tuple(tensor.shape), tensor.values, tensor.positions, encoding))
+    return out
+
+
+@dataclass(frozen=True)
 class SelectResult:
     """A Select answer: the header (kind and figures) and the sparse or whole tensors."""
 
-    header: service_pb2.SelectionHeader
+    header: SelectionHeader
     """What was selected: the kind and its figures (k, threshold, selected and sent entries, drifts)."""
-    sparse: list[SparseData]
-    """Sparse tensors (top-k): declaration, values and flat int64 positions."""
+    sparse: list[SparseTensor]
+    """Sparse tensors (top-k): name, shape, values and flat int64 positions."""
     tensors: list[tuple[str, torch.Tensor]]
     """Whole tensors (layers, FedPM masks), named."""
     frames: list[Any] | None = None
@@ -71,10 +140,22 @@ def _keeping(responses: Iterable[Any], kept: list[Any]) -> Iterator[Any]:
 class PushResult:
     """A Push answer: the header and FL4Health's packed arrays, each named after its tensor."""
 
-    header: service_pb2.SelectionHeader
+    header: SelectionHeader
     """What was selected: the kind and its figures."""
     arrays: list[tuple[str, torch.Tensor]]
     """FL4Health's packed arrays in order, each named after its tensor (the names array is not sent)."""
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """An Aggregate answer: the header and the sparse or whole aggregated tensors."""
+
+    header: AggregateHeader
+    """How many contributions and tensors were averaged."""
+    sparse: list[SparseTensor]
+    """The sparse aggregate (sparse COO payloads), with flat positions."""
+    tensors: list[tuple[str, torch.Tensor]]
+    """The layer aggregate (whole-layer payloads), named."""
 
 
 def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor] | None) -> list[Any]:
@@ -84,12 +165,34 @@ def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tenso
     return sections
 
 
+def _value_dtype(value_dtype: object) -> int:
+    """The wire DataType of ``value_dtype``: None (each tensor's own), a torch dtype, or (deprecated) a
+    ``paramsel.v1`` DataType number."""
+    if value_dtype is None:
+        return tensor_pb2.DATA_TYPE_UNSPECIFIED
+    if isinstance(value_dtype, torch.dtype):
+        with local_errors("value_dtype: "):
+            return int(dtype_to_proto(value_dtype))
+    if isinstance(value_dtype, int) and not isinstance(value_dtype, bool):
+        warnings.warn(
+            "value_dtype as a paramsel.v1 DataType number is deprecated; pass torch.float16 or torch.bfloat16",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if value_dtype != tensor_pb2.DATA_TYPE_UNSPECIFIED and value_dtype not in DTYPES:
+            raise invalid_argument(f"value_dtype: unknown value {value_dtype}")
+        return value_dtype
+    raise TypeError(f"value_dtype must be a torch.dtype or None, got {value_dtype!r}")
+
+
 class Client:
     """Calls one paramsel server. Thread-safe; cheap to create (channels are shared per target).
 
     ``connection`` says where and how (TLS, token, deadline, retries); ``target`` is a shortcut that
-    overrides its address. Each call has a deadline and is retried, whole upload included, while the
-    server is unreachable (UNAVAILABLE); other failures raise :class:`ParamselError` at once.
+    overrides its address. Each operation (one method call) has one deadline,
+    ``connection.timeout_seconds``, that covers everything it does: its attempts are retried, whole
+    upload included, while the server is unreachable (UNAVAILABLE), each with what is left of that
+    time; other failures raise :class:`ParamselError` at once.
     """
 
     def __init__(
@@ -100,7 +203,7 @@ class Client:
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
         if not 0 < chunk_size_bytes <= MAX_CHUNK_SIZE_BYTES:
-            raise ValueError(
+            raise invalid_argument(
                 f"chunk_size_bytes must be in (0, {MAX_CHUNK_SIZE_BYTES}], got {chunk_size_bytes}"
             )
         self._connection = with_target(connection, target)
@@ -116,18 +219,28 @@ class Client:
         """Tensor bytes per message this client sends and asks for."""
         return self._chunk_size
 
+    def _operation(self, name: str) -> Operation:
+        return Operation(self._connection, name)
+
     def aggregate(
         self,
-        payload_kind: int,
-        contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+        payload_kind: PayloadKind,
+        contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseTensor]]],
         *,
         weighted: bool = True,
     ) -> AggregateResult:
-        """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors)."""
-        return _aggregate(self, payload_kind, contributions, weighted=weighted)
+        """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors).
 
-    def server_info(self) -> service_pb2.GetServerInfoResponse:
+        ``payload_kind`` is PayloadKind.SPARSE_COO or PayloadKind.LAYERS (a plain int is deprecated)."""
+        kind = coerce_enum(PayloadKind, payload_kind, "payload_kind")
+        outgoing: list[tuple[int, Sequence[tuple[str, torch.Tensor]], list[SparseOut]]] = []
+        for i, (num_examples, named, sparse) in enumerate(contributions):
+            outgoing.append((num_examples, named, _outgoing(sparse, f"contributions[{i}] sparse")))
+        return _aggregate(self, kind, outgoing, weighted=weighted)
+
+    def server_info(self) -> ServerInfo:
         """What the server is and speaks: version, encodings, dtypes, criteria, limits (GetServerInfo)."""
+        operation = self._operation("GetServerInfo")
         resolved = resolve(self._connection)
         service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
         rpc = channel_for(resolved).unary_unary(
@@ -147,7 +260,7 @@ class Client:
             except grpc.RpcError as error:
                 raise ParamselError.from_rpc_error(error) from None
 
-        return with_retries(self._connection, attempt)
+        return server_info(with_retries(operation, attempt))
 
     @staticmethod
     def _rpc(resolved: Resolved, method: str) -> Callable[..., Any]:
@@ -162,29 +275,30 @@ class Client:
 
     def _call(
         self,
-        method: str,
+        operation: Operation,
         frames: Callable[[], Iterator[Any]],
         read: Callable[[Any], T],
         *,
         upload_bytes: int,
     ) -> T:
-        """One call: ``frames()`` builds the whole request afresh for every attempt."""
+        """One rpc of ``operation``: ``frames()`` builds the whole request afresh for every attempt."""
         resolved = resolve(self._connection)
-        rpc = self._rpc(resolved, method)
+        rpc = self._rpc(resolved, operation.name)
 
         def attempt(timeout: float) -> T:
-            requests = frames()
+            # Declarations are built here: a tensor that cannot travel is refused before anything is sent.
+            with local_errors():
+                requests = frames()
             if upload_bytes >= PROGRESS_MIN_BYTES:
                 requests = _with_progress(requests, upload_bytes)
             try:
-                return read(rpc(requests, timeout=max(timeout, 0.001), metadata=resolved.metadata))
+                responses = rpc(requests, timeout=max(timeout, 0.001), metadata=resolved.metadata)
+                with local_errors():  # an answer that is not what the contract says
+                    return read(responses)
             except grpc.RpcError as error:
                 raise ParamselError.from_rpc_error(error) from None
-            except WireError as error:
-                # Raised while encoding our own request (e.g. an unsupported dtype) or reading a bad answer.
-                raise ParamselError(StatusCode.INVALID_ARGUMENT, str(error)) from None
 
-        return with_retries(self._connection, attempt)
+        return with_retries(operation, attempt)
 
     def _reusing(
         self,
@@ -205,23 +319,32 @@ class Client:
 
     def select(
         self,
-        criterion: criteria_pb2.Criterion,
+        criterion: Criterion,
         model: Mapping[str, torch.Tensor],
         initial: Mapping[str, torch.Tensor] | None = None,
         *,
-        position_encoding: int = tensor_pb2.POSITION_ENCODING_COMPACT,
-        value_dtype: int = tensor_pb2.DATA_TYPE_UNSPECIFIED,
+        position_encoding: PositionEncoding = PositionEncoding.COMPACT,
+        value_dtype: torch.dtype | None = None,
         reuse_initial: bool = True,
         keep_frames: bool = False,
     ) -> SelectResult:
-        """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it."""
+        """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it.
+
+        ``value_dtype`` (torch.float16 or torch.bfloat16) sends float values in that dtype (lossy);
+        None keeps each tensor's own."""
+        typed = as_criterion(criterion)
+        encoding = coerce_enum(
+            PositionEncoding, position_encoding, "position_encoding", unspecified=PositionEncoding.COO_INT64
+        )
+        dtype = _value_dtype(value_dtype)
+        operation = self._operation("Select")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> SelectResult:
             start = service_pb2.SelectStart(
-                criterion=criterion,
-                position_encoding=position_encoding,  # type: ignore[arg-type]
+                criterion=typed.to_proto(),
+                position_encoding=int(encoding),  # type: ignore[arg-type]
                 response_chunk_size_bytes=self._chunk_size,
-                value_dtype=value_dtype,  # type: ignore[arg-type]
+                value_dtype=dtype,  # type: ignore[arg-type]
             )
             if digest is not None:
                 start.initial_model_digest.sha256 = digest
@@ -239,25 +362,32 @@ class Client:
                 kept: list[Any] | None = [] if keep_frames else None
                 got = read_selection(_keeping(responses, kept) if kept is not None else responses)
                 return SelectResult(
-                    got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got), kept
+                    selection_header(got.first),
+                    _sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
+                    _named(got),
+                    kept,
                 )
 
-            return self._call("Select", frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
     def push(
         self,
-        criterion: criteria_pb2.Criterion,
+        criterion: Criterion,
         model: Mapping[str, torch.Tensor],
         initial: Mapping[str, torch.Tensor] | None = None,
         *,
         reuse_initial: bool = True,
     ) -> PushResult:
         """FL4Health's packed list; with ``reuse_initial`` the initial model travels only if needed."""
+        typed = as_criterion(criterion)
+        operation = self._operation("Push")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
-            start = service_pb2.PushStart(criterion=criterion, response_chunk_size_bytes=self._chunk_size)
+            start = service_pb2.PushStart(
+                criterion=typed.to_proto(), response_chunk_size_bytes=self._chunk_size
+            )
             if digest is not None:
                 start.initial_model_digest.sha256 = digest
 
@@ -278,26 +408,32 @@ class Client:
                     max_bytes=_MAX_RESPONSE_BYTES,
                     unique_names=False,
                 )
-                return PushResult(got.first, _named(got))
+                return PushResult(selection_header(got.first), _named(got))
 
-            return self._call("Push", frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial))
 
         return self._reusing(call, initial, reuse_initial)
 
     def pull(
         self,
-        payload_kind: int,
+        payload_kind: PayloadKind,
         layout: Mapping[str, torch.Tensor],
         *,
-        sparse: Sequence[SparseOut] = (),
+        sparse: Sequence[SparseTensor] = (),
         tensors: Sequence[tuple[str, torch.Tensor]] = (),
-        mode: int = service_pb2.PULL_MODE_REPLACE,
+        mode: PullMode = PullMode.REPLACE,
         base: Sequence[tuple[str, torch.Tensor]] = (),
     ) -> dict[str, torch.Tensor]:
-        """Applies a payload to a model whose state is ``layout``; returns the tensors that changed."""
+        """Applies a payload to a model whose state is ``layout``; returns the tensors that changed.
+
+        ``sparse`` carries a SPARSE_COO payload, ``tensors`` a LAYERS or FEDPM_PROBABILITIES one; in
+        SCATTER mode ``base`` holds the current values of the tensors the payload names."""
+        kind = coerce_enum(PayloadKind, payload_kind, "payload_kind")
+        pull_mode = coerce_enum(PullMode, mode, "mode", unspecified=PullMode.REPLACE)
+        outgoing = _outgoing(sparse, "sparse")
         start = service_pb2.PullStart(
-            payload_kind=payload_kind,  # type: ignore[arg-type]
-            mode=mode,  # type: ignore[arg-type]
+            payload_kind=int(kind),  # type: ignore[arg-type]
+            mode=int(pull_mode),  # type: ignore[arg-type]
             response_chunk_size_bytes=self._chunk_size,
         )
         dense: list[tuple[int, Sequence[tuple[str, torch.Tensor]]]] = []
@@ -306,7 +442,9 @@ class Client:
         if base:
             dense.append((tensor_pb2.SECTION_BASE, base))
         sparse_sections = (
-            [(tensor_pb2.SECTION_PAYLOAD, sparse, tensor_pb2.POSITION_ENCODING_COO_INT64)] if sparse else []
+            [(tensor_pb2.SECTION_PAYLOAD, outgoing, tensor_pb2.POSITION_ENCODING_COO_INT64)]
+            if outgoing
+            else []
         )
 
         def frames() -> Iterator[Any]:
@@ -325,10 +463,10 @@ class Client:
             return dict(_named(got))
 
         return self._call(
-            "Pull",
+            self._operation("Pull"),
             frames,
             read,
-            upload_bytes=sum(t.values.nbytes for t in sparse) + _nbytes(dict(tensors)),
+            upload_bytes=sum(t.values.nbytes for t in outgoing) + _nbytes(dict(tensors)),
         )
 
 
@@ -351,27 +489,15 @@ def _named(got: Received) -> list[tuple[str, torch.Tensor]]:
     return [(decl.name, tensor) for decl, tensor in got.dense.get(tensor_pb2.SECTION_RESULT, [])]
 
 
-@dataclass(frozen=True)
-class AggregateResult:
-    """An Aggregate answer: the header and the sparse or whole aggregated tensors."""
-
-    header: service_pb2.AggregateHeader
-    """How many contributions and tensors were averaged."""
-    sparse: list[SparseData]
-    """The sparse aggregate (sparse COO payloads)."""
-    tensors: list[tuple[str, torch.Tensor]]
-    """The layer aggregate (whole-layer payloads), named."""
-
-
 def _aggregate(
     client: Client,
-    payload_kind: int,
-    contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+    payload_kind: PayloadKind,
+    outgoing: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
     *,
     weighted: bool = True,
 ) -> AggregateResult:
     start = service_pb2.AggregateStart(
-        payload_kind=payload_kind,  # type: ignore[arg-type]
+        payload_kind=int(payload_kind),  # type: ignore[arg-type]
         weighted=weighted,
         position_encoding=tensor_pb2.POSITION_ENCODING_COMPACT,
         response_chunk_size_bytes=client.chunk_size,
@@ -381,7 +507,7 @@ def _aggregate(
         return write_contributions(
             service_pb2.AggregateRequest,
             ("start", start),
-            contributions,
+            outgoing,
             section=tensor_pb2.SECTION_PAYLOAD,
             encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
             chunk_size=client.chunk_size,
@@ -396,9 +522,11 @@ def _aggregate(
             sparse_sections=RESULT,
             max_bytes=_MAX_RESPONSE_BYTES,
         )
-        return AggregateResult(got.first, got.sparse.get(tensor_pb2.SECTION_RESULT, []), _named(got))
+        return AggregateResult(
+            aggregate_header(got.first),
+            _sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
+            _named(got),
+        )
 
-    upload = sum(
-        _nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in contributions
-    )
-    return client._call("Aggregate", frames, read, upload_bytes=upload)
+    upload = sum(_nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in outgoing)
+    return client._call(client._operation("Aggregate"), frames, read, upload_bytes=upload)

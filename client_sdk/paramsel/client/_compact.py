@@ -8,15 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 
 from paramsel import engine
-from paramsel.client._client import read_selection
-from paramsel.client._errors import ParamselError, StatusCode
+from paramsel.client._client import SparseTensor, read_selection
+from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers
 from paramsel.client._state import NDArrays, to_numpy, to_tensor
 from paramsel.v1 import service_pb2, tensor_pb2
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES
 from paramsel.wire.codec import (
     MAX_NAME_LENGTH,
     DenseDecl,
@@ -24,15 +23,16 @@ from paramsel.wire.codec import (
 )
 from paramsel.wire.fastframes import ChunkFrame
 from paramsel.wire.positions import coo_to_flat, flat_to_coo
-from paramsel.wire.streams import SparseData, SparseOut, write_frames
+from paramsel.wire.streams import SparseOut, write_frames
 
 _RESULT = tensor_pb2.SECTION_RESULT
 _LOSSY_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def fl4health_sparse(sparse: Sequence[SparseData]) -> tuple[NDArrays, SparseInfo]:
-    """(values, (indices, shapes, names)) as FL4Health's select_parameters returns them."""
-    return _fl4health([(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse])
+def fl4health_sparse(sparse: Sequence[SparseTensor]) -> tuple[NDArrays, SparseInfo]:
+    """(values, (indices, shapes, names)) as FL4Health's select_parameters returns them (of tensors
+    with flat positions, as the service answers)."""
+    return _fl4health([(s.name, s.shape, s.values, s.positions) for s in sparse])
 
 
 def fl4health_sparse_of(tensors: Sequence[engine.SparseTensor]) -> tuple[NDArrays, SparseInfo]:
@@ -60,15 +60,16 @@ def compact_payload(frames: Sequence[Any]) -> bytes:
 def unpack_compact(payload: bytes) -> NDArrays:
     """FL4Health's packed list from a compact payload (``push_compact``'s or ``pack_compact``'s):
     [values..., indices..., shapes..., names] for a sparse selection, [arrays..., names] for whole
-    layers."""
-    try:
+    layers.
+
+    A payload that is not one raises :class:`ParamselError`: INVALID_ARGUMENT (also a ValueError), or
+    RESOURCE_EXHAUSTED when it declares more than any call may carry, as the server answers."""
+    with local_errors("not a paramsel compact payload: "):
         frames = service_pb2.SelectionPayload.FromString(payload).frames
         got = read_selection(frames)
-    except (WireError, DecodeError) as error:
-        raise ParamselError(StatusCode.INVALID_ARGUMENT, f"not a paramsel compact payload: {error}") from None
     sparse = got.sparse.get(tensor_pb2.SECTION_RESULT, [])
     if sparse:
-        return pack_sparse(*fl4health_sparse(sparse))
+        return pack_sparse(*_fl4health([(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse]))
     dense = got.dense.get(tensor_pb2.SECTION_RESULT, [])
     return pack_layers([to_numpy(t) for _, t in dense], [d.name for d, _ in dense])
 
@@ -91,25 +92,26 @@ def pack_compact(packed: NDArrays, *, value_dtype: torch.dtype | None = None) ->
     come back as float32, as numpy lacks bfloat16).
 
     A list of neither layout, indices outside their shape, repeated or empty names and dtypes the wire
-    lacks raise ValueError.
+    lacks raise :class:`ParamselError` with INVALID_ARGUMENT (an :class:`InvalidArgumentError`, also a
+    ValueError), as ``unpack_compact`` and the server refuse what is malformed.
     """
     if value_dtype is not None and value_dtype not in _LOSSY_DTYPES:
-        raise ValueError(f"value_dtype must be torch.float16, torch.bfloat16 or None, got {value_dtype}")
+        raise invalid_argument(
+            f"value_dtype must be torch.float16, torch.bfloat16 or None, got {value_dtype}"
+        )
     if not packed:
-        raise ValueError("a packed list ends with the names array; got an empty list")
+        raise invalid_argument("a packed list ends with the names array; got an empty list")
     names = _checked_names(packed[-1])
-    try:
+    with local_errors("cannot pack the list: "):
         if len(packed) == 3 * len(names) + 1:
             frames = _sparse_frames(packed, names, value_dtype)
         elif len(packed) == len(names) + 1:
             frames = _layer_frames(packed, value_dtype)
         else:
-            raise ValueError(
+            raise invalid_argument(
                 f"{len(names)} names go with {3 * len(names) + 1} arrays (sparse COO: values, indices, "
                 f"shapes, names) or {len(names) + 1} (layers: arrays, names); got {len(packed)} arrays"
             )
-    except WireError as error:
-        raise ValueError(f"cannot pack the list: {error}") from None
     return service_pb2.SelectionPayload(frames=frames).SerializeToString()
 
 
@@ -117,14 +119,16 @@ def _checked_names(array: np.ndarray) -> list[str]:
     """The names, which the wire needs unique, non-empty and at most MAX_NAME_LENGTH long."""
     names = np.asarray(array)
     if names.ndim != 1 or (names.size and names.dtype.kind != "U"):
-        raise ValueError(f"the last array must be the 1-d array of names, got {names.dtype} {names.shape}")
+        raise invalid_argument(
+            f"the last array must be the 1-d array of names, got {names.dtype} {names.shape}"
+        )
     _, listed = unpack_layers([names])
     seen: set[str] = set()
     for name in listed:
         if not 0 < len(name) <= MAX_NAME_LENGTH:
-            raise ValueError(f"tensor names must have 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
+            raise invalid_argument(f"tensor names must have 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
         if name in seen:
-            raise ValueError(f"tensor '{name}' is named twice")
+            raise invalid_argument(f"tensor '{name}' is named twice")
         seen.add(name)
     return listed
 
@@ -133,14 +137,14 @@ def _tensor(array: np.ndarray, what: str, value_dtype: torch.dtype | None) -> to
     try:
         tensor = to_tensor(np.asarray(array))
     except (TypeError, ValueError) as error:  # what torch lacks: strings, objects, big-endian, ...
-        raise ValueError(f"{what}: {error}") from None
+        raise invalid_argument(f"{what}: {error}") from None
     return tensor.to(value_dtype) if value_dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _int_array(array: np.ndarray, ndim: int, what: str) -> np.ndarray:
     out = np.asarray(array)
     if out.ndim != ndim or (out.size and out.dtype.kind not in "iu"):
-        raise ValueError(f"{what} must be a {ndim}-d integer array, got {out.dtype} {out.shape}")
+        raise invalid_argument(f"{what} must be a {ndim}-d integer array, got {out.dtype} {out.shape}")
     return out
 
 
@@ -155,14 +159,14 @@ def _sparse_frames(
         what = f"sparse tensor {i} '{name}'"
         values = _tensor(packed[i], f"{what}: values", value_dtype)
         if values.dim() != 1:
-            raise ValueError(f"{what}: values must be a 1-d array, got shape {tuple(values.shape)}")
+            raise invalid_argument(f"{what}: values must be a 1-d array, got shape {tuple(values.shape)}")
         shape = tuple(int(d) for d in _int_array(packed[2 * n + i], 1, f"{what}: the shape"))
         # The checks a reader makes of a declaration: the dtype, negative or overflowing dimensions.
         dense_decl(DenseDecl(name, values.dtype, shape).to_proto(), what=what)
         nnz = values.numel()
         coords = _int_array(packed[n + i], 2, f"{what}: the indices")
         if coords.shape != (nnz, len(shape)):
-            raise ValueError(
+            raise invalid_argument(
                 f"{what}: {nnz} values of a {len(shape)}-d tensor need ({nnz}, {len(shape)}) indices, "
                 f"got {coords.shape}"
             )

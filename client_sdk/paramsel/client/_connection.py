@@ -62,13 +62,13 @@ class Connection:
     """Send the token over plaintext to a non-loopback address (refused by default)."""
 
     timeout_seconds: float = 600.0
-    """Deadline of one SDK call, retries included; past it the call fails with DEADLINE_EXCEEDED."""
+    """Deadline of one SDK operation (a method call), every attempt and wait included; past it: DEADLINE_EXCEEDED."""
 
     max_attempts: int = 5
     """Attempts of a call that fails with UNAVAILABLE (each re-sends the whole upload); 1: no retry."""
 
     initial_backoff_seconds: float = 0.2
-    """Wait before the first retry; doubles after each, jittered to between half and all of it."""
+    """Wait before the first retry (doubling, jittered to half to all of it); also the least time a retry must have left."""
 
     max_backoff_seconds: float = 5.0
     """Cap of the wait between two attempts."""

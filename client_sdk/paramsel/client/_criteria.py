@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,17 +21,28 @@ from torch import nn
 from paramsel import engine
 from paramsel.client._client import Client
 from paramsel.client._connection import Connection, with_target
-from paramsel.client._errors import local_errors
+from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._state import NDArrays, state_of, to_numpy
-from paramsel.v1 import criteria_pb2
+from paramsel.client._types import (
+    Criterion,
+    DriftPercentage,
+    DriftThreshold,
+    FedPm,
+    ScoreFunction,
+    TopK,
+    as_criterion,
+)
 
-_SCORE_PROTO: dict[engine.ScoreFunction, int] = {
-    engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE,
-    engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE,
-    engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE: criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE,
-    engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE: criteria_pb2.SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE,
-    engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE,
-    engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: criteria_pb2.SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE,
+# A criterion a layer selection function carries out.
+LayerCriterion = DriftThreshold | DriftPercentage | FedPm
+
+_SCORE_FUNCTION: dict[engine.ScoreFunction, ScoreFunction] = {
+    engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE: ScoreFunction.LARGEST_FINAL_MAGNITUDE,
+    engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE: ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
+    engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE: ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
+    engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE: ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
+    engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
+    engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
 }
 
 
@@ -107,37 +119,51 @@ def served_score_function(function: Any) -> engine.ScoreFunction | None:
     return None
 
 
-def score_criterion(
-    score_gen_function: Any, sparsity_level: float, *, exact_k: bool = False
-) -> criteria_pb2.Criterion | None:
+def score_criterion(score_gen_function: Any, sparsity_level: float, *, exact_k: bool = False) -> TopK | None:
     """The top-k criterion the server applies for one of the six score functions; None for any other
     function, whose scores are computed, and selected from, in this process."""
     kind = served_score_function(score_gen_function)
     if kind is None:
         return None
-    return criteria_pb2.Criterion(
-        top_k=criteria_pb2.TopKCriterion(
-            sparsity_level=sparsity_level,
-            score_function=_SCORE_PROTO[kind],  # type: ignore[arg-type]
-            exact_k=exact_k,
+    return TopK(float(sparsity_level), _SCORE_FUNCTION[kind], bool(exact_k))
+
+
+def layer_criterion_of(value: object, what: str = "criterion") -> LayerCriterion:
+    """The criterion of a layer selection function; a ``paramsel.v1.Criterion`` message (the old form)
+    is converted, with a DeprecationWarning."""
+    criterion = as_criterion(value, what)
+    if not isinstance(criterion, (DriftThreshold, DriftPercentage, FedPm)):
+        raise invalid_argument(
+            f"{what}: a layer selection function takes DriftThreshold, DriftPercentage or FedPm, "
+            f"got {type(criterion).__name__}"
         )
-    )
+    return criterion
 
 
 class LayerSelectionFunction:
     """A layer selection function, callable as FL4Health's: ``(model, initial_model) -> (arrays, names)``.
 
     Like the ``functools.partial`` FL4Health's constructor builds, it holds the values it was built
-    with; its ``criterion`` is read at each call.
+    with; its ``criterion`` (a :class:`DriftThreshold`, :class:`DriftPercentage` or :class:`FedPm`) is
+    read at each call. A ``paramsel.v1.Criterion`` message is still taken, with a DeprecationWarning.
     """
+
+    criterion: DriftThreshold | DriftPercentage | FedPm
+    """What the function selects; read at each call."""
+    target: str | None
+    """``host:port`` of the server it calls, if given (else ``connection``'s, else the default)."""
+    connection: Connection | None
+    """How it calls, if given."""
 
     def __init__(
         self,
-        criterion: criteria_pb2.Criterion,
+        criterion: DriftThreshold | DriftPercentage | FedPm,
         *,
         target: str | None = None,
         connection: Connection | None = None,
     ) -> None:
+        if not isinstance(criterion, (DriftThreshold, DriftPercentage, FedPm)):
+            criterion = layer_criterion_of(criterion)
         self.criterion = criterion
         self.target = target
         self.connection = connection
@@ -150,43 +176,40 @@ class LayerSelectionFunction:
         )
 
     def __repr__(self) -> str:
-        return f"LayerSelectionFunction({self.criterion.WhichOneof('kind')})"
+        return f"LayerSelectionFunction({self.criterion!r})"
 
 
-def layers_served(criterion: criteria_pb2.Criterion) -> bool:
+def layers_served(criterion: Criterion) -> bool:
     """Whether the service takes the criterion's values. FL4Health checks ``norm_threshold > 0`` and
     ``0 < exchange_percentage <= 1`` only when its constructor is built, so values assigned to the
     constructor afterwards (or bound by hand) still select there; such a selection is made in this
     process instead, with FL4Health's rules."""
-    kind = criterion.WhichOneof("kind")
-    if kind == "drift_threshold":
-        return criterion.drift_threshold.norm_threshold > 0  # NaN is not served either
-    if kind == "drift_percentage":
-        percentage = criterion.drift_percentage.exchange_percentage
+    if isinstance(criterion, DriftThreshold):
+        return bool(criterion.norm_threshold > 0)  # NaN is not served either
+    if isinstance(criterion, DriftPercentage):
+        percentage = criterion.exchange_percentage
         return math.isfinite(percentage) and 0 < percentage <= 1
     return True
 
 
 def select_layers(
-    criterion: criteria_pb2.Criterion, model: nn.Module, initial_model: nn.Module | None, client: Client
+    criterion: LayerCriterion, model: nn.Module, initial_model: nn.Module | None, client: Client
 ) -> tuple[NDArrays, list[str]]:
-    if not layers_served(criterion):
+    if isinstance(criterion, (DriftThreshold, DriftPercentage)) and not layers_served(criterion):
         return _select_layers_here(criterion, model, initial_model)
     result = client.select(criterion, state_of(model), state_of(initial_model) if initial_model else None)
     return [to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors]
 
 
 def _select_layers_here(
-    criterion: criteria_pb2.Criterion, model: nn.Module, initial_model: nn.Module | None
+    criterion: DriftThreshold | DriftPercentage, model: nn.Module, initial_model: nn.Module | None
 ) -> tuple[NDArrays, list[str]]:
     """A drift selection with values the service refuses (see :func:`layers_served`), as FL4Health
     makes it: any threshold compares; ``ceil(L * exchange_percentage)`` slices the ranking as a Python
     list is sliced (nothing at 0, all of it above 1, the tail cut off when negative), and a NaN or
     infinite percentage raises ValueError or OverflowError from ``math.ceil``."""
-    threshold = criterion.WhichOneof("kind") == "drift_threshold"
-    rule = criterion.drift_threshold if threshold else criterion.drift_percentage
-    normalize = rule.normalize if rule.HasField("normalize") else True
-    more = rule.select_drift_more if rule.HasField("select_drift_more") else True
+    threshold = isinstance(criterion, DriftThreshold)
+    normalize, more = criterion.normalize, criterion.select_drift_more
     state = state_of(model)
     with local_errors():
         if initial_model is None:
@@ -194,15 +217,15 @@ def _select_layers_here(
                 f"select_layers_by_{'threshold' if threshold else 'percentage'} needs the initial model, but none was given"
             )
         drifts = engine.drift_norms(state, state_of(initial_model), normalize=normalize)
-    if threshold:
-        norm_threshold = criterion.drift_threshold.norm_threshold
+    if isinstance(criterion, DriftThreshold):
+        norm_threshold = criterion.norm_threshold
         names = [
             name
             for name, drift in drifts.items()
             if (drift > norm_threshold if more else drift <= norm_threshold)
         ]
     else:
-        count = math.ceil(len(drifts) * criterion.drift_percentage.exchange_percentage)
+        count = math.ceil(len(drifts) * criterion.exchange_percentage)
         # NaN drifts (empty tensors, normalised) rank last either way, as the service ranks them.
         ranked = sorted(
             (name for name, drift in drifts.items() if not math.isnan(drift)),
@@ -214,34 +237,21 @@ def _select_layers_here(
     return [to_numpy(state[name]) for name in names], names
 
 
-def _threshold_criterion(
-    norm_threshold: float, normalize: bool, select_drift_more: bool
-) -> criteria_pb2.Criterion:
-    return criteria_pb2.Criterion(
-        drift_threshold=criteria_pb2.DriftThresholdCriterion(
-            norm_threshold=float(norm_threshold),
-            normalize=bool(normalize),
-            select_drift_more=bool(select_drift_more),
-        )
-    )
+def _threshold_criterion(norm_threshold: float, normalize: bool, select_drift_more: bool) -> DriftThreshold:
+    return DriftThreshold(float(norm_threshold), bool(normalize), bool(select_drift_more))
 
 
 def _percentage_criterion(
     exchange_percentage: float, normalize: bool, select_drift_more: bool
-) -> criteria_pb2.Criterion:
-    return criteria_pb2.Criterion(
-        drift_percentage=criteria_pb2.DriftPercentageCriterion(
-            exchange_percentage=float(exchange_percentage),
-            normalize=bool(normalize),
-            select_drift_more=bool(select_drift_more),
-        )
-    )
+) -> DriftPercentage:
+    return DriftPercentage(float(exchange_percentage), bool(normalize), bool(select_drift_more))
 
 
 class LayerSelectionFunctionConstructor:
     """Builds layer selection functions, as FL4Health's class of the same name does.
 
-    ``0 < exchange_percentage <= 1`` and ``norm_threshold > 0`` are required (ValueError otherwise).
+    ``0 < exchange_percentage <= 1`` and ``norm_threshold > 0`` are required (otherwise
+    :class:`InvalidArgumentError`, a ValueError, as the service refuses them).
     As in FL4Health, ``select_by_threshold()`` and ``select_by_percentage()`` read the attributes when
     they are called, and the function each builds keeps the values it was built with (assigning an
     attribute later changes only the functions built after). The functions are carried out by the
@@ -259,9 +269,9 @@ class LayerSelectionFunctionConstructor:
         connection: Connection | None = None,
     ) -> None:
         if not 0 < exchange_percentage <= 1:
-            raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
+            raise invalid_argument(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
         if not norm_threshold > 0:  # written so that NaN fails too; +inf is a threshold no drift exceeds
-            raise ValueError(f"norm_threshold must be > 0, got {norm_threshold}")
+            raise invalid_argument(f"norm_threshold must be > 0, got {norm_threshold}")
         self.norm_threshold = norm_threshold
         self.exchange_percentage = exchange_percentage
         self.normalize = normalize
@@ -316,33 +326,31 @@ def select_layers_by_percentage(
     )
 
 
-def fedpm_criterion(seed: int | None = None) -> criteria_pb2.Criterion:
-    fed_pm = criteria_pb2.FedPmCriterion() if seed is None else criteria_pb2.FedPmCriterion(seed=seed)
-    return criteria_pb2.Criterion(fed_pm=fed_pm)
-
-
-select_scores_and_sample_masks = LayerSelectionFunction(fedpm_criterion())
+select_scores_and_sample_masks = LayerSelectionFunction(FedPm())
 """FedPM's selection: every ``weight_scores`` / ``bias_scores`` tensor as a Bernoulli(sigmoid) mask."""
 
 # Stand-ins for the (model, initial_model) an exchanger passes, to see where Python binds them.
 _MODEL, _INITIAL = object(), object()
 # The values a layer selection function takes before (model, initial_model), by function name.
-_BOUND_FIRST = {
+_BOUND_FIRST: dict[str, tuple[str, Callable[[Any, Any, Any], DriftThreshold | DriftPercentage]]] = {
     "select_layers_by_threshold": ("threshold", _threshold_criterion),
     "select_layers_by_percentage": ("exchange_percentage", _percentage_criterion),
 }
 
 
-def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
+def layer_criterion(function: Any) -> tuple[LayerCriterion | None, Connection | None]:
     """The criterion of a layer selection function (ours, or one FL4Health's constructor built), and
     the connection it was built with, if any; no criterion for any other function, which is called.
 
     Read afresh at each call of an exchanger, so that assigning its ``layer_selection_function`` (or
     the ``criterion`` of one of ours) takes effect at the next call, as in FL4Health."""
     if isinstance(function, LayerSelectionFunction):
+        criterion = function.criterion
+        if not isinstance(criterion, (DriftThreshold, DriftPercentage, FedPm)):  # assigned in the old form
+            criterion = layer_criterion_of(criterion, "LayerSelectionFunction.criterion")
         if function.target is None and function.connection is None:
-            return function.criterion, None
-        return function.criterion, with_target(function.connection, function.target)
+            return criterion, None
+        return criterion, with_target(function.connection, function.target)
     partial = isinstance(function, functools.partial)
     inner = function.func if partial else function
     module = getattr(inner, "__module__", None) or ""
@@ -351,7 +359,7 @@ def layer_criterion(function: Any) -> tuple[criteria_pb2.Criterion | None, Conne
         return None, None  # a function of the caller's own, even one that borrows a name
     name = getattr(inner, "__name__", "")
     if name == "select_scores_and_sample_masks" and not partial:
-        return fedpm_criterion(), None
+        return FedPm(), None
     if not partial or name not in _BOUND_FIRST:
         return None, None
     first, build = _BOUND_FIRST[name]

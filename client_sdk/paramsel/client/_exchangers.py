@@ -14,18 +14,18 @@ from paramsel.client._client import Client, SelectResult
 from paramsel.client._compact import compact_payload, fl4health_sparse, fl4health_sparse_of, pack_compact
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import (
-    fedpm_criterion,
+    LayerCriterion,
     layer_criterion,
     layers_served,
     score_criterion,
     select_layers,
     select_scores_and_sample_masks,
 )
-from paramsel.client._errors import local_errors
+from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.v1 import criteria_pb2
-from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError, dtype_to_proto
+from paramsel.client._types import DriftPercentage, DriftThreshold, FedPm, TopK
+from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
@@ -33,13 +33,13 @@ _PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SC
 
 
 def _check_sparsity_level(sparsity_level: float) -> None:
-    if not 0 < sparsity_level <= 1:
-        raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
+    if not 0 < sparsity_level <= 1:  # as the service refuses it: INVALID_ARGUMENT (a ValueError)
+        raise invalid_argument(f"sparsity_level must be in (0, 1], got {sparsity_level}")
 
 
 def _pull_mode(pull_mode: str) -> engine.PullMode:
     if pull_mode not in _PULL_MODES:
-        raise ValueError(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
+        raise invalid_argument(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
     return _PULL_MODES[pull_mode]
 
 
@@ -112,7 +112,7 @@ class SparseCooParameterExchanger:
         self.client = Client(target=target, connection=connection, chunk_size_bytes=chunk_size_bytes)
 
     @property
-    def criterion(self) -> criteria_pb2.Criterion | None:
+    def criterion(self) -> TopK | None:
         """The criterion the service applies, made from the attributes as they are now; None when the
         scores are computed here (a caller's own score function, or an overridden
         ``generate_parameter_scores``)."""
@@ -172,7 +172,7 @@ class SparseCooParameterExchanger:
 
     def _select(
         self,
-        criterion: criteria_pb2.Criterion,
+        criterion: TopK,
         model: nn.Module,
         initial_model: nn.Module | None,
         value_dtype: torch.dtype | None = None,
@@ -183,7 +183,7 @@ class SparseCooParameterExchanger:
             criterion,
             state_of(model),
             state_of(initial_model) if initial_model else None,
-            value_dtype=dtype_to_proto(value_dtype) if value_dtype is not None else 0,
+            value_dtype=value_dtype,
             reuse_initial=self.reuse_initial_model,
             keep_frames=keep_frames,
         )
@@ -249,7 +249,7 @@ class DynamicLayerExchanger:
         # Without target= or connection=, calls go where the selection function was built to call.
         self._default_client = self.client if target is None and connection is None else None
 
-    def _served(self) -> tuple[criteria_pb2.Criterion | None, Client]:
+    def _served(self) -> tuple[LayerCriterion | None, Client]:
         """The criterion of the current selection function (None: it is called) and the client to use."""
         criterion, own = self._layer_criterion()
         client = self.client
@@ -257,11 +257,11 @@ class DynamicLayerExchanger:
             client = Client(connection=own, chunk_size_bytes=client.chunk_size)
         return criterion, client
 
-    def _layer_criterion(self) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
+    def _layer_criterion(self) -> tuple[LayerCriterion | None, Connection | None]:
         return layer_criterion(self.layer_selection_function)
 
     @property
-    def criterion(self) -> criteria_pb2.Criterion | None:
+    def criterion(self) -> DriftThreshold | DriftPercentage | FedPm | None:
         """The criterion the service applies for the current ``layer_selection_function``; None when
         that function is simply called."""
         return self._layer_criterion()[0]
@@ -323,7 +323,7 @@ class FedPmExchanger(DynamicLayerExchanger):
         connection: Connection | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     ) -> None:
-        fedpm_criterion(seed)  # refuses a seed the criterion cannot hold, now rather than at the first call
+        FedPm(seed)  # refuses a seed the criterion cannot hold, now rather than at the first call
         super().__init__(
             select_scores_and_sample_masks,
             target=target,
@@ -332,13 +332,8 @@ class FedPmExchanger(DynamicLayerExchanger):
         )
         self.seed = seed
 
-    def _layer_criterion(self) -> tuple[criteria_pb2.Criterion | None, Connection | None]:
+    def _layer_criterion(self) -> tuple[LayerCriterion | None, Connection | None]:
         criterion, own = super()._layer_criterion()
-        if (
-            criterion is not None
-            and self.seed is not None
-            and criterion.WhichOneof("kind") == "fed_pm"
-            and not criterion.fed_pm.HasField("seed")
-        ):
-            criterion = fedpm_criterion(self.seed)
+        if isinstance(criterion, FedPm) and criterion.seed is None and self.seed is not None:
+            criterion = FedPm(self.seed)
         return criterion, own
