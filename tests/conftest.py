@@ -1,4 +1,5 @@
-"""Shared fixtures: a real paramsel server on an ephemeral loopback port, and channels to it."""
+"""Shared fixtures: a real paramsel server (``create_server``, metrics on a registry of its own) on an
+ephemeral loopback port, and channels to it."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from support import start_server
 
-from paramsel.server import ServerConfig, create_server
 from paramsel.server.app import RunningServer
 from paramsel.v1 import service_pb2_grpc
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[RunningServer]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0))
+    running = start_server()
     yield running
     running.stop(0)
 

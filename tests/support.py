@@ -1,56 +1,111 @@
-"""Test helpers: ``paramsel serve`` as a real process on a port it picks, and the health probe."""
+"""The tests' one helper module: servers (in-process through ``create_server``, or ``paramsel serve`` as a
+process), waiting for a condition, throwaway certificates (trustme), and the faults tests inject.
+
+Every in-process server is the real one, built by ``create_server`` with its whole interceptor chain
+(metrics and the call log, the token check when tokens are set, admission); its metrics go to a Prometheus
+registry of its own (``running.registry``), so that no test sees another's calls. A process's output goes
+to a file, never to a pipe someone has to drain.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
-from paramsel.server.app import SERVICE_NAME
+from paramsel.server import ServerConfig, create_server
+from paramsel.server.app import SERVICE_NAME, RunningServer
 
-_ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
+TIMEOUT = 60.0
+"""Seconds: the bound of every wait here. Generous, so that a loaded machine never fails a test; a
+condition that holds returns at once, so it is never a measure of speed."""
+
+T = TypeVar("T")
 
 
-class Output(list[str]):
-    """The lines a process printed after announcing itself, collected by a thread as they come."""
+# --- waiting ----------------------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], T], timeout: float = TIMEOUT, what: str = "the condition") -> T:
+    """Polls ``condition`` until it returns something true, and returns that; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.02)
+    return result
+
+
+# --- in-process servers -----------------------------------------------------------------------------
+
+
+def loopback(**settings: Any) -> ServerConfig:
+    """A server configuration on 127.0.0.1 and a port the server picks, with ``settings``."""
+    return ServerConfig(**{"host": "127.0.0.1", "port": 0, **settings})
+
+
+def start_server(
+    config: ServerConfig | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    extra_interceptors: Sequence[grpc.ServerInterceptor] = (),  # type: ignore[type-arg]
+    **settings: Any,
+) -> RunningServer:
+    """``create_server`` with ``config`` (default: :func:`loopback`) changed by ``settings``, its metrics
+    on ``registry`` (default: a new one, ``running.registry``). Stop it with ``running.stop(0)``."""
+    config = replace(config if config is not None else loopback(), **settings)
+    registry = CollectorRegistry() if registry is None else registry
+    return create_server(config, registry=registry, extra_interceptors=extra_interceptors)
 
 
 @contextmanager
-def serve_process(*args: str, output: Output | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Runs ``paramsel serve --port 0`` and yields the process and its ``host:port``; SIGTERMs it after.
-
-    The rest of its output (one JSON line per call, among others) is drained by a thread, so the pipe
-    never fills, and kept in ``output`` when one is given.
-    """
-    cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
-    )
-    sink = output if output is not None else Output()
+def running_server(
+    config: ServerConfig | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    extra_interceptors: Sequence[grpc.ServerInterceptor] = (),  # type: ignore[type-arg]
+    **settings: Any,
+) -> Iterator[RunningServer]:
+    """:func:`start_server`, stopped at once when the block ends."""
+    running = start_server(config, registry=registry, extra_interceptors=extra_interceptors, **settings)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            match = _ANNOUNCE.search(line)
-            if match:
-                threading.Thread(target=sink.extend, args=(proc.stdout,), daemon=True).start()
-                yield proc, f"{match.group(1)}:{match.group(2)}"
-                break
-        else:
-            raise AssertionError(f"paramsel serve exited with {proc.wait()} before announcing its port")
+        yield running
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        running.stop(0)
+
+
+def metric(running: RunningServer, name: str, **labels: str) -> float:
+    """A sample of the server's own registry (0 when it was never recorded)."""
+    return running.registry.get_sample_value(name, labels) or 0.0
+
+
+def scrape(metrics_port: int, name: str, **labels: str) -> float:
+    """A sample read from the /metrics endpoint on 127.0.0.1:``metrics_port`` (0 when absent): the
+    figures of a server in another process."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
 
 def assert_serving(channel: grpc.Channel) -> None:
@@ -60,50 +115,260 @@ def assert_serving(channel: grpc.Channel) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def instrumented_server(registry: Any, *, workers: int = 8) -> tuple[grpc.Server, str]:
-    """A server like ``create_server``'s, its observability interceptor on ``registry``, on a free
-    loopback port; returns the server and its ``host:port`` (stop it with ``server.stop(0)``)."""
-    from concurrent import futures
+@contextmanager
+def server_logs(path: Path) -> Iterator[Path]:
+    """While open, the in-process servers' logs (``paramsel.*``, at INFO as ``paramsel serve`` logs: one
+    line per call, refusals) go to the file ``path`` only, not to pytest's captured output."""
+    logger = logging.getLogger("paramsel")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        handler.close()
 
-    from grpc_health.v1 import health
 
-    from paramsel.server.app import service_handlers
-    from paramsel.server.config import ServerConfig
-    from paramsel.server.observability import interceptor
-    from paramsel.server.servicer import ParameterSelectionServicer
+# --- faults injected in front of the real chain -----------------------------------------------------
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[interceptor(registry)],
-        options=[("grpc.so_reuseport", 0)],
-    )
-    server.add_generic_rpc_handlers((service_handlers(ParameterSelectionServicer(ServerConfig(port=0))),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
+HOLD_SECONDS = 60.0
+
+
+@dataclass
+class Knobs:
+    """What :class:`FaultInjector` does to each streaming call of the paramsel service, and what it saw."""
+
+    unavailable_first: int = 0
+    """Abort the first N calls with UNAVAILABLE (as a restarting server would), after their upload."""
+    hold: threading.Event | None = None
+    """When set, each call waits for this event (at most ``HOLD_SECONDS``) before it is served."""
+    held_to_the_end: int = 0
+    """How many calls waited the whole ``HOLD_SECONDS`` without the event being set."""
+    calls: list[str] = field(default_factory=list)
+    """Method of every paramsel call seen, in order (those the server goes on to refuse included)."""
+    authorizations: list[str | None] = field(default_factory=list)
+    """The authorization metadata of every paramsel call seen."""
+
+
+class FaultInjector(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """An extra interceptor (``create_server(extra_interceptors=...)``) that records the paramsel calls
+    and fails or holds them as ``knobs`` say, before the server's own chain sees them."""
+
+    def __init__(self, knobs: Knobs) -> None:
+        self.knobs = knobs
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith("/paramsel."):
+            return handler
+        knobs = self.knobs
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
+        with self._lock:
+            knobs.calls.append(details.method)
+            knobs.authorizations.append(authorization)
+            number = len(knobs.calls)
+        if not (handler.request_streaming and handler.response_streaming):
+            return handler  # GetServerInfo: recorded, never failed
+
+        def behaviour(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            if number <= knobs.unavailable_first:
+                for _ in requests:  # take the whole upload, then fail, as a server dying late would
+                    pass
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"injected: call {number} unavailable")
+            if knobs.hold is not None and not knobs.hold.wait(HOLD_SECONDS):
+                knobs.held_to_the_end += 1
+            yield from handler.stream_stream(requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 @contextmanager
-def serve_process_logging_to(
-    log: Path, *args: str, timeout: float = 120
+def injecting_server(knobs: Knobs, config: ServerConfig | None = None, **settings: Any) -> Iterator[str]:
+    """The real server behind a :class:`FaultInjector` of ``knobs``; yields its ``host:port``."""
+    with running_server(config, extra_interceptors=[FaultInjector(knobs)], **settings) as running:
+        yield running.target
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a server that must come back on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that cuts a connection (both ways, with a reset) after ``cut_after`` bytes
+    from the client, on the connections ``should_cut(index)`` picks (0-based, in accept order)."""
+
+    def __init__(self, upstream: str, cut_after: int, should_cut: Callable[[int], bool]) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_after = cut_after
+        self.should_cut = should_cut
+        self.connections = 0
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            index = self.connections
+            self.connections += 1
+            server = socket.create_connection(self.upstream)
+            limit = self.cut_after if self.should_cut(index) else None
+            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[: max(limit - sent, 0)])
+                    self.cuts += 1
+                    for s in (src, dst):  # RST both ways, as a dropped connection looks
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+
+# --- `paramsel serve` as a process ------------------------------------------------------------------
+
+_ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
+
+
+class Output:
+    """The lines a ``serve_process`` printed after announcing itself (its call log among them), read from
+    its log file each time they are asked for."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[str]:
+        if self.path is None:
+            return iter(())
+        text = self.path.read_text(errors="replace")
+        return iter(text[self._skip :].splitlines())
+
+
+@contextmanager
+def serve_process(
+    *args: str, log: Path | None = None, output: Output | None = None, timeout: float = 120
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``serve_process`` whose stdout and stderr go to the file ``log`` (no pipe to drain, nothing lost
-    if the test stops reading); yields the process and its ``host:port``, SIGTERMs it after."""
-    cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + timeout
-        while (match := _ANNOUNCE.search(log.read_text(errors="replace"))) is None:
-            if proc.poll() is not None:
-                raise AssertionError(f"paramsel serve exited with {proc.returncode}:\n{log.read_text()}")
-            assert time.monotonic() < deadline, f"paramsel serve did not announce its port in {timeout} s"
-            time.sleep(0.05)
-        yield proc, f"{match.group(1)}:{match.group(2)}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+    """Runs ``paramsel serve --host 127.0.0.1 --port 0 ARGS`` and yields the process and its ``host:port``
+    once it has announced them; SIGTERMs it after. Its stdout and stderr go to the file ``log`` (a
+    scratch one, removed after, when none is given): no pipe to drain, nothing lost if the test stops
+    reading. ``output``, when given, reads the lines printed after the announcement."""
+    with tempfile.TemporaryDirectory(prefix="paramsel-serve-") as scratch:
+        path = log if log is not None else Path(scratch) / "serve.log"
+        cmd = [sys.executable, "-m", "paramsel.server.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        with path.open("wb") as sink:
+            proc = subprocess.Popen(
+                [*cmd, *args], stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ)
+            )
+        try:
+
+            def announced() -> re.Match[str] | None:
+                found = _ANNOUNCE.search(path.read_text(errors="replace"))
+                if found is None and proc.poll() is not None:
+                    raise AssertionError(f"paramsel serve exited with {proc.returncode}:\n{path.read_text()}")
+                return found
+
+            match = wait_for(announced, timeout, "paramsel serve to announce its port")
+            if output is not None:
+                output.path, output._skip = path, match.end()
+            yield proc, f"{match.group(1)}:{match.group(2)}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+# --- certificates -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Throwaway PEM files made by trustme: a server certificate for ``localhost`` and 127.0.0.1 signed by
+    ``ca``; a client certificate signed by ``client_ca``; and ``other_ca``, which signed nothing of
+    these but the ``stranger`` client certificate (a CA neither side trusts)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+    def server_config(self, *, mutual: bool = False, **settings: Any) -> ServerConfig:
+        """A loopback server on a free port serving TLS with these files (mTLS when ``mutual``)."""
+        return loopback(
+            tls_cert_file=str(self.server_cert),
+            tls_key_file=str(self.server_key),
+            tls_client_ca_file=str(self.client_ca) if mutual else None,
+            **settings,
+        )
+
+
+def _issue(ca: trustme.CA, stem: Path, *names: str) -> tuple[Path, Path]:
+    issued = ca.issue_cert(*names)  # trustme's leaves are good for both server and client auth
+    cert, key = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
+def make_certs(directory: Path) -> Certs:
+    """Fresh CAs and certificates under ``directory`` (see :class:`Certs`)."""
+    ca, client_ca, other_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    for authority, name in ((ca, "ca"), (client_ca, "client-ca"), (other_ca, "other-ca")):
+        authority.cert_pem.write_to_path(str(directory / f"{name}.pem"))
+    server_cert, server_key = _issue(ca, directory / "server", "localhost", "127.0.0.1")
+    client_cert, client_key = _issue(client_ca, directory / "client", "client.example")
+    stranger_cert, stranger_key = _issue(other_ca, directory / "stranger", "client.example")
+    return Certs(
+        directory / "ca.pem",
+        server_cert,
+        server_key,
+        directory / "client-ca.pem",
+        client_cert,
+        client_key,
+        directory / "other-ca.pem",
+        stranger_cert,
+        stranger_key,
+    )

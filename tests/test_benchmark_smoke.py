@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # every benchmark target, quickly: minutes
+
 # Every figure the benchmark must report (BENCHMARKS.md is written from these).
 TARGETS = [
     "push_time",

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
+pytestmark = pytest.mark.slow  # the docker-compose topology as processes, a 10-round federated run
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMSEL = [sys.executable, "-m", "paramsel.server.cli"]  # the image's ENTRYPOINT, `paramsel`
 _DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")

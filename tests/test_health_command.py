@@ -10,14 +10,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from support import serve_process
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import free_port, running_server, serve_process
 
 from paramsel.server.app import SERVICE_NAME, RunningServer
 from paramsel.server.health_check import check_health, run_health
@@ -50,24 +49,11 @@ def _assert_failure(result: subprocess.CompletedProcess[str], status: str, *word
 
 
 @contextmanager
-def _health_only_server(status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> Iterator[str]:
-    """A server with nothing but grpc.health.v1, reporting ``status`` for the server as a whole."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.set("", status)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0).wait()
-
-
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _reporting(status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> Iterator[str]:
+    """The real server, its health servicer made to report ``status`` for the server as a whole."""
+    with running_server() as running:
+        running.health.set("", status)
+        yield running.target
 
 
 # --- the command against `paramsel serve` -------------------------------------------------------------
@@ -80,6 +66,7 @@ def served() -> Iterator[str]:
         yield target
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_serving_server_exits_0(served: str) -> None:
     result = _health("--target", served)
     assert result.returncode == 0, result
@@ -89,6 +76,7 @@ def test_serving_server_exits_0(served: str) -> None:
     assert named.returncode == 0, named
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_target_defaults_to_paramsel_target_env(served: str) -> None:
     result = _health(env={"PARAMSEL_TARGET": served})
     assert result.returncode == 0, result
@@ -96,10 +84,11 @@ def test_target_defaults_to_paramsel_target_env(served: str) -> None:
 
 
 def test_nothing_listening_exits_1_saying_so() -> None:
-    target = f"127.0.0.1:{_unused_port()}"
+    target = f"127.0.0.1:{free_port()}"
     _assert_failure(_health("--target", target), "UNREACHABLE", "cannot reach", target)
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_draining_server_exits_1() -> None:
     """After SIGTERM the server drains in-flight calls (here a health Watch) and takes no new ones."""
     with serve_process("--grace-seconds", "30") as (proc, target), grpc.insecure_channel(target) as channel:
@@ -114,6 +103,7 @@ def test_draining_server_exits_1() -> None:
         assert proc.wait(timeout=20) == 0
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_unknown_service_exits_1(served: str) -> None:
     _assert_failure(
         _health("--target", served, "--service", "no.such.Service"), "SERVICE_NOT_FOUND", "'no.such.Service'"
@@ -130,7 +120,7 @@ def test_bad_timeout_is_a_usage_error() -> None:
 
 
 def test_not_serving_exits_1() -> None:
-    with _health_only_server(health_pb2.HealthCheckResponse.NOT_SERVING) as target:
+    with _reporting(health_pb2.HealthCheckResponse.NOT_SERVING) as target:
         _assert_failure(_health("--target", target), "NOT_SERVING", target, "NOT_SERVING")
 
 
@@ -164,6 +154,6 @@ def test_run_health_writes_status_and_one_line(server: RunningServer) -> None:
     assert run_health(server.target, out=out, err=err) == 0
     assert (out.getvalue(), err.getvalue()) == ("SERVING\n", "")
     out, err = io.StringIO(), io.StringIO()
-    assert run_health(f"127.0.0.1:{_unused_port()}", out=out, err=err) == 1
+    assert run_health(f"127.0.0.1:{free_port()}", out=out, err=err) == 1
     assert out.getvalue() == "UNREACHABLE\n"
     assert err.getvalue().count("\n") == 1

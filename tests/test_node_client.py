@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "examples" / "node"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(
-    NODE is None, reason="node is not on PATH (the JavaScript client needs Node >= 18)"
-)
+pytestmark = [
+    pytest.mark.slow,  # npm ci, `paramsel serve` and node
+    pytest.mark.skipif(NODE is None, reason="node is not on PATH (the JavaScript client needs Node >= 18)"),
+]
 
 
 def _install_dependencies() -> None:

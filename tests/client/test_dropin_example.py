@@ -44,6 +44,7 @@ def test_only_import_lines_differ() -> None:
     assert any("paramsel.client" in line for line in changed)
 
 
+@pytest.mark.slow
 def test_example_against_separately_started_server(monkeypatch: pytest.MonkeyPatch) -> None:
     with serve_process() as (proc, target):
         monkeypatch.setenv("PARAMSEL_TARGET", target)
@@ -61,6 +62,7 @@ def test_example_against_separately_started_server(monkeypatch: pytest.MonkeyPat
         assert err.value.status is StatusCode.UNAVAILABLE
 
 
+@pytest.mark.slow
 def test_example_as_a_script_with_the_embedded_default() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PARAMSEL_TARGET"}
     done = subprocess.run(
@@ -76,6 +78,7 @@ def test_example_as_a_script_with_the_embedded_default() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_serve_process_answers_health_and_reflection() -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

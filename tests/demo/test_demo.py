@@ -64,6 +64,7 @@ def _figures(out: Path) -> dict[str, Any]:
     return figures
 
 
+@pytest.mark.slow  # `paramsel demo` runs: processes that train
 def test_short_run_writes_every_round_table_and_plot(
     short_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -105,6 +106,7 @@ def test_short_run_writes_every_round_table_and_plot(
     assert plot.startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.slow  # `paramsel demo` runs: processes that train
 def test_same_seed_same_figures_through_a_running_service(
     short_run: tuple[subprocess.CompletedProcess[str], Path], server: RunningServer, tmp_path: Path
 ) -> None:
@@ -121,7 +123,9 @@ def test_same_seed_same_figures_through_a_running_service(
 @pytest.fixture
 def coordinator(server: RunningServer) -> Iterator[CoordinatorStub]:
     config = DemoConfig(clients=2, rounds=2)
-    running = CoordinatorServer(Coordinator(config, service_aggregator(server.target), round_timeout=5.0))
+    # Every aggregate is made before the submit that completes its round returns, so a fetch of it never
+    # waits: the round timeout only bounds the fetch of a round nobody submitted, which must time out.
+    running = CoordinatorServer(Coordinator(config, service_aggregator(server.target), round_timeout=1.0))
     running.start()
     try:
         with CoordinatorStub(running.target) as stub:

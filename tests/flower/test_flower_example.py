@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
 from paramsel.server.app import RunningServer
+
+pytestmark = pytest.mark.slow  # Flower itself, and a Flower run in a process of its own
 
 flwr = pytest.importorskip(
     "flwr", reason="Flower is the optional `flower` extra: pip install 'paramsel[flower]'"
@@ -36,8 +37,10 @@ def test_sdk_and_flower_share_one_protobuf_runtime() -> None:
     assert SparseCooParameterExchanger is not None
 
 
-def _aggregate_calls() -> float:
-    return REGISTRY.get_sample_value("paramsel_calls_total", {"method": "Aggregate", "code": "OK"}) or 0.0
+def _aggregate_calls(server: RunningServer) -> float:
+    return (
+        server.registry.get_sample_value("paramsel_calls_total", {"method": "Aggregate", "code": "OK"}) or 0.0
+    )
 
 
 # Generous bounds: the run takes ~8 s alone, but the 2 cores may be shared with other jobs.
@@ -47,7 +50,7 @@ def test_flower_run_aggregates_through_paramsel(server: RunningServer, tmp_path:
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "PARAMSEL_TARGET"}
     env["FLWR_TELEMETRY_ENABLED"] = "0"
-    before = _aggregate_calls()
+    before = _aggregate_calls(server)
     log = tmp_path / "example.log"
     # A process of its own: Flower's start_server installs signal handlers and process-wide state. Its
     # output goes to a file, which nothing has to drain while it runs.
@@ -74,7 +77,7 @@ def test_flower_run_aggregates_through_paramsel(server: RunningServer, tmp_path:
     assert result["rounds"] == rounds
     assert result["service_calls"] == rounds
     # The aggregations reached this test's paramsel server (its metrics live in this process).
-    assert _aggregate_calls() - before == rounds
+    assert _aggregate_calls(server) - before == rounds
     losses, accuracies = result["losses"], result["accuracies"]
     assert len(losses) == len(accuracies) == rounds
     assert losses[-1] < losses[0] < result["initial_loss"]

@@ -5,15 +5,12 @@ client set up as an SDK user would: it trusts the CA and sends ``authorization: 
 
 from __future__ import annotations
 
-import logging
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
-import trustme
+from support import make_certs
 
 from paramsel.client import Connection
 from paramsel.server import ServerConfig
@@ -94,31 +91,5 @@ def security(name: str, root: Path) -> Security:
     if name == PLAIN:
         return Security(PLAIN)
     assert name == SECURED, name
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    ca_file, cert_file, key_file = root / "ca.pem", root / "server.pem", root / "server.key"
-    ca.cert_pem.write_to_path(str(ca_file))
-    for blob in issued.cert_chain_pems:
-        blob.write_to_path(str(cert_file), append=True)
-    issued.private_key_pem.write_to_path(str(key_file))
-    return Security(SECURED, secrets.token_urlsafe(24), ca_file, cert_file, key_file)
-
-
-@contextmanager
-def server_logs(path: Path) -> Iterator[Path]:
-    """While open, the in-process servers' logs (``paramsel.*``, at INFO as ``paramsel serve`` logs: one
-    line per call, refusals) go to the file ``path`` only, not to pytest's captured output."""
-    logger = logging.getLogger("paramsel")
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield path
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-        handler.close()
+    certs = make_certs(root)
+    return Security(SECURED, secrets.token_urlsafe(24), certs.ca, certs.server_cert, certs.server_key)

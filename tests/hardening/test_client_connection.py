@@ -8,20 +8,23 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from test_client_support import Knobs, bare_server, make_certs
+from support import Knobs, injecting_server, make_certs, start_server
 
 import paramsel.client._connection as connection_module
-from paramsel.client import Client, Connection, ParamselError, SparseCooParameterExchanger, StatusCode
+from paramsel.client import (
+    Client,
+    Connection,
+    ParamselError,
+    ScoreFunction,
+    SparseCooParameterExchanger,
+    StatusCode,
+    TopK,
+)
 from paramsel.client import largest_final_magnitude_scores as largest
 from paramsel.client._connection import is_loopback
-from paramsel.v1 import criteria_pb2
 
 FAST = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
-CRITERION = criteria_pb2.Criterion(
-    top_k=criteria_pb2.TopKCriterion(
-        sparsity_level=0.5, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
-    )
-)
+CRITERION = TopK(0.5, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
 MODEL = {"w": torch.tensor([1.0, -5.0, 3.0, 0.5])}
 
 
@@ -101,8 +104,8 @@ def test_allow_insecure_token_lets_the_call_go_out(monkeypatch: pytest.MonkeyPat
 
 
 def test_token_is_sent_and_checked(tmp_path: Path) -> None:
-    knobs = Knobs(token="s3cret")
-    with bare_server(knobs) as target:
+    knobs = Knobs()
+    with injecting_server(knobs, tokens=("s3cret",)) as target:
         assert push_values(Client(connection=Connection(target, token="s3cret"))) == [-5.0, 3.0]
         token_file = tmp_path / "token"
         token_file.write_text("s3cret\n")
@@ -118,8 +121,8 @@ def test_token_is_sent_and_checked(tmp_path: Path) -> None:
 
 
 def test_environment_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    knobs = Knobs(token="env-token")
-    with bare_server(knobs) as target:
+    knobs = Knobs()
+    with injecting_server(knobs, tokens=("env-token",)) as target:
         monkeypatch.setenv("PARAMSEL_TARGET", target)
         monkeypatch.setenv("PARAMSEL_TOKEN", "env-token")
         assert push_values(Client()) == [-5.0, 3.0]
@@ -136,11 +139,8 @@ def test_environment_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_tls_with_the_right_ca_and_not_with_another(tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
-    credentials = grpc.ssl_server_credentials(
-        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())]
-    )
-    knobs = Knobs(token="tls-token")
-    with bare_server(knobs, credentials) as target:
+    knobs = Knobs()
+    with injecting_server(knobs, certs.server_config(tokens=("tls-token",))) as target:
         port = target.rsplit(":", 1)[1]
         for host in ("localhost", "127.0.0.1"):
             good = Connection(f"{host}:{port}", ca_file=str(certs.ca), token="tls-token")
@@ -162,12 +162,7 @@ def test_tls_with_the_right_ca_and_not_with_another(tmp_path: Path) -> None:
 
 def test_mutual_tls_and_the_ca_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
-    credentials = grpc.ssl_server_credentials(
-        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
-        root_certificates=certs.client_ca.read_bytes(),
-        require_client_auth=True,
-    )
-    with bare_server(Knobs(), credentials) as target:
+    with injecting_server(Knobs(), certs.server_config(mutual=True)) as target:
         monkeypatch.setenv("PARAMSEL_CA_FILE", str(certs.ca))
         mutual = Connection(target, cert_file=str(certs.client_cert), key_file=str(certs.client_key))
         assert push_values(Client(connection=mutual)) == [-5.0, 3.0]
@@ -185,23 +180,9 @@ def test_target_shortcut_overrides_the_connection_address() -> None:
 
 
 def test_against_the_servers_own_tls_and_tokens(tmp_path: Path) -> None:
-    """End to end with ``create_server``'s mutual TLS and bearer tokens (skipped on a server without)."""
-    from dataclasses import fields
-
-    from paramsel.server import ServerConfig, create_server
-
-    if "tokens" not in {f.name for f in fields(ServerConfig)}:
-        pytest.skip("this server has no TLS / token options")
+    """End to end with ``create_server``'s mutual TLS and bearer tokens."""
     certs = make_certs(tmp_path)
-    config = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        tls_cert_file=str(certs.server_cert),
-        tls_key_file=str(certs.server_key),
-        tls_client_ca_file=str(certs.client_ca),
-        tokens=("server-token",),
-    )
-    running = create_server(config)
+    running = start_server(certs.server_config(mutual=True, tokens=("server-token",)))
     try:
         tls = {
             "ca_file": str(certs.ca),

@@ -3,26 +3,20 @@ and connections cut by a TCP proxy. A retried call ends with the right result or
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from support import serve_process
-from test_client_support import CuttingProxy, free_port
+from support import CuttingProxy, free_port, serve_process, wait_for
 
 import paramsel.client._client as client_module
-from paramsel.client import Client, Connection, ParamselError, PushResult, StatusCode
+from paramsel.client import Client, Connection, ParamselError, PushResult, ScoreFunction, StatusCode, TopK
 from paramsel.server.app import RunningServer
-from paramsel.v1 import criteria_pb2
 
-CRITERION = criteria_pb2.Criterion(
-    top_k=criteria_pb2.TopKCriterion(
-        sparsity_level=0.001, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
-    )
-)
+CRITERION = TopK(0.001, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
 
 
 def model(numel: int) -> dict[str, torch.Tensor]:
@@ -40,7 +34,11 @@ def assert_same(got: PushResult, want: PushResult) -> None:
         assert torch.equal(g, w)
 
 
-def test_push_survives_a_server_killed_mid_upload_and_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow  # two `paramsel serve` processes and a 200 MB model
+def test_push_survives_a_server_killed_mid_upload_and_restarted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="paramsel.client")
     state = model(50_000_000)  # 200 MB of float32
     halfway, killed = threading.Event(), threading.Event()
     attempts: list[int] = []
@@ -76,7 +74,11 @@ def test_push_survives_a_server_killed_mid_upload_and_restarted(monkeypatch: pyt
         proc.kill()
         proc.wait(30)
         killed.set()
-    time.sleep(1.0)
+        # The server stays down until the client has found it gone and is retrying.
+        wait_for(
+            lambda: any(r.name == "paramsel.client" and "retrying" in r.getMessage() for r in caplog.records),
+            what="the client to retry against the killed server",
+        )
     with serve_process("--port", str(port), "--log-level", "WARNING"):
         pusher.join(240)
         assert not pusher.is_alive()

@@ -1,4 +1,4 @@
-"""Deadlines and retries of SDK calls against a real server whose interceptor injects failures."""
+"""Deadlines and retries of SDK calls against the real server, failures injected in front of its chain."""
 
 from __future__ import annotations
 
@@ -6,24 +6,27 @@ import threading
 
 import pytest
 import torch
-from test_client_support import Knobs, bare_server
+from support import Knobs, injecting_server
 
-from paramsel.client import Client, Connection, DynamicLayerExchanger, ParamselError, StatusCode
+from paramsel.client import (
+    Client,
+    Connection,
+    DynamicLayerExchanger,
+    ParamselError,
+    ScoreFunction,
+    StatusCode,
+    TopK,
+)
 from paramsel.client import LayerSelectionFunctionConstructor as Layers
 from paramsel.client._connection import Connection as ConnectionClass
 from paramsel.client._retry import backoff
-from paramsel.v1 import criteria_pb2
 
 FAST = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
 PUSH = "/paramsel.v1.ParameterSelectionService/Push"
 
 
-def criterion(sparsity_level: float) -> criteria_pb2.Criterion:
-    return criteria_pb2.Criterion(
-        top_k=criteria_pb2.TopKCriterion(
-            sparsity_level=sparsity_level, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
-        )
-    )
+def criterion(sparsity_level: float) -> TopK:
+    return TopK(sparsity_level, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
 
 
 MODEL = {"w": torch.arange(1000, dtype=torch.float32) - 300}  # |w| has no ties
@@ -40,14 +43,14 @@ def pushed(client: Client, **kwargs: object) -> list[float]:
 
 def test_unavailable_is_retried_with_the_whole_upload() -> None:
     knobs = Knobs(unavailable_first=2)
-    with bare_server(knobs) as target:
+    with injecting_server(knobs) as target:
         assert pushed(Client(connection=Connection(target, max_attempts=3, **FAST))) == reference()
     assert knobs.calls == [PUSH] * 3
 
 
 def test_the_budget_ends_in_a_clear_error() -> None:
     knobs = Knobs(unavailable_first=100)
-    with bare_server(knobs) as target, pytest.raises(ParamselError) as failed:
+    with injecting_server(knobs) as target, pytest.raises(ParamselError) as failed:
         pushed(Client(connection=Connection(target, max_attempts=4, **FAST)))
     assert failed.value.status == StatusCode.UNAVAILABLE
     assert "gave up after 4 attempt(s)" in failed.value.message
@@ -56,7 +59,7 @@ def test_the_budget_ends_in_a_clear_error() -> None:
 
 def test_invalid_argument_is_not_retried() -> None:
     knobs = Knobs()
-    with bare_server(knobs) as target, pytest.raises(ParamselError) as failed:
+    with injecting_server(knobs) as target, pytest.raises(ParamselError) as failed:
         Client(connection=Connection(target, **FAST)).push(criterion(2.0), MODEL)
     assert failed.value.status == StatusCode.INVALID_ARGUMENT
     assert knobs.calls == [PUSH]
@@ -66,7 +69,7 @@ def test_initial_model_refusal_then_upload_survives_retries() -> None:
     """A restarted server lacks the initial model: the retry names it, is refused, and uploads it."""
     initial = {"w": torch.zeros(1000)}
     knobs = Knobs(unavailable_first=1)
-    with bare_server(knobs) as target:
+    with injecting_server(knobs) as target:
         client = Client(connection=Connection(target, **FAST))
         result = client.push(criterion(0.1), MODEL, initial)
         assert sorted(abs(v) for v in result.arrays[0][1].tolist()) == reference()
@@ -79,7 +82,7 @@ def test_deadline_exceeded_is_reported_and_not_retried() -> None:
     # must give up at its own deadline, while the server still holds it, whatever the machine's load.
     hold = threading.Event()
     knobs = Knobs(hold=hold)
-    with bare_server(knobs) as target:
+    with injecting_server(knobs) as target:
         try:
             with pytest.raises(ParamselError) as failed:
                 pushed(Client(connection=Connection(target, timeout_seconds=0.5, **FAST)))
@@ -98,15 +101,15 @@ def test_the_deadline_covers_the_retries() -> None:
     slow = Connection(
         "", timeout_seconds=2.0, max_attempts=100, initial_backoff_seconds=0.2, max_backoff_seconds=0.2
     )
-    with bare_server(knobs) as target, pytest.raises(ParamselError) as failed:
+    with injecting_server(knobs) as target, pytest.raises(ParamselError) as failed:
         pushed(Client(target=target, connection=slow))
     assert failed.value.status == StatusCode.DEADLINE_EXCEEDED, failed.value
     assert 1 <= len(knobs.calls) <= 21  # each wait is at least 0.1 s of the 2 s
 
 
 def test_connection_reaches_the_drop_in_classes() -> None:
-    knobs = Knobs(unavailable_first=1, token="t")
-    with bare_server(knobs) as target:
+    knobs = Knobs(unavailable_first=1)
+    with injecting_server(knobs, tokens=("t",)) as target:
         connection = Connection(target, token="t", **FAST)
         exchanger = DynamicLayerExchanger(Layers(0.1, 0.5, connection=connection).select_by_percentage())
         model, initial = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import serve_process_logging_to
+from support import serve_process, start_server, wait_for
 
-from paramsel.server import ServerConfig, cli, create_server
+from paramsel.server import ServerConfig, cli
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc
 
 TIMEOUT = 60  # seconds: a generous bound for every wait, never a measure of speed
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def wait_for(condition: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 @pytest.mark.timeout(240)
 def test_get_server_info_is_refused_while_draining() -> None:
     """The finding: GetServerInfo answered OK during the SIGTERM drain. A call in flight keeps the drain
     going while new calls are tried: all but health are refused with UNAVAILABLE."""
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, grace_seconds=TIMEOUT))
+    running = start_server(grace_seconds=TIMEOUT)
     release = threading.Event()
     stopper = threading.Thread(target=running.stop, daemon=True)
     try:
@@ -183,12 +175,13 @@ def test_every_health_flag_is_checked(
     assert reason in err
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("level", "logged"), [("warning", False), ("debug", True)])
 def test_log_levels_are_taken_in_any_case(tmp_path: Path, level: str, logged: bool) -> None:
     log = tmp_path / "serve.log"
     with (
-        serve_process_logging_to(log, "--log-level", level) as (_, target),
+        serve_process("--log-level", level, log=log) as (_, target),
         grpc.insecure_channel(target) as channel,
     ):
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
@@ -196,6 +189,7 @@ def test_log_levels_are_taken_in_any_case(tmp_path: Path, level: str, logged: bo
     assert (" INFO paramsel.server serving on port " in log.read_text()) is logged
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 def test_an_address_that_cannot_be_bound_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     import socket
 

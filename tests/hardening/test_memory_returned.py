@@ -7,16 +7,14 @@ threshold (paramsel.server.memory); the image sets MALLOC_MMAP_THRESHOLD_ as wel
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from support import serve_process_logging_to
+from support import serve_process, wait_for
 
-from paramsel.client import Client, Connection
+from paramsel.client import Client, Connection, ScoreFunction, TopK
 from paramsel.server.memory import ENV, return_freed_memory
-from paramsel.v1 import criteria_pb2
 
 PARAMETERS = 50_000_000
 PUSHES = 12
@@ -29,36 +27,38 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-def _settled_rss_mb(pid: int) -> float:
-    """RSS once the server has been idle for a moment (calls finish their cleanup after answering)."""
-    time.sleep(2)
+def _idle_rss_mb(pid: int, log: Path, pushes: int) -> float:
+    """RSS once the server has logged ``pushes`` Push calls: a call's line is written once its handler
+    has ended and let go of what it held, after its answer has left."""
+    wait_for(
+        lambda: log.read_text(errors="replace").count('"method":"Push"') >= pushes,
+        what=f"{pushes} Push lines in the server's log",
+    )
     return _rss_mb(pid)
 
 
+@pytest.mark.slow  # a `paramsel serve` process given 12 pushes of 50 M parameters
 @pytest.mark.timeout(900)  # ~1 min on 2 idle cores; the bound only catches a hang
 def test_idle_rss_after_12_pushes_of_50m_parameters_stays_within_1_5x(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(ENV, raising=False)  # the server's own setting, not the image's variable
-    criterion = criteria_pb2.Criterion(
-        top_k=criteria_pb2.TopKCriterion(
-            sparsity_level=0.1, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
-        )
-    )
+    criterion = TopK(0.1, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
     # No initial model: nothing is kept in the server's model cache between the pushes, so whatever
     # stays is what the allocator kept.
     generator = torch.Generator().manual_seed(10)
     small = {"w": torch.randn(1000, generator=generator)}
     model = {"w": torch.randn(PARAMETERS, generator=generator)}
-    with serve_process_logging_to(tmp_path / "serve.log") as (proc, target):
+    log = tmp_path / "serve.log"
+    with serve_process(log=log) as (proc, target):
         client = Client(connection=Connection(target, timeout_seconds=600))
         client.push(criterion, small)  # everything a call imports or caches once is in "before"
-        before = _settled_rss_mb(proc.pid)
+        before = _idle_rss_mb(proc.pid, log, 1)
         for _ in range(PUSHES):
             result = client.push(criterion, model)
             # The top 10 % came back, with any entries tied at the threshold (FL4Health sends them all).
             assert PARAMETERS // 10 <= result.arrays[0][1].numel() <= PARAMETERS // 10 + 100
-        after = _settled_rss_mb(proc.pid)
+        after = _idle_rss_mb(proc.pid, log, 1 + PUSHES)
         assert proc.poll() is None
     assert after <= 1.5 * before, f"idle RSS {before:.0f} MB before {PUSHES} pushes, {after:.0f} MB after"
 

@@ -1,12 +1,12 @@
-"""The observability interceptor on a real server: Prometheus figures per call, the /metrics endpoint,
-and exactly one JSON log line per call that never carries a metadata secret."""
+"""The observability interceptor in the real server's chain (``create_server``, its metrics on a registry
+of the test's own): Prometheus figures per call, the /metrics endpoint, and exactly one JSON log line per
+call that never carries a metadata secret."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -16,9 +16,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from support import assert_serving, instrumented_server
+from support import assert_serving, running_server, wait_for
 
-from paramsel.server.observability import start_metrics_http, stop_metrics_http
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, write_frames
 
@@ -40,13 +39,8 @@ class Served:
 
 @pytest.fixture
 def served() -> Iterator[Served]:
-    registry = CollectorRegistry()
-    server, target = instrumented_server(registry, workers=4)
-    try:
-        with grpc.insecure_channel(target) as channel:
-            yield Served(registry, channel)
-    finally:
-        server.stop(0).wait()
+    with running_server() as running, grpc.insecure_channel(running.target) as channel:
+        yield Served(running.registry, channel)
 
 
 def select_frames(level: float, values: list[float]) -> list[Any]:
@@ -121,15 +115,17 @@ def test_other_methods_are_counted_by_name(served: Served) -> None:
     assert served.value("paramsel_selected_entries_total") == 0
 
 
-def test_http_endpoint_serves_the_figures(served: Served) -> None:
-    good_and_bad(served)
-    port = start_metrics_http(0, served.registry)
-    try:
-        assert port > 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
+def test_http_endpoint_serves_the_figures() -> None:
+    """``--metrics-port``: the endpoint serves the figures of the registry the server counts on."""
+    with (
+        running_server(metrics_port=0) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        good_and_bad(Served(running.registry, channel))
+        assert running.metrics_port
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
             text = reply.read().decode()
-    finally:
-        stop_metrics_http(port)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -186,13 +182,6 @@ def test_request_id_is_clipped_and_printable(served: Served, caplog: pytest.LogC
     assert line["request_id"] == "r" * 128
 
 
-def wait_for(condition: Any, seconds: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 DEADLINES = (0.5, 5.0, 30.0)
 """Deadlines tried in turn for a call left to expire: the server must have the upload before it does,
 and a loaded machine can need longer than the first."""
@@ -207,12 +196,10 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.INFO, logger="paramsel.calls")
     held = sum(f.ByteSize() for f in GOOD[:-1])
     for attempt, timeout in enumerate(DEADLINES if how == "deadline" else (TIMEOUT,)):
-        registry = CollectorRegistry()
-        server, target = instrumented_server(registry, workers=4)
         release = threading.Event()
-        try:
-            with grpc.insecure_channel(target) as channel:
-                served = Served(registry, channel)
+        with running_server() as running, grpc.insecure_channel(running.target) as channel:
+            try:
+                served = Served(running.registry, channel)
 
                 def upload(release: threading.Event = release) -> Iterator[Any]:
                     yield from GOOD[:-1]
@@ -256,7 +243,6 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
                 assert served.value("paramsel_inflight_bytes") == 0
                 assert line["bytes_in"] == held
                 return
-        finally:
-            release.set()
-            server.stop(0).wait()
+            finally:
+                release.set()
     pytest.fail(f"the upload never reached the server before the deadline, even with {DEADLINES[-1]} s")

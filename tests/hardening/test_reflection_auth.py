@@ -5,7 +5,6 @@ wait is bounded generously, none measures speed."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import start_server, wait_for
 
-from paramsel.server import ServerConfig, create_server
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import write_frames
 
@@ -72,15 +71,6 @@ class IdleReflection:
         return self.error
 
 
-def _any_answered(streams: list[IdleReflection], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(stream.answered.is_set() for stream in streams):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def health_check(channel: grpc.Channel) -> int:
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
     return int(reply.status)
@@ -91,7 +81,7 @@ def test_unauthenticated_reflection_streams_delay_neither_push_nor_health() -> N
     """The finding: with a token configured and reflection on, 20 idle reflection streams without a
     token took every worker; authenticated Pushes and the health check timed out. Now they are refused
     with UNAUTHENTICATED, and the server goes on serving while they are held open."""
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, tokens=(TOKEN,)))
+    running = start_server(tokens=(TOKEN,))
     assert running.config.reflection
     assert running.config.max_workers == STREAMS
     idle: list[IdleReflection] = []
@@ -127,14 +117,14 @@ def test_busy_reflection_streams_leave_health_and_paramsel_their_threads() -> No
     """Without a token anyone may use reflection: 20 reflection streams that each got an answer and then
     sit idle (their handlers blocked waiting for the next request) neither delay a health check nor
     take the workers a Push needs."""
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, progress_timeout_seconds=TIMEOUT * 2))
+    running = start_server(progress_timeout_seconds=TIMEOUT * 2)
     idle: list[IdleReflection] = []
     try:
         with grpc.insecure_channel(running.target) as others, grpc.insecure_channel(running.target) as client:
             idle = [IdleReflection(others, ask=True) for _ in range(STREAMS)]
             # Reflection is served: whichever streams reached its threads first are answered (the others
             # queue for them, in no set order).
-            assert _any_answered(idle, TIMEOUT)
+            wait_for(lambda: any(stream.answered.is_set() for stream in idle), what="a reflection answer")
             assert health_check(client) == health_pb2.HealthCheckResponse.SERVING
             stub = service_pb2_grpc.ParameterSelectionServiceStub(client)
             reply = list(stub.Push(iter(push_frames()), timeout=TIMEOUT))

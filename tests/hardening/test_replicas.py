@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from contextlib import ExitStack
 
 import numpy as np
+import pytest
 import torch
-from support import Output, serve_process
+from support import Output, serve_process, wait_for
 from torch import nn
 
 from paramsel.client import Connection, SparseCooParameterExchanger, largest_magnitude_change_scores
+
+pytestmark = pytest.mark.slow  # three `paramsel serve` processes
 
 
 def _calls(output: Output) -> int:
@@ -25,17 +27,10 @@ def _calls(output: Output) -> int:
 
 
 def _settled_calls(outputs: list[Output], total: int) -> list[int]:
-    """Calls per replica once ``total`` have been logged.
-
-    A replica writes its call line after the reply has left, and a thread drains its pipe, so the
-    last line can reach ``outputs`` a moment after the client has its answer.
-    """
-    deadline = time.monotonic() + 60  # returns as soon as the lines are in: only a bound
-    counts = [_calls(out) for out in outputs]
-    while sum(counts) < total and time.monotonic() < deadline:
-        time.sleep(0.05)
-        counts = [_calls(out) for out in outputs]
-    return counts
+    """Calls per replica once ``total`` have been logged: a replica writes its call line after the reply
+    has left, so the last line can reach its log a moment after the client has its answer."""
+    wait_for(lambda: sum(_calls(out) for out in outputs) >= total, what=f"{total} call lines")
+    return [_calls(out) for out in outputs]
 
 
 def test_round_robin_spreads_calls_and_survives_a_lost_replica() -> None:

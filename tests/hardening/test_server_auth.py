@@ -12,8 +12,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import start_server
 
-from paramsel.server import ServerConfig, cli, create_server
+from paramsel.server import cli
 from paramsel.server.app import RunningServer
 from paramsel.server.security import ConfigError, load_tokens
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
@@ -60,7 +61,7 @@ def call(channel: grpc.Channel, method: str, metadata: tuple[tuple[str, str], ..
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[tuple[RunningServer, grpc.Channel]]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, tokens=(TOKEN, OTHER)))
+    running = start_server(tokens=(TOKEN, OTHER))
     with grpc.insecure_channel(running.target) as channel:
         yield running, channel
     running.stop(0)

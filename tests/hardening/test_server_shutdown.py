@@ -3,17 +3,19 @@ finishes within the grace, exit 0. A real process on a port it picks."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import serve_process
+from support import scrape, serve_process, wait_for
 
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import write_frames
@@ -37,10 +39,19 @@ def health_status(channel: grpc.Channel) -> int:
     return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status)
 
 
+@pytest.mark.slow  # a `paramsel serve` process
 @pytest.mark.timeout(120)
-def test_sigterm_drains_then_exits_zero() -> None:
+def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
     frames = select_frames(4 << 20)  # 16 MiB in 16 chunks
-    with serve_process("--grace-seconds", "60") as (proc, target), grpc.insecure_channel(target) as channel:
+    first_half = sum(frame.ByteSize() for frame in frames[: len(frames) // 2])
+    log = tmp_path / "serve.log"
+    with (
+        serve_process("--grace-seconds", "60", "--metrics-port", "0", log=log) as (proc, target),
+        grpc.insecure_channel(target) as channel,
+    ):
+        found = re.search(r"metrics port=(\d+)", log.read_text())
+        assert found is not None, log.read_text()
+        metrics_port = int(found.group(1))
         stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         halfway = threading.Event()
@@ -65,12 +76,15 @@ def test_sigterm_drains_then_exits_zero() -> None:
         thread.start()
         try:
             assert halfway.wait(TIMEOUT)
-            time.sleep(0.3)  # the first half reaches the server
+            wait_for(
+                lambda: scrape(metrics_port, "paramsel_received_bytes_total", method="Select") >= first_half,
+                what="the first half of the upload to reach the server",
+            )
             proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + TIMEOUT
-            while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health never went NOT_SERVING"
-                time.sleep(0.05)
+            wait_for(
+                lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                what="health to go NOT_SERVING",
+            )
             with grpc.insecure_channel(target) as fresh:
                 new_stub = service_pb2_grpc.ParameterSelectionServiceStub(fresh)
                 with pytest.raises(grpc.RpcError) as refused:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import running_server
 
-from paramsel.server import ServerConfig, cli, create_server
+from paramsel.server import ServerConfig, cli
 
 
 def config(*flags: str) -> ServerConfig:
@@ -38,27 +40,20 @@ def test_reflection_flags() -> None:
 
 @pytest.mark.parametrize("reflection", [True, False])
 def test_reflection_served_or_not(reflection: bool) -> None:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, reflection=reflection))
-    try:
+    with running_server(reflection=reflection) as running:
         if reflection:
             assert "paramsel.v1.ParameterSelectionService" in reflected_services(running.target)
         else:
             with pytest.raises(grpc.RpcError) as err:
                 reflected_services(running.target)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        running.stop(0)
 
 
 @pytest.mark.usefixtures("no_tokens")
 def test_limit_flags_and_defaults() -> None:
-    defaults = config()
-    assert defaults.max_concurrent_calls == 16  # 8 clients at once (issue 3) fit with room to spare
-    assert defaults.max_inflight_bytes == 12 << 30
-    assert defaults.max_tensors_per_call == 100_000
-    assert defaults.max_elements_per_tensor == 2**31
-    assert defaults.max_concurrent_calls < defaults.max_workers
-    assert defaults.metrics_port is None
+    # No flags: exactly the library's defaults, so `paramsel serve` and create_server(ServerConfig())
+    # serve alike (the flags take their defaults from ServerConfig, not from copies of its values).
+    assert config() == ServerConfig()
     custom = config(
         "--max-concurrent-calls",
         "2",
@@ -88,13 +83,29 @@ def test_serve_reports_unusable_settings_and_exits_2(
     assert "token file" in capsys.readouterr().err
 
 
+def test_the_embedded_server_serves_no_reflection() -> None:
+    """The SDK's in-process server (no target given) lives inside the user's training process: it
+    answers paramsel calls and health checks, but does not describe itself to whoever connects."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from paramsel.client._target import embedded_target
+
+    target = embedded_target()
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        reflected_services(target)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_metrics_port_serves_prometheus_metrics() -> None:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0))
-    try:
+    with running_server(metrics_port=0) as running:
         assert running.metrics_port
         url = f"http://127.0.0.1:{running.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
             assert reply.status == 200
             assert b"paramsel_" in reply.read()
-    finally:
-        running.stop(0)
+    # Stopped with the server: the port no longer answers.
+    with pytest.raises(urllib.error.URLError, match="refused"):
+        urllib.request.urlopen(url, timeout=10)

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
-from support import serve_process_logging_to
+from support import Certs, make_certs, serve_process, start_server
 
 from paramsel.client import Client, Connection, ParamselError, StatusCode
 from paramsel.client._tls_probe import (
@@ -29,7 +28,6 @@ from paramsel.client._tls_probe import (
     SERVER_SPEAKS_PLAINTEXT,
     SERVER_SPEAKS_TLS,
 )
-from paramsel.server import ServerConfig, create_server
 from paramsel.server.app import RunningServer
 
 _SCRIPT = shutil.which("paramsel", path=str(Path(sys.executable).parent))
@@ -43,64 +41,30 @@ _SDK_ENV = (
 )
 
 
-class Files:
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """A server CA and certificate (for "localhost" and 127.0.0.1), a client CA, a client certificate
     it signed, and one from a CA the server does not know, as PEM files."""
-
-    def __init__(self, root: Path) -> None:
-        ca, client_ca, stranger = trustme.CA(), trustme.CA(), trustme.CA()
-        self.ca = root / "ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca))
-        self.other_ca = root / "other-ca.pem"
-        stranger.cert_pem.write_to_path(str(self.other_ca))
-        self.client_ca = root / "client-ca.pem"
-        client_ca.cert_pem.write_to_path(str(self.client_ca))
-        self.cert, self.key = self._issue(ca, root / "server", "localhost", "127.0.0.1")
-        self.client_cert, self.client_key = self._issue(client_ca, root / "client", "client.example")
-        self.stranger_cert, self.stranger_key = self._issue(stranger, root / "stranger", "client.example")
-
-    @staticmethod
-    def _issue(ca: trustme.CA, stem: Path, *names: str) -> tuple[Path, Path]:
-        issued = ca.issue_cert(*names)
-        cert, key = stem.with_suffix(".pem"), stem.with_suffix(".key")
-        for blob in issued.cert_chain_pems:
-            blob.write_to_path(str(cert), append=True)
-        issued.private_key_pem.write_to_path(str(key))
-        return cert, key
-
-    def config(self, *, mutual: bool = False, tokens: tuple[str, ...] = ()) -> ServerConfig:
-        return ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls_cert_file=str(self.cert),
-            tls_key_file=str(self.key),
-            tls_client_ca_file=str(self.client_ca) if mutual else None,
-            tokens=tokens,
-        )
+    return make_certs(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
-    return Files(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tls_server(files: Files) -> Iterator[RunningServer]:
-    running = create_server(files.config())
+def tls_server(files: Certs) -> Iterator[RunningServer]:
+    running = start_server(files.server_config())
     yield running
     running.stop(0)
 
 
 @pytest.fixture(scope="module")
-def mtls_server(files: Files) -> Iterator[RunningServer]:
-    running = create_server(files.config(mutual=True))
+def mtls_server(files: Certs) -> Iterator[RunningServer]:
+    running = start_server(files.server_config(mutual=True))
     yield running
     running.stop(0)
 
 
 @pytest.fixture(scope="module")
 def plain_server() -> Iterator[RunningServer]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0))
+    running = start_server()
     yield running
     running.stop(0)
 
@@ -125,13 +89,13 @@ def _refusal(connection: Connection, caplog: pytest.LogCaptureFixture) -> Params
 # --- the SDK -----------------------------------------------------------------------------------------
 
 
-def test_a_good_tls_connection_is_served(files: Files, tls_server: RunningServer) -> None:
+def test_a_good_tls_connection_is_served(files: Certs, tls_server: RunningServer) -> None:
     info = Client(connection=Connection(tls_server.target, ca_file=str(files.ca))).server_info()
     assert info.api_package == "paramsel.v1"
 
 
 def test_a_client_certificate_the_server_refuses_fails_at_once(
-    files: Files, mtls_server: RunningServer, caplog: pytest.LogCaptureFixture
+    files: Certs, mtls_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     connection = Connection(
         mtls_server.target,
@@ -147,14 +111,14 @@ def test_a_client_certificate_the_server_refuses_fails_at_once(
 
 
 def test_no_client_certificate_for_a_mutual_tls_server_fails_at_once(
-    files: Files, mtls_server: RunningServer, caplog: pytest.LogCaptureFixture
+    files: Certs, mtls_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     error = _refusal(Connection(mtls_server.target, ca_file=str(files.ca), max_attempts=5), caplog)
     assert error.reason == CLIENT_CERTIFICATE_REQUIRED
     assert "requires a client certificate" in error.message
 
 
-def test_the_right_client_certificate_is_served(files: Files, mtls_server: RunningServer) -> None:
+def test_the_right_client_certificate_is_served(files: Certs, mtls_server: RunningServer) -> None:
     connection = Connection(
         mtls_server.target,
         ca_file=str(files.ca),
@@ -173,7 +137,7 @@ def test_plaintext_to_a_tls_server_fails_at_once(
 
 
 def test_tls_to_a_plaintext_server_fails_at_once(
-    files: Files, plain_server: RunningServer, caplog: pytest.LogCaptureFixture
+    files: Certs, plain_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     error = _refusal(Connection(plain_server.target, ca_file=str(files.ca), max_attempts=5), caplog)
     assert error.reason == SERVER_SPEAKS_PLAINTEXT
@@ -181,7 +145,7 @@ def test_tls_to_a_plaintext_server_fails_at_once(
 
 
 def test_an_untrusted_server_certificate_fails_at_once(
-    files: Files, tls_server: RunningServer, caplog: pytest.LogCaptureFixture
+    files: Certs, tls_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     error = _refusal(Connection(tls_server.target, ca_file=str(files.other_ca), max_attempts=5), caplog)
     assert error.reason == SERVER_CERTIFICATE_UNTRUSTED
@@ -189,7 +153,7 @@ def test_an_untrusted_server_certificate_fails_at_once(
 
 
 def test_a_server_that_is_down_is_still_retried(caplog: pytest.LogCaptureFixture) -> None:
-    stopped = create_server(ServerConfig(host="127.0.0.1", port=0))
+    stopped = start_server()
     target = stopped.target
     stopped.stop(0)
     caplog.set_level(logging.INFO, logger="paramsel.client")
@@ -218,7 +182,7 @@ def _health(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def tls_process(files: Files, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def tls_process(files: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`paramsel serve` as the README's TLS production command runs it, with a token required."""
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text("s3cret-token\n")
@@ -227,23 +191,25 @@ def tls_process(files: Files, tmp_path_factory: pytest.TempPathFactory) -> Itera
     args = (
         "--production",
         "--tls-cert",
-        str(files.cert),
+        str(files.server_cert),
         "--tls-key",
-        str(files.key),
+        str(files.server_key),
         "--token-file",
         str(tokens),
     )
-    with serve_process_logging_to(log, *args) as (_proc, target):
+    with serve_process(*args, log=log) as (_proc, target):
         yield target
 
 
-def test_health_reports_serving_for_a_tls_server_given_its_ca(files: Files, tls_process: str) -> None:
+@pytest.mark.slow  # a `paramsel serve` process (tls_process)
+def test_health_reports_serving_for_a_tls_server_given_its_ca(files: Certs, tls_process: str) -> None:
     result = _health("--target", tls_process, "--ca-file", str(files.ca))
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "SERVING", "")
 
 
+@pytest.mark.slow  # a `paramsel serve` process (tls_process)
 def test_health_takes_the_sdk_environment_as_the_image_healthcheck_does(
-    files: Files, tls_process: str
+    files: Certs, tls_process: str
 ) -> None:
     """The Dockerfile's HEALTHCHECK has no TLS flags: the container's environment gives them. The probe
     dials 127.0.0.1; PARAMSEL_TLS_SERVER_NAME names the host the certificate was issued for."""
@@ -253,6 +219,7 @@ def test_health_takes_the_sdk_environment_as_the_image_healthcheck_does(
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result
 
 
+@pytest.mark.slow  # a `paramsel serve` process (tls_process)
 def test_health_says_when_the_server_speaks_tls_and_the_probe_does_not(tls_process: str) -> None:
     result = _health("--target", tls_process)
     assert result.returncode == 1
@@ -260,7 +227,8 @@ def test_health_says_when_the_server_speaks_tls_and_the_probe_does_not(tls_proce
     assert "speaks TLS" in result.stderr
 
 
-def test_health_says_when_the_server_certificate_is_untrusted(files: Files, tls_process: str) -> None:
+@pytest.mark.slow  # a `paramsel serve` process (tls_process)
+def test_health_says_when_the_server_certificate_is_untrusted(files: Certs, tls_process: str) -> None:
     result = _health("--target", tls_process, "--ca-file", str(files.other_ca))
     assert result.returncode == 1
     assert result.stdout.strip() == "TLS_ERROR"
@@ -268,7 +236,7 @@ def test_health_says_when_the_server_certificate_is_untrusted(files: Files, tls_
 
 
 def test_health_probes_a_mutual_tls_server_with_a_client_certificate(
-    files: Files, mtls_server: RunningServer
+    files: Certs, mtls_server: RunningServer
 ) -> None:
     flags = ("--target", mtls_server.target, "--ca-file", str(files.ca))
     refused = _health(*flags)

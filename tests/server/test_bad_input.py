@@ -16,9 +16,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import assert_serving
+from reserved import reserved_bytes
+from support import assert_serving, start_server
 
-from paramsel.server import ServerConfig, create_server
+from paramsel.server import inbound
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import chunk_frames
 from paramsel.wire.streams import SparseOut, read_frames, write_frames
@@ -556,7 +557,7 @@ def test_message_over_grpc_limit(channel: grpc.Channel) -> None:
 
 @pytest.fixture(scope="module")
 def small_channel() -> Iterator[grpc.Channel]:
-    running = create_server(ServerConfig(host="127.0.0.1", port=0, max_call_bytes=1024))
+    running = start_server(max_call_bytes=1024)
     try:
         with grpc.insecure_channel(running.target) as ch:
             yield ch
@@ -580,8 +581,32 @@ def test_call_over_the_byte_limit(small_channel: grpc.Channel, rpc: str, frames:
     expect(small_channel, rpc, frames, EXHAUSTED, ("more than 1024 bytes",))
 
 
-def test_call_at_the_byte_limit(small_channel: grpc.Channel) -> None:
-    assert call(Stub(small_channel), "Select", select(model={"a": torch.ones(256)}))  # exactly 1024 bytes
+def test_call_at_the_byte_limit() -> None:
+    """A Select counts its upload and everything it computes: a server whose limit is exactly that
+    serves it; one byte less refuses it, once the last of it (the answer's positions) is reserved."""
+    frames = select(model={"a": torch.ones(256)})  # top-k 0.5 by |w|: all 256 entries tie at 1.0
+    needed = (
+        1024  # the upload: 256 float32
+        + inbound.TENSOR_OVERHEAD_BYTES  # the objects the server keeps for 'a'
+        + 1024  # its scores (float32)
+        + 1024  # the k-th search: every score joined and partitioned (fewer than 2**20: no sample)
+        + 256 * (8 + 4)  # the selected entries (the ties included): int64 positions and values
+        + 256 * 8  # their positions encoded as (256, 1) int64 COO
+    )
+    assert reserved_bytes("Select", frames) == needed == 16384
+    for limit in (needed, needed - 1):
+        running = start_server(max_call_bytes=limit)
+        try:
+            with grpc.insecure_channel(running.target) as ch:
+                if limit == needed:
+                    assert call(Stub(ch), "Select", frames)
+                else:
+                    expect(
+                        ch, "Select", frames, EXHAUSTED, ("tensor 'a'", f"{needed} bytes in all", str(limit))
+                    )
+                assert running.limits.inflight_bytes == 0
+        finally:
+            running.stop(0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import torch
 
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import (
+    DEFAULT_CHUNK_SIZE_BYTES,
     DTYPES,
+    MAX_CHUNK_SIZE_BYTES,
     decode_positions,
     dtype_from_proto,
     dtype_to_proto,
@@ -21,6 +23,21 @@ MODEL = tensor_pb2.SECTION_MODEL
 RESULT = tensor_pb2.SECTION_RESULT
 COO = tensor_pb2.POSITION_ENCODING_COO_INT64
 FLAT = tensor_pb2.POSITION_ENCODING_FLAT_INT64
+GRPC_DEFAULT_MAX_MESSAGE = 4 << 20  # what a gRPC channel or server receives unless told otherwise
+
+
+def test_the_largest_chunk_frame_fits_grpcs_default_message_limit() -> None:
+    """Chunk sizes up to the maximum are what lets any gRPC client, with its default limits, read every
+    answer: a response frame of the largest chunk, at the largest offset, is under gRPC's 4 MiB."""
+    assert 0 < DEFAULT_CHUNK_SIZE_BYTES <= MAX_CHUNK_SIZE_BYTES
+    for response in (
+        service_pb2.SelectResponse,
+        service_pb2.PushResponse,
+        service_pb2.PullResponse,
+        service_pb2.AggregateResponse,
+    ):
+        chunk = tensor_pb2.Chunk(section=RESULT, offset_bytes=2**63 - 1, data=bytes(MAX_CHUNK_SIZE_BYTES))
+        assert response(chunk=chunk).ByteSize() < GRPC_DEFAULT_MAX_MESSAGE, response.__name__
 
 
 def test_dtype_table_is_the_contract() -> None:

@@ -19,6 +19,6 @@ def embedded_target() -> str:
         if _embedded is None:
             from paramsel.server import ServerConfig, create_server  # the server only when needed
 
-            _embedded = create_server(ServerConfig(host="127.0.0.1", port=0))
+            _embedded = create_server(ServerConfig(host="127.0.0.1", port=0, reflection=False))
             atexit.register(_embedded.stop, 0)
         return str(_embedded.target)

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from paramsel.server import observability
 from paramsel.server.admission import Admission
@@ -112,7 +113,8 @@ def health_handlers(
 
 
 class RunningServer:
-    """A started server: its bound port, health servicer and call limits, and a graceful ``stop``."""
+    """A started server: its bound port, health servicer, call limits and metrics registry, and a graceful
+    ``stop``."""
 
     def __init__(
         self,
@@ -125,6 +127,7 @@ class RunningServer:
         *,
         admission: Admission | None = None,
         pools: tuple[futures.ThreadPoolExecutor, ...] = (),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -133,6 +136,8 @@ class RunningServer:
         self.limits = limits or CallLimits(limits_of(config))
         self.metrics_port = metrics_port
         self.admission = admission
+        # Where this server's paramsel_* metrics are counted, and what its /metrics endpoint serves.
+        self.registry = REGISTRY if registry is None else registry
         self._pools = pools  # health's and reflection's, shut down with the server
 
     @property
@@ -166,8 +171,21 @@ class RunningServer:
             observability.stop_metrics_http(self.metrics_port)
 
 
-def create_server(config: ServerConfig | None = None) -> RunningServer:
+def create_server(
+    config: ServerConfig | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    extra_interceptors: Sequence[grpc.ServerInterceptor] = (),  # type: ignore[type-arg]
+) -> RunningServer:
     """Builds, binds and starts a server; with ``port=0`` the returned ``port`` is the one picked.
+
+    ``registry``: the Prometheus registry its metrics are counted on and its /metrics endpoint (when
+    ``config.metrics_port`` asks for one) serves; None, as ``paramsel serve`` runs, is prometheus_client's
+    process-wide one. A server with a registry of its own counts only its own calls there.
+
+    ``extra_interceptors`` run before paramsel's own chain (metrics and the call log, the token check,
+    admission), outermost first: they see every call, those the chain goes on to refuse included. Empty,
+    as ``paramsel serve`` runs; tests inject faults with them.
 
     Raises ValueError (a ConfigError) for TLS files that cannot be used and OSError when the address
     cannot be bound (or the metrics port, when one is asked for)."""
@@ -180,10 +198,13 @@ def create_server(config: ServerConfig | None = None) -> RunningServer:
         max_workers=REFLECTION_THREADS, thread_name_prefix="paramsel-reflection"
     )
     admission = Admission(config.progress_timeout_seconds, config.max_calls_per_peer, aside_pool)
-    # Outermost first. Every paramsel.v1 call is counted and logged (one JSON line on logger
-    # paramsel.calls), refusals included; then the token, if any; then admission (drain, calls per
-    # address, the progress timeout), which only calls that carry a good token reach.
-    interceptors: list[grpc.ServerInterceptor] = [observability.interceptor(None)]  # type: ignore[type-arg]
+    # Outermost first, after any extra ones. Every paramsel.v1 call is counted and logged (one JSON line
+    # on logger paramsel.calls), refusals included; then the token, if any; then admission (drain, calls
+    # per address, the progress timeout), which only calls that carry a good token reach.
+    interceptors: list[grpc.ServerInterceptor] = [  # type: ignore[type-arg]
+        *extra_interceptors,
+        observability.interceptor(registry),
+    ]
     if config.tokens:
         interceptors.append(TokenAuthInterceptor(config.tokens))
     interceptors.append(admission)
@@ -216,7 +237,7 @@ def create_server(config: ServerConfig | None = None) -> RunningServer:
         # On the server's own address, and only once the gRPC port is bound, so that nothing is left
         # serving when that fails.
         try:
-            metrics_port = observability.start_metrics_http(config.metrics_port, addr=config.host)
+            metrics_port = observability.start_metrics_http(config.metrics_port, registry, addr=config.host)
         except OSError:
             server.stop(0)
             for pool in (health_pool, aside_pool):
@@ -246,6 +267,7 @@ def create_server(config: ServerConfig | None = None) -> RunningServer:
         metrics_port,
         admission=admission,
         pools=(health_pool, aside_pool),
+        registry=registry,
     )
 
 
