@@ -2,17 +2,26 @@
 
 The JavaScript client loads proto/ itself, streams a model in chunks, decodes Elias-Fano and bitmap
 positions and dense tensors, computes the expected selections on its own and exits non-zero on any
-mismatch (docs/clients.md is what it was written from).
+mismatch (docs/clients.md is what it was written from). It also checks the rules the proto states for
+Aggregate, Pull and top-k, and writes out the contributions it aggregated and the answers it got: this
+test aggregates the same contributions with the Python SDK, in another order, and the bytes must be
+identical - the server, not the caller, puts them in FL4Health's order.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from support import Output, serve_process
+
+from paramsel.client import aggregate_layers, aggregate_sparse_coo
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "examples" / "node"
@@ -41,18 +50,94 @@ def _install_dependencies() -> None:
     assert done.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{done.stdout}\n{done.stderr}"
 
 
-def test_node_client_selects_and_decodes_against_a_real_server() -> None:
+_DTYPES = {"DATA_TYPE_FLOAT32": np.float32, "DATA_TYPE_FLOAT64": np.float64}
+
+
+def _values(tensor: dict[str, Any]) -> np.ndarray:
+    values = np.frombuffer(bytes.fromhex(tensor["values"]), _DTYPES[tensor["dtype"]]).copy()
+    return values if "coords" in tensor else values.reshape(tensor["shape"])
+
+
+def _sparse_results(emitted: dict[str, Any]) -> list[tuple[list[np.ndarray], int]]:
+    """The Node client's sparse contributions as FL4Health's packed lists, in the order it made them."""
+    results = []
+    for contribution in emitted["contributions"]:
+        tensors = contribution["tensors"]
+        packed = [
+            *(_values(t) for t in tensors),
+            *(np.array(t["coords"], np.int64).reshape(len(t["coords"]), len(t["shape"])) for t in tensors),
+            *(np.array(t["shape"], np.int64) for t in tensors),
+            np.array([t["name"] for t in tensors]),
+        ]
+        results.append((packed, int(contribution["num_examples"])))
+    return results
+
+
+def _layer_results(emitted: dict[str, Any]) -> list[tuple[list[np.ndarray], int]]:
+    return [
+        (
+            [*(_values(t) for t in c["tensors"]), np.array([t["name"] for t in c["tensors"]])],
+            int(c["num_examples"]),
+        )
+        for c in emitted["contributions"]
+    ]
+
+
+def _summed_in(results: list[tuple[list[np.ndarray], int]], order: list[int]) -> dict[str, bytes]:
+    """FedAvg of the sparse results summed in ``order`` as given: what a server that did not sort gives."""
+    sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, int] = {}
+    for index in order:
+        packed, count = results[index]
+        n = (len(packed) - 1) // 3
+        for j in range(n):
+            name, shape = str(packed[-1][j]), tuple(int(d) for d in packed[2 * n + j])
+            values = torch.from_numpy(packed[j])
+            coords = tuple(torch.from_numpy(packed[n + j]).T)
+            dense = torch.zeros(shape, dtype=values.dtype).index_put_(coords, values, accumulate=True) * count
+            sums[name] = dense if name not in sums else torch.add(sums[name], dense)
+            totals[name] = totals.get(name, 0) + count
+    return {name: (total / totals[name]).numpy().tobytes() for name, total in sums.items()}
+
+
+def _check_same_bytes_as_the_sdk(emitted: dict[str, Any], target: str) -> None:
+    sparse = emitted["sparse"]
+    results = _sparse_results(sparse)
+    # The contributions are order-sensitive: summed as sent, and in the reverse order, they differ.
+    order = sparse["sent_order"]
+    assert order != sorted(order)
+    assert _summed_in(results, order) != _summed_in(results, order[::-1])
+    packed = aggregate_sparse_coo(results, target=target)  # the SDK, in the order they were made
+    n = (len(packed) - 1) // 3
+    assert packed[-1].tolist() == [a["name"] for a in sparse["answer"]]
+    for i, answer in enumerate(sparse["answer"]):
+        assert packed[i].dtype == _DTYPES[answer["dtype"]], answer["name"]
+        assert packed[i].tobytes().hex() == answer["values"], answer["name"]
+        assert packed[n + i].astype(np.int64).tobytes().hex() == answer["positions"], answer["name"]
+        assert packed[2 * n + i].tolist() == answer["shape"], answer["name"]
+    layers = emitted["layers"]
+    packed = aggregate_layers(_layer_results(layers), target=target)
+    assert packed[-1].tolist() == [a["name"] for a in layers["answer"]]
+    for array, answer in zip(packed[:-1], layers["answer"], strict=True):
+        assert array.dtype == _DTYPES[answer["dtype"]], answer["name"]
+        assert array.tobytes().hex() == answer["values"], answer["name"]
+
+
+def test_node_client_selects_and_decodes_against_a_real_server(tmp_path: Path) -> None:
     assert NODE is not None
     _install_dependencies()
     output = Output()
+    emitted = tmp_path / "aggregate.json"
     with serve_process(output=output) as (_, target):
         run = subprocess.run(
-            [NODE, str(NODE_DIR / "client.js"), "--target", target],
+            [NODE, str(NODE_DIR / "client.js"), "--target", target, "--emit", str(emitted)],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
+        if run.returncode == 0:
+            _check_same_bytes_as_the_sdk(json.loads(emitted.read_text()), target)
     report = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert run.returncode == 0, report
     lines = run.stdout.strip().splitlines()
@@ -62,3 +147,16 @@ def test_node_client_selects_and_decodes_against_a_real_server() -> None:
     assert any("ELIAS_FANO and POSITION_ENCODING_BITMAP" in line for line in lines), report
     assert any("INVALID_ARGUMENT" in line and "sparsity_level" in line for line in lines), report
     assert any("INITIAL_MODEL_NOT_HELD" in line for line in lines), report
+    # The rules of Aggregate, Pull and top-k were exercised, not skipped.
+    for rule in (
+        "aggregate sparse: orders",
+        "aggregate layers: orders",
+        "aggregate ties:",
+        "aggregate COMPACT: tie POSITION_ENCODING_ELIAS_FANO",
+        "k = ceil(100 x 0.07) in double = 8",
+        "pull replace: every named tensor",
+        "pull scatter: repeats summed",
+    ):
+        assert any(line.startswith("ok") and rule in line for line in lines), (
+            f"{rule!r} not checked\n{report}"
+        )

@@ -4,13 +4,22 @@
 //
 //   node client.js --target 127.0.0.1:50051
 //
+//   node client.js --target 127.0.0.1:50051 --emit aggregate.json
+//
 // It builds a small model and an initial model, streams both to Select (top-k, COMPACT positions),
 // decodes the sparse reply (Elias-Fano and bitmap positions), then a layer selection that names the
 // initial model by digest only, and one bad request; every answer is checked against what this script
-// computes itself. Exit status 0 only when every check passed.
+// computes itself. Then the rules the proto states for Aggregate, Pull and top-k: the same
+// contributions sent in different orders aggregate to the same bytes (the server sorts them as
+// FL4Health does; with --emit, the contributions and the answers are written out, in the order they
+// were generated, so that tests/test_node_client.py can aggregate them with the Python SDK and compare
+// the bytes), ties in the sort key keep arrival order, COMPACT ties go to ELIAS_FANO, k = ceil(N x s)
+// in double, scatter sums duplicate positions and replaces, Pull returns every named tensor.
+// Exit status 0 only when every check passed.
 'use strict';
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -36,8 +45,8 @@ function loadService() {
 
 // Number of the DataType enum (the digest hashes it), item size, and a little-endian reader per dtype.
 const DTYPES = {
-  DATA_TYPE_FLOAT32: { number: 1, size: 4, read: (v, o) => v.getFloat32(o, true) },
-  DATA_TYPE_FLOAT64: { number: 2, size: 8, read: (v, o) => v.getFloat64(o, true) },
+  DATA_TYPE_FLOAT32: { number: 1, size: 4, read: (v, o) => v.getFloat32(o, true), write: (b, x, o) => b.writeFloatLE(x, o) },
+  DATA_TYPE_FLOAT64: { number: 2, size: 8, read: (v, o) => v.getFloat64(o, true), write: (b, x, o) => b.writeDoubleLE(x, o) },
   DATA_TYPE_INT64: { number: 5, size: 8, read: (v, o) => v.getBigInt64(o, true) },
   DATA_TYPE_INT32: { number: 6, size: 4, read: (v, o) => v.getInt32(o, true) },
 };
@@ -67,9 +76,10 @@ function prng(seed) {
 
 // A tensor: { name, dtype, shape, values (Float32Array or BigInt64Array), bytes (Buffer, LE row-major) }.
 function tensor(name, dtype, shape, values) {
-  const bytes = Buffer.alloc(values.length * DTYPES[dtype].size);
+  const { size, write } = DTYPES[dtype];
+  const bytes = Buffer.alloc(values.length * size);
   values.forEach((x, i) => {
-    if (dtype === 'DATA_TYPE_FLOAT32') bytes.writeFloatLE(x, 4 * i);
+    if (write) write(bytes, x, size * i);
     else bytes.writeBigInt64LE(x, 8 * i);
   });
   return { name, dtype, shape, values, bytes };
@@ -438,10 +448,242 @@ async function unknownDigest(client, model) {
   }
 }
 
+// --- Aggregate, Pull and top-k rules (proto: Aggregate, PullMode, TopKCriterion, PositionEncoding) --------
+
+// A sparse tensor to send with COO_INT64 positions: values in `dtype`, flat positions in any order
+// (repeats allowed), written as (nnz, ndim) int64 coordinates.
+function coo(name, dtype, shape, values, flat) {
+  const strides = shape.map((_, d) => numelOf(shape.slice(d + 1)));
+  const coords = flat.map((p) => strides.map((s, d) => Math.floor(p / s) % shape[d]));
+  const positions = Buffer.alloc(8 * flat.length * shape.length);
+  coords.flat().forEach((c, i) => positions.writeBigInt64LE(BigInt(c), 8 * i));
+  const t = tensor(name, dtype, shape, values);
+  return { ...t, flat, coords, positions };
+}
+
+const sparseSpecOf = (t) => ({
+  name: t.name,
+  dtype: t.dtype,
+  shape: t.shape.map(String),
+  nnz: String(t.values.length),
+  position_encoding: 'POSITION_ENCODING_COO_INT64',
+  positions_size_bytes: String(t.positions.length),
+});
+
+// Chunks of one section's bytes.
+function* chunks(section, data, size = REQUEST_CHUNK_BYTES) {
+  for (let offset = 0; offset < data.length; offset += size) {
+    yield { chunk: { section, offset_bytes: String(offset), data: data.subarray(offset, offset + size) } };
+  }
+}
+
+// An Aggregate request: start, then per contribution its frame and its manifest, then SECTION_PAYLOAD:
+// every contribution's tensors in declaration order (sparse: values, then positions).
+function* aggregateFrames(kind, contributions, options = {}) {
+  yield {
+    start: {
+      payload_kind: kind,
+      weighted: options.weighted !== false,
+      position_encoding: options.encoding || 'POSITION_ENCODING_COO_INT64',
+      response_chunk_size_bytes: String(RESPONSE_CHUNK_BYTES),
+    },
+  };
+  const parts = [];
+  for (const c of contributions) {
+    yield { contribution: { num_examples: String(c.num_examples) } };
+    if (kind === 'PAYLOAD_KIND_SPARSE_COO') {
+      yield { sparse_tensors: { section: 'SECTION_PAYLOAD', tensors: c.tensors.map(sparseSpecOf) } };
+      for (const t of c.tensors) parts.push(t.bytes, t.positions);
+    } else {
+      yield { tensors: { section: 'SECTION_PAYLOAD', tensors: c.tensors.map(specOf) } };
+      for (const t of c.tensors) parts.push(t.bytes);
+    }
+  }
+  yield* chunks('SECTION_PAYLOAD', Buffer.concat(parts));
+}
+
+async function aggregate(client, kind, contributions, options) {
+  const reply = reassemble(await call(client, 'Aggregate', aggregateFrames(kind, contributions, options)));
+  const specs = kind === 'PAYLOAD_KIND_SPARSE_COO' ? reply.manifests.sparse : reply.manifests.dense;
+  return { header: reply.header, specs, data: reply.data };
+}
+
+// Values of every magnitude, so that the order of the sums decides the last bits.
+function wideValue(rand) {
+  return (rand() - 0.5) * 10 ** Math.floor(rand() * 10 - 3);
+}
+
+function permutation(n, rand) {
+  const order = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  return order;
+}
+
+function sparseContributions(rand) {
+  const shapes = { 'fc.weight': [6, 5], 'fc.bias': [7] };
+  const contributions = [];
+  for (let c = 0; c < 6; c++) {
+    const tensors = [];
+    for (const [name, shape] of Object.entries(shapes)) {
+      const numel = numelOf(shape);
+      const flat = permutation(numel, rand).slice(0, 2 + Math.floor(rand() * (numel - 2))); // unsorted
+      if (c === 2) flat.push(flat[0]); // a position sent twice: summed
+      const dtype = c === 4 && name === 'fc.bias' ? 'DATA_TYPE_FLOAT64' : 'DATA_TYPE_FLOAT32';
+      tensors.push(coo(name, dtype, shape, flat.map(() => wideValue(rand)), flat));
+    }
+    if (c === 3) tensors.push(coo('fc.bias', 'DATA_TYPE_FLOAT32', [7], [wideValue(rand)], [5])); // a name twice
+    contributions.push({ num_examples: 1 + Math.floor(rand() * 1000), tensors });
+  }
+  return contributions;
+}
+
+function layerContributions(rand) {
+  const contributions = [];
+  for (let c = 0; c < 5; c++) {
+    const weight = Array.from({ length: 12 }, () => wideValue(rand));
+    const bias = Array.from({ length: 3 }, () => wideValue(rand));
+    contributions.push({
+      num_examples: 1 + Math.floor(rand() * 1000),
+      tensors: [
+        tensor('fc.weight', 'DATA_TYPE_FLOAT32', [4, 3], weight),
+        tensor('fc.bias', c === 1 ? 'DATA_TYPE_FLOAT64' : 'DATA_TYPE_FLOAT32', [3], bias),
+      ],
+    });
+  }
+  return contributions;
+}
+
+const hex = (b) => Buffer.from(b).toString('hex');
+
+// What --emit writes: the contributions as generated (the SDK's order) and the answer's bytes.
+function emitted(contributions, answer, sentOrder) {
+  return {
+    sent_order: sentOrder,
+    contributions: contributions.map((c) => ({
+      num_examples: c.num_examples,
+      tensors: c.tensors.map((t) => ({
+        name: t.name, dtype: t.dtype, shape: t.shape, values: hex(t.bytes), ...(t.coords ? { coords: t.coords } : {}),
+      })),
+    })),
+    answer: answerParts(answer).map(({ spec, values, positions }) => ({
+      name: spec.name, dtype: spec.dtype, shape: spec.shape.map(Number), values: hex(values),
+      ...(positions ? { positions: hex(positions) } : {}),
+    })),
+  };
+}
+
+// Each answer tensor's values bytes and (sparse) position bytes.
+function answerParts({ specs, data }) {
+  let offset = 0;
+  return specs.map((spec) => {
+    const count = spec.nnz !== undefined ? int64(spec.nnz, 'nnz') : numelOf(spec.shape.map((d) => int64(d, 'shape')));
+    const values = data.subarray(offset, offset + count * DTYPES[spec.dtype].size);
+    offset += values.length;
+    if (spec.nnz === undefined) return { spec, values };
+    const positions = data.subarray(offset, offset + int64(spec.positions_size_bytes, 'positions_size_bytes'));
+    offset += positions.length;
+    return { spec, values, positions };
+  });
+}
+
+const sameAnswer = (a, b) => JSON.stringify(a.specs) === JSON.stringify(b.specs) && a.data.equals(b.data);
+
+async function aggregateOrders(client, emit) {
+  const rand = prng(11);
+  const out = {};
+  for (const [kind, contributions] of [
+    ['PAYLOAD_KIND_SPARSE_COO', sparseContributions(rand)],
+    ['PAYLOAD_KIND_LAYERS', layerContributions(rand)],
+  ]) {
+    const label = kind === 'PAYLOAD_KIND_SPARSE_COO' ? 'sparse' : 'layers';
+    const shuffled = permutation(contributions.length, rand);
+    const answers = [];
+    for (const order of [shuffled, [...shuffled].reverse()]) {
+      answers.push(await aggregate(client, kind, order.map((i) => contributions[i])));
+    }
+    check(sameAnswer(answers[0], answers[1]),
+      `aggregate ${label}: orders ${shuffled.join('')} and ${[...shuffled].reverse().join('')} give the same bytes (${answers[0].data.length} B)`);
+    out[label] = emitted(contributions, answers[0], shuffled);
+  }
+  if (emit) fs.writeFileSync(emit, JSON.stringify(out));
+}
+
+async function aggregateTies(client) {
+  // Keys (first value + num_examples): LOW 1.5, A 3, B 3. Unweighted, position 1 sums to
+  // (1e8 + 1) - 1e8 = 0 (dropped) when A arrives before B, and to (1e8 - 1e8) + 1 = 1 (1/3) otherwise.
+  const low = { num_examples: 1, tensors: [coo('w', 'DATA_TYPE_FLOAT32', [4], [0.5, 1e8], [0, 1])] };
+  const a = { num_examples: 2, tensors: [coo('w', 'DATA_TYPE_FLOAT32', [4], [1, 1], [0, 1])] };
+  const b = { num_examples: 1, tensors: [coo('w', 'DATA_TYPE_FLOAT32', [4], [2, -1e8], [0, 1])] };
+  const run = (order) => aggregate(client, 'PAYLOAD_KIND_SPARSE_COO', order, { weighted: false });
+  const [aLowB, lowAB, bALow] = [await run([a, low, b]), await run([low, a, b]), await run([b, a, low])];
+  check(sameAnswer(aLowB, lowAB), 'aggregate ties: equal keys keep their arrival order (A before B either way)');
+  check(aLowB.specs[0].nnz === '1' && bALow.specs[0].nnz === '2',
+    `aggregate ties: tied contributions that differ are the one order-dependent case (nnz ${aLowB.specs[0].nnz} vs ${bALow.specs[0].nnz})`);
+}
+
+async function aggregateCompactTie(client) {
+  // 16 entries, one sent: BITMAP and ELIAS_FANO both take 2 bytes; the tie goes to ELIAS_FANO.
+  const c = {
+    num_examples: 1,
+    tensors: [coo('tie', 'DATA_TYPE_FLOAT32', [16], [1], [5]), coo('dense', 'DATA_TYPE_FLOAT32', [16], Array(12).fill(1), [...Array(12).keys()])],
+  };
+  const { specs, data } = await aggregate(client, 'PAYLOAD_KIND_SPARSE_COO', [c], { encoding: 'POSITION_ENCODING_COMPACT' });
+  const chosen = Object.fromEntries(specs.map((s) => [s.name, `${s.position_encoding}/${s.positions_size_bytes}`]));
+  check(chosen.tie === 'POSITION_ENCODING_ELIAS_FANO/2' && chosen.dense === 'POSITION_ENCODING_BITMAP/2',
+    `aggregate COMPACT: tie ${chosen.tie}, dense ${chosen.dense}`);
+  const tensors = decodeSparse(specs, data);
+  check(tensors[0].entries.join() === '5,1', `aggregate COMPACT: decoded ${tensors[0].entries.join()}`);
+}
+
+async function kRounding(client) {
+  const rand = prng(5);
+  const model = [tensor('w', 'DATA_TYPE_FLOAT32', [10, 10], Array.from({ length: 100 }, () => rand() + 0.5))];
+  const start = { criterion: { top_k: { sparsity_level: 0.07, score_function: 'SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE' } } };
+  const reply = reassemble(await call(client, 'Select', selectFrames(start, [['SECTION_MODEL', model]])));
+  check(reply.header.top_k.k === String(Math.ceil(100 * 0.07)) && reply.header.top_k.k === '8',
+    `top-k: k = ceil(100 x 0.07) in double = ${reply.header.top_k.k} (100 * 0.07 = ${100 * 0.07})`);
+}
+
+async function pull(client, mode, payload, base) {
+  const layout = [
+    { name: 'a', dtype: 'DATA_TYPE_FLOAT32', shape: ['3'] },
+    { name: 'w', dtype: 'DATA_TYPE_FLOAT32', shape: ['2', '2'] },
+    { name: 'z', dtype: 'DATA_TYPE_FLOAT32', shape: ['2'] },
+  ];
+  function* frames() {
+    yield { start: { payload_kind: 'PAYLOAD_KIND_SPARSE_COO', mode } };
+    yield { layout: { tensors: layout } };
+    yield { sparse_tensors: { section: 'SECTION_PAYLOAD', tensors: payload.map(sparseSpecOf) } };
+    if (base.length) yield { tensors: { section: 'SECTION_BASE', tensors: base.map(specOf) } };
+    yield* chunks('SECTION_PAYLOAD', Buffer.concat(payload.flatMap((t) => [t.bytes, t.positions])));
+    if (base.length) yield* chunks('SECTION_BASE', Buffer.concat(base.map((t) => t.bytes)));
+  }
+  const reply = reassemble(await call(client, 'Pull', frames()));
+  const got = decodeDense(reply.manifests.dense, reply.data).map((t) => `${t.name}=${t.values.join(' ')}`).join(', ');
+  return { count: reply.header.changed_tensors, got };
+}
+
+async function pullRules(client) {
+  // z sends nothing; w sends 1 and 3 for position 3 and 2 for position 0.
+  const payload = [coo('z', 'DATA_TYPE_FLOAT32', [2], [], []), coo('w', 'DATA_TYPE_FLOAT32', [2, 2], [1, 2, 3], [3, 0, 3])];
+  const replaced = await pull(client, 'PULL_MODE_REPLACE', payload, []);
+  check(replaced.count === '2' && replaced.got === 'z=0 0, w=2 0 0 4',
+    `pull replace: every named tensor, payload order, repeats summed: ${replaced.got} (${replaced.count} tensors)`);
+  const base = [tensor('w', 'DATA_TYPE_FLOAT32', [2, 2], [10, 20, 30, 40]), tensor('z', 'DATA_TYPE_FLOAT32', [2], [7, 8])];
+  const scattered = await pull(client, 'PULL_MODE_SCATTER', payload, base);
+  check(scattered.count === '2' && scattered.got === 'z=7 8, w=2 20 30 4',
+    `pull scatter: repeats summed (1 + 3) and the sum replaces the base (not 44, not 3), base in another order: ${scattered.got}`);
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const at = args.indexOf('--target');
   const target = at >= 0 ? args[at + 1] : process.env.PARAMSEL_TARGET || '127.0.0.1:50051';
+  const emitAt = args.indexOf('--emit');
+  const emit = emitAt >= 0 ? args[emitAt + 1] : null;
   const Service = loadService();
   const client = new Service(target, grpc.credentials.createInsecure());
   const { model, initial } = buildModels();
@@ -452,6 +694,11 @@ async function main() {
     await layerSelection(client, model, initial, digest);
     await badRequest(client, model);
     await unknownDigest(client, model);
+    await aggregateOrders(client, emit);
+    await aggregateTies(client);
+    await aggregateCompactTie(client);
+    await kRounding(client);
+    await pullRules(client);
   } catch (err) {
     check(false, `unexpected error: ${err.code !== undefined ? `status ${err.code}: ${err.details}` : err.stack}`);
   } finally {

@@ -4,12 +4,14 @@ The request is built frame by frame (one ``contribution`` frame per client, then
 chunks), sent to the servicer through a plain gRPC stub, and the response is read back from its
 manifests and chunks: the DataType each result manifest declares must be the dtype of FL4Health's
 aggregate, and the bytes must be FL4Health's, for every position encoding a sparse result can be asked
-in. Contributions go in FL4Health's (pseudo-sorted) order, as the rpc sums them in the order given.
+in. Contributions go in reversed and shuffled orders: the server puts them in FL4Health's (pseudo-sorted)
+order itself.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from collections.abc import Iterator
 
@@ -22,7 +24,6 @@ from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from support import assert_serving
 
-from paramsel.client._aggregate import fl4health_order
 from paramsel.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, read_frames, write_contributions
 
@@ -35,6 +36,13 @@ DATA_TYPES = {
     np.dtype(np.float64): tensor_pb2.DATA_TYPE_FLOAT64,
 }
 """What an aggregate can come out as: an average is always floating point."""
+
+
+def _arrival(results: Results, seed: int) -> Results:
+    """The results in an order of arrival that is not FL4Health's: reversed, then shuffled."""
+    shuffled = results[::-1]
+    random.Random(1000 + seed).shuffle(shuffled)
+    return shuffled
 
 
 class _Proxy:
@@ -149,7 +157,7 @@ def test_layers_rpc_declares_and_sends_fl4health_dtype_and_bits(
             ],
             [],
         )
-        for arrays, n in fl4health_order(results)
+        for arrays, n in _arrival(results, seed)
     ]
     responses, got = call(channel_to, service_pb2.PAYLOAD_KIND_LAYERS, contributions, weighted=weighted)
     names = expected[-1].tolist()
@@ -209,7 +217,7 @@ def test_sparse_rpc_declares_and_sends_fl4health_dtype_and_bits(
     results = _sparse(seed)
     expected = fl4health(FedAvgSparseCooTensor, results, weighted)
     contributions = []
-    for arrays, n in fl4health_order(results):
+    for arrays, n in _arrival(results, seed):
         k = (len(arrays) - 1) // 3
         tensors = [
             SparseOut(

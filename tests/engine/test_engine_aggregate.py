@@ -170,11 +170,23 @@ def test_sparse_leaves_its_inputs_untouched() -> None:
     assert positions.tolist() == [1, 0]
 
 
+def _pseudo_sorted(contributions: Sequence[Contribution]) -> list[Contribution]:
+    """FL4Health's decode_and_pseudo_sort_results on the arrays it would receive: the first element of
+    each floating-point array, summed with np.sum, plus the example count (bfloat16 read as float32)."""
+
+    def key(c: Contribution) -> Any:
+        arrays = [t.values for t in c.sparse] + [layer for _, layer in c.layers]
+        floats = [a.float() if a.dtype == torch.bfloat16 else a for a in arrays if a.dtype.is_floating_point]
+        return np.sum([a.reshape(-1)[0].numpy() for a in floats]) + c.num_examples
+
+    return sorted(contributions, key=key)
+
+
 def _fl4health_sparse(contributions: Sequence[Contribution], weighted: bool) -> dict[str, torch.Tensor]:
     """FedAvgSparseCooTensor.weighted_aggregate / unweighted_aggregate, literally."""
     dense: dict[str, list[torch.Tensor]] = {}
     totals: dict[str, int] = {}
-    for c in contributions:
+    for c in _pseudo_sorted(contributions):
         for t in c.sparse:
             indices = torch.stack(torch.unravel_index(t.positions, t.shape))
             d = torch.sparse_coo_tensor(indices, t.values, t.shape, check_invariants=True).to_dense()
@@ -319,7 +331,7 @@ def _fl4health_layers(contributions: list[Contribution], weighted: bool) -> dict
     """FedAvgDynamicLayer's aggregate written out as FL4Health writes it, in numpy."""
     layers: dict[str, list[np.ndarray]] = {}
     totals: dict[str, int] = {}
-    for c in contributions:
+    for c in _pseudo_sorted(contributions):
         for name, layer in c.layers:
             array = layer.numpy()
             with np.errstate(over="ignore"):
@@ -409,16 +421,19 @@ def test_refuses_layers_in_a_sparse_aggregation_and_the_reverse() -> None:
         aggregate_layers([A])
 
 
-def test_refuses_a_sparse_name_twice_in_one_contribution() -> None:
+def test_a_sparse_name_twice_in_one_contribution_counts_twice() -> None:
+    # As FL4Health counts a name a client's packed list repeats: one more term and one more count.
     twice = sparse_of(1, sp("w", (2,), [1.0], [0]), sp("w", (2,), [2.0], [1]))
-    with pytest.raises(InvalidArgument, match=r"contributions\[0\] names tensor 'w' more than once"):
-        aggregate_sparse([twice])
+    (w,) = aggregate_sparse([twice])
+    assert w.values.tolist() == [0.5, 1.0]
+    assert w.positions.tolist() == [0, 1]
 
 
-def test_refuses_a_layer_name_twice_in_one_contribution() -> None:
-    twice = layers_of(1, ("w", torch.ones(2)), ("w", torch.ones(2)))
-    with pytest.raises(InvalidArgument, match=r"contributions\[1\] names tensor 'w' more than once"):
-        aggregate_layers([layers_of(1, ("w", torch.ones(2))), twice])
+def test_a_layer_name_twice_in_one_contribution_counts_twice() -> None:
+    twice = layers_of(1, ("w", torch.ones(2)), ("w", torch.full((2,), 4.0)))
+    ((name, w),) = aggregate_layers([layers_of(1, ("w", torch.ones(2))), twice])
+    assert name == "w"
+    assert w.tolist() == [2.0, 2.0]
 
 
 def test_refuses_sparse_shapes_that_differ_across_contributions() -> None:

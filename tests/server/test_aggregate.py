@@ -80,11 +80,6 @@ def test_weighted_and_unweighted_layers(server: RunningServer) -> None:
             PayloadKind.LAYERS,
             "'x'",
         ),
-        (
-            [(1, [("x", torch.ones(2)), ("x", torch.ones(2))], [])],
-            PayloadKind.LAYERS,
-            "declared twice",
-        ),
         ([(1, [("x", torch.ones(2))], [])], PayloadKind.SPARSE_COO, "sparse_tensors manifests"),
         (
             [(1, [], [SparseTensor("w", (2, 2), torch.ones(1), torch.tensor([[0, 2]]))])],

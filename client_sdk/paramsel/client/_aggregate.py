@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +18,6 @@ from paramsel.client._state import NDArrays, to_numpy, to_tensor
 from paramsel.client._types import PayloadKind
 
 Results = Sequence[tuple[NDArrays, int]]
-T = TypeVar("T")
 _Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseTensor]]
 
 
@@ -26,27 +25,13 @@ def _refuse(message: str) -> ParamselError:
     return invalid_argument(message)
 
 
-def _pseudo_sort_key(result: tuple[NDArrays, int]) -> Any:
-    """FL4Health's pseudo-sort score of one client's result: the sum of the first element of each
-    floating-point array, plus the client's example count (numpy's arithmetic, as FL4Health's)."""
-    arrays, num_examples = result
-    firsts = [a[(0,) * a.ndim] for a in map(np.asarray, arrays) if np.issubdtype(a.dtype, np.floating)]
-    return np.sum(firsts) + num_examples
+def _checked(results: Results) -> list[tuple[int, NDArrays, int]]:
+    """The results, each with its index in ``results``, in the order given: the server puts them in
+    FL4Health's order (its pseudo-sort) itself, whatever order they come in.
 
-
-def fl4health_order(results: Results) -> list[tuple[NDArrays, int]]:
-    """The results in the order FL4Health's strategies aggregate them (``decode_and_pseudo_sort_results``:
-    a stable sort by :func:`_pseudo_sort_key`), which fixes the summation order, and so the last bits of
-    the average, and the order of the aggregate's tensors."""
-    return [(arrays, num_examples) for _, arrays, num_examples in _ordered(results)]
-
-
-def _ordered(results: Results) -> list[tuple[int, NDArrays, int]]:
-    """:func:`fl4health_order` with each result's index in ``results``.
-
-    FL4Health reads the first element of every floating-point array, so it fails on an empty one (an
-    empty names array ``np.array([])`` is float64, too): that is refused here. Example counts are
-    taken as Python ints, as Flower delivers them."""
+    FL4Health's pseudo-sort reads the first element of every floating-point array, so it fails on an
+    empty one (an empty names array ``np.array([])`` is float64, too): that is refused here. Example
+    counts are taken as Python ints, as Flower delivers them."""
     checked: list[tuple[int, NDArrays, int]] = []
     for client, (arrays, num_examples) in enumerate(results):
         for position, array in enumerate(map(np.asarray, arrays)):
@@ -62,7 +47,7 @@ def _ordered(results: Results) -> list[tuple[int, NDArrays, int]]:
                 f"results[{client}]: num_examples must be an integer, got {num_examples!r}"
             ) from None
         checked.append((client, arrays, count))
-    return sorted(checked, key=lambda r: _pseudo_sort_key((r[1], r[2])))
+    return checked
 
 
 def _tensor(array: Any, what: str) -> torch.Tensor:
@@ -103,23 +88,6 @@ def _sparse_tensor(client: int, value: Any, index: Any, shape: Any, name: str) -
     )
 
 
-def _split_repeats(named: list[T], name_of: Callable[[T], str]) -> list[list[T]]:
-    """One client's tensors as contributions whose names are unique (the rpc's rule), in order.
-
-    FL4Health adds each occurrence of a name as one more term (and one more count) in the client's
-    place: the first occurrences stay in the first contribution, the second ones go in a second that
-    follows it directly, and so on, which sums, counts and orders every name as FL4Health does."""
-    groups: list[list[T]] = []
-    seen: dict[str, int] = {}
-    for item in named:
-        occurrence = seen.get(name_of(item), 0)
-        seen[name_of(item)] = occurrence + 1
-        if occurrence == len(groups):
-            groups.append([])
-        groups[occurrence].append(item)
-    return groups or [[]]
-
-
 def _aggregate(
     kind: PayloadKind,
     contributions: list[_Contribution],
@@ -139,11 +107,11 @@ def aggregate_sparse_coo(
     connection: Connection | None = None,
 ) -> NDArrays:
     """FedAvgSparseCooTensor's aggregate of clients' packed lists ([values..., indices..., shapes...,
-    names], with each client's example count), as the same packed list. The clients are summed in
-    FL4Health's order (its pseudo-sort), whatever order they come in. ``connection`` / ``target``:
+    names], with each client's example count), as the same packed list. The server sums the clients
+    in FL4Health's order (its pseudo-sort), whatever order they come in. ``connection`` / ``target``:
     as for :class:`Client`."""
     contributions: list[_Contribution] = []
-    for client, packed, num_examples in _ordered(results):
+    for client, packed, num_examples in _checked(results):
         values, (indices, shapes, names) = unpack_sparse(packed)
         if not names or len(names) != len(values):  # FL4Health asserts there are n > 0 names for n tensors
             raise _refuse(
@@ -154,8 +122,8 @@ def aggregate_sparse_coo(
             _sparse_tensor(client, v, i, shape, name)
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True)
         ]
-        groups = _split_repeats(tensors, lambda t: t.name)
-        contributions += [(num_examples, [], group) for group in groups]
+        # A name sent twice counts twice, in the client's place, as in FL4Health: the rpc takes that.
+        contributions.append((num_examples, [], tensors))
     result = _aggregate(PayloadKind.SPARSE_COO, contributions, weighted, target, connection)
     for s in result.sparse:
         if not s.shape:
@@ -174,16 +142,16 @@ def aggregate_layers(
     connection: Connection | None = None,
 ) -> NDArrays:
     """FedAvgDynamicLayer's aggregate of clients' packed lists ([arrays..., names] with each client's
-    example count), as the same packed list. The clients are summed in FL4Health's order (its
+    example count), as the same packed list. The server sums the clients in FL4Health's order (its
     pseudo-sort), whatever order they come in. ``connection`` / ``target``: as for :class:`Client`."""
     contributions: list[_Contribution] = []
-    for client, packed, num_examples in _ordered(results):
+    for client, packed, num_examples in _checked(results):
         arrays, names = unpack_layers(packed)
         # FL4Health pairs arrays and names with a plain zip: the longer list's extra items are ignored.
         named = [
             (name, _tensor(a, f"results[{client}]: layer {name!r}"))
             for a, name in zip(arrays, names, strict=False)
         ]
-        contributions += [(num_examples, group, []) for group in _split_repeats(named, lambda n: n[0])]
+        contributions.append((num_examples, named, []))
     result = _aggregate(PayloadKind.LAYERS, contributions, weighted, target, connection)
     return pack_layers([to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors])

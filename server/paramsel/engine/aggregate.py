@@ -10,11 +10,12 @@ an example count the layer's integer dtype cannot hold) is an :class:`InvalidArg
 numpy 2 promote Python ints differently (value-based casting vs NEP 50): the layer average is computed
 by the numpy of this process, so it is FL4Health's in the same environment.
 
-Results come out in order of first appearance (contribution order, then each contribution's tensor
-order). Contributions are aggregated in the order given. FL4Health's strategies first pseudo-sort
-their results (``decode_and_pseudo_sort_results``), which decides both the summation order and the
-output order; a caller that wants that order passes the contributions already sorted, as the SDK's
-``aggregate_sparse_coo`` and ``aggregate_layers`` do.
+Contributions are first put in FL4Health's order (:func:`fl4health_order`, the stable sort of its
+``decode_and_pseudo_sort_results``), whatever order they arrive in: that order decides both the
+summation order (so the last bits of every average) and the output order, names in order of first
+appearance (sorted contribution order, then each contribution's tensor order). A name a contribution
+carries more than once counts once per occurrence (one more term and one more count), as FL4Health
+counts a name a client's packed list repeats.
 
 When a name's shapes all agree, the sparse average never builds the per-contribution dense tensors:
 it scatters each contribution's weighted values into one accumulator. Off the sent positions
@@ -30,6 +31,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,10 +67,46 @@ class _Sent:
     """A sparse tensor's flat int64 positions."""
 
 
+def sort_key(contribution: Contribution) -> Any:
+    """FL4Health's ``pseudo_sort_scoring_function`` of one contribution, with numpy's arithmetic.
+
+    The first entry (index 0 in every dimension, i.e. the first in row-major order; for a sparse
+    tensor the first value as sent) of each floating-point tensor, in the contribution's tensor order,
+    summed by ``np.sum`` in their promoted dtype, plus ``num_examples``. bfloat16 (which numpy lacks,
+    so FL4Health never sees it) is read as the float32 it widens to exactly. Tensors with no entries are
+    skipped (FL4Health's pseudo-sort fails on an empty floating-point array; the SDK refuses them
+    first), and so are integer and bool tensors, whose arrays FL4Health skips too.
+    """
+    values = [item.values for item in contribution.sparse] + [layer for _, layer in contribution.layers]
+    firsts = [_first_entry(v) for v in values if v.dtype.is_floating_point and v.numel() > 0]
+    return np.sum(firsts) + contribution.num_examples
+
+
+def _first_entry(values: torch.Tensor) -> np.generic:
+    first = values.detach().reshape(-1)[:1].cpu()
+    if first.dtype == torch.bfloat16:
+        first = first.float()
+    entry: np.generic = first.numpy()[0]
+    return entry
+
+
+def fl4health_order(contributions: Sequence[Contribution]) -> list[int]:
+    """The indices of ``contributions`` in the order FL4Health's strategies aggregate them.
+
+    ``sorted(..., key=sort_key)``, as ``decode_and_pseudo_sort_results`` sorts: ascending keys, and
+    Python's sort is stable, so contributions with equal keys keep their arrival order - the one case
+    (with NaN keys, which compare neither below nor above any key) where the arrival order still
+    decides the summation order, and so can change the last bits when such contributions differ.
+    """
+    keys = [sort_key(c) for c in contributions]
+    return sorted(range(len(contributions)), key=lambda index: keys[index])
+
+
 def aggregate_sparse(contributions: Sequence[Contribution], *, weighted: bool = True) -> list[SparseTensor]:
     """FedAvgSparseCooTensor's aggregation, re-sparsified.
 
-    For each name: every sending contribution's tensor is densified (zeros where nothing was sent,
+    Contributions are taken in FL4Health's order (:func:`fl4health_order`). For each name: every
+    sending contribution's tensor is densified (zeros where nothing was sent,
     duplicate positions summed as ``to_dense()`` sums them) in its values' dtype; weighted, the
     average is ``sum(dense * num_examples) / sum(num_examples)``, unweighted ``sum(dense) / count``,
     both over the contributions that sent the name, with torch's promotion (float16 and float32 sum
@@ -84,10 +122,9 @@ def aggregate_sparse(contributions: Sequence[Contribution], *, weighted: bool = 
     """
     counts = _checked_counts(contributions, "sparse")
     groups: dict[str, list[_Sent]] = {}
-    for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
-        seen: set[str] = set()
+    for index in fl4health_order(contributions):
+        contribution, count = contributions[index], counts[index]
         for item in contribution.sparse:
-            _check_unique(index, item.name, seen)
             shape = _checked_shape(index, item)
             values, positions = _checked_entries(index, item, shape)
             groups.setdefault(item.name, []).append(_Sent(index, count, shape, values, positions))
@@ -100,7 +137,8 @@ def aggregate_layers(
 ) -> list[tuple[str, torch.Tensor]]:
     """FedAvgDynamicLayer's aggregation: per name, ``sum(layer * n) / sum(n)`` or ``sum(layer) / count``.
 
-    Over the contributions that sent the name, in order of first appearance; the inputs are left
+    Over the contributions that sent the name, in FL4Health's order (:func:`fl4health_order`), names in
+    order of first appearance; the inputs are left
     untouched and never returned as they are.
 
     Computed as FL4Health computes it, in numpy: ``layer * n`` per contribution, summed in order with
@@ -114,10 +152,9 @@ def aggregate_layers(
     """
     counts = _checked_counts(contributions, "layers")
     groups: dict[str, list[_Sent]] = {}
-    for index, (contribution, count) in enumerate(zip(contributions, counts, strict=True)):
-        seen: set[str] = set()
+    for index in fl4health_order(contributions):
+        contribution, count = contributions[index], counts[index]
         for name, layer in contribution.layers:
-            _check_unique(index, name, seen)
             groups.setdefault(name, []).append(_Sent(index, count, tuple(layer.shape), layer.detach()))
     with torch.no_grad():
         return [(name, _average_layer(name, sent, weighted)) for name, sent in groups.items()]
@@ -260,12 +297,6 @@ def _checked_counts(contributions: Sequence[Contribution], kind: str) -> list[in
     if sum(counts) > _INT64_MAX:
         raise InvalidArgument(f"the contributions' num_examples add up to {sum(counts)}, beyond int64")
     return counts
-
-
-def _check_unique(index: int, name: str, seen: set[str]) -> None:
-    if name in seen:
-        raise InvalidArgument(f"contributions[{index}] names tensor {name!r} more than once")
-    seen.add(name)
 
 
 def _check_broadcast(name: str, sent: list[_Sent]) -> None:

@@ -121,6 +121,7 @@ def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
         dense_sections=frozenset({PAYLOAD}),
         sparse_sections=frozenset({PAYLOAD}),
         max_bytes=max_bytes,
+        unique_names=False,  # a name twice in one contribution counts twice, as in FL4Health
         contributions=True,
     )
     if not received.contributions:

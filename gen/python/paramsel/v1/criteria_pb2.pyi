@@ -62,8 +62,12 @@ global___ScoreFunction = ScoreFunction
 @typing.final
 class TopKCriterion(google.protobuf.message.Message):
     """Top-k selection of individual entries (FL4Health SparseCooParameterExchanger): k = ceil(N x
-    sparsity_level) over all N state entries; every entry scoring >= the k-th largest score is selected;
-    selected non-zero values of tensors with at least one dimension are sent as sparse COO tensors.
+    sparsity_level) over all N state entries, N x sparsity_level computed in IEEE 754 binary64 (N
+    converted to double, the product rounded once, then ceil): N = 100 and sparsity_level = 0.07 give
+    7.000000000000001, so k = 8. Every entry scoring >= the k-th largest score is selected (ties at the
+    threshold included, so more than k can be); selected values that are not exact zeros, of tensors with
+    at least one dimension, are sent as sparse COO tensors, positions in increasing row-major order; a
+    tensor with none is not sent.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
@@ -94,6 +98,11 @@ global___TopKCriterion = TopKCriterion
 class DriftThresholdCriterion(google.protobuf.message.Message):
     """Whole layers whose drift ||w - w0||_2 (divided by numel when normalize) is above, or at most, a
     threshold (FL4Health select_layers_by_threshold). Output in state order. Needs the initial model.
+    Drift arithmetic (both drift criteria): w - w0 in the two tensors' (equal) dtype, cast to float32;
+    the 2-norm is torch.linalg.vector_norm's in float32, accumulated by torch's reduction kernel, whose
+    summation order (blocked and vectorised, not left to right) is torch's, so a client that recomputes a
+    drift may differ in the last bits; divided by numel in float32 when normalize; then compared with the
+    threshold (and the drifts sorted) as doubles. LayerSummary.drifts carries the values compared.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor

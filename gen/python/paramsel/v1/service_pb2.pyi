@@ -59,11 +59,14 @@ class _PullModeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumT
     """Not set: PULL_MODE_REPLACE."""
     PULL_MODE_REPLACE: _PullMode.ValueType  # 1
     """FL4Health's pull: each named tensor is replaced (sparse payloads: by the densified COO tensor,
-    zeros where nothing was sent; duplicate positions are summed).
+    zeros where nothing was sent; values sent for one position more than once are summed, in the
+    values' dtype, then cast to the model's).
     """
     PULL_MODE_SCATTER: _PullMode.ValueType  # 2
     """Sparse payloads only: write the sent coordinates and keep the rest of each tensor, whose current
-    values travel in SECTION_BASE.
+    values travel in SECTION_BASE. Values sent for one position more than once are summed (in the
+    values' dtype) and the sum replaces the base value there: it is neither added to it nor is the
+    last value kept.
     """
 
 class PullMode(_PullMode, metaclass=_PullModeEnumTypeWrapper):
@@ -73,11 +76,14 @@ PULL_MODE_UNSPECIFIED: PullMode.ValueType  # 0
 """Not set: PULL_MODE_REPLACE."""
 PULL_MODE_REPLACE: PullMode.ValueType  # 1
 """FL4Health's pull: each named tensor is replaced (sparse payloads: by the densified COO tensor,
-zeros where nothing was sent; duplicate positions are summed).
+zeros where nothing was sent; values sent for one position more than once are summed, in the
+values' dtype, then cast to the model's).
 """
 PULL_MODE_SCATTER: PullMode.ValueType  # 2
 """Sparse payloads only: write the sent coordinates and keep the rest of each tensor, whose current
-values travel in SECTION_BASE.
+values travel in SECTION_BASE. Values sent for one position more than once are summed (in the
+values' dtype) and the sum replaces the base value there: it is neither added to it nor is the
+last value kept.
 """
 global___PullMode = PullMode
 
@@ -198,7 +204,7 @@ class TopKSummary(google.protobuf.message.Message):
     total_entries: builtins.int
     """N: entries in the whole state."""
     k: builtins.int
-    """k = ceil(N x sparsity_level)."""
+    """k = ceil(N x sparsity_level), the product in IEEE 754 binary64 (see TopKCriterion)."""
     threshold: builtins.float
     """The k-th largest score."""
     selected_entries: builtins.int
@@ -233,7 +239,9 @@ class LayerSummary(google.protobuf.message.Message):
     """FedPM: the seed the masks were drawn with."""
     @property
     def drifts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
-        """The drift of each selected layer, in result order (empty for FedPM)."""
+        """The drift of each selected layer, in result order (empty for FedPM): the float32 values the server
+        compared (see DriftThresholdCriterion), widened to double.
+        """
 
     def __init__(
         self,
@@ -398,7 +406,9 @@ class PushResponse(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """The packed arrays in SECTION_RESULT, in FL4Health's order, each named after its tensor."""
+        """The packed arrays in SECTION_RESULT, in FL4Health's order, each named after its tensor (a top-k
+        tensor's name three times: values, indices, shape; see Push).
+        """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
@@ -464,7 +474,9 @@ class PullRequest(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """Dense payload tensors (SECTION_PAYLOAD) or, in scatter mode, base tensors (SECTION_BASE)."""
+        """Dense payload tensors (SECTION_PAYLOAD) or, in scatter mode, base tensors (SECTION_BASE: every
+        tensor the payload names, in any order).
+        """
 
     @property
     def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
@@ -497,7 +509,9 @@ class PullHeader(google.protobuf.message.Message):
 
     CHANGED_TENSORS_FIELD_NUMBER: builtins.int
     changed_tensors: builtins.int
-    """Number of tensors that changed (declared by the manifests that follow)."""
+    """Number of tensors returned (declared by the manifests that follow): every tensor the payload names,
+    whether its values changed or not.
+    """
     def __init__(
         self,
         *,
@@ -522,7 +536,7 @@ class PullResponse(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """The changed tensors in SECTION_RESULT, in the model's dtypes and shapes, payload order."""
+        """Every tensor the payload names, in SECTION_RESULT, in the model's dtypes and shapes, payload order."""
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
@@ -579,7 +593,9 @@ class AggregateStart(google.protobuf.message.Message):
     weighted: builtins.bool
     """Weight each contribution by its example count (true, the default) or count clients equally."""
     position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType
-    """How to encode the positions of a sparse aggregate (unset: COO_INT64)."""
+    """How to encode the positions of a sparse aggregate (unset: COO_INT64). POSITION_ENCODING_COMPACT is
+    accepted: per tensor, BITMAP or ELIAS_FANO, whichever is smaller (ELIAS_FANO on a tie).
+    """
     response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
     def __init__(
@@ -599,7 +615,9 @@ global___AggregateStart = AggregateStart
 @typing.final
 class Contribution(google.protobuf.message.Message):
     """Opens one client's contribution: the manifests after it, up to the next contribution, declare that
-    client's tensors (in SECTION_PAYLOAD). Names are unique within a contribution, not across them.
+    client's tensors (in SECTION_PAYLOAD). A name may recur across contributions and within one; within
+    one, each declaration counts as one more term (see Aggregate). The order of the contributions does
+    not matter: the server sorts them (see Aggregate).
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
@@ -645,7 +663,9 @@ class AggregateRequest(google.protobuf.message.Message):
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
-        """Bytes of SECTION_PAYLOAD: every contribution's tensors, in declaration order."""
+        """Bytes of SECTION_PAYLOAD: every contribution's tensors, in declaration order (the arrival order,
+        not the sorted one).
+        """
 
     def __init__(
         self,
@@ -700,11 +720,15 @@ class AggregateResponse(google.protobuf.message.Message):
 
     @property
     def sparse_tensors(self) -> paramsel.v1.tensor_pb2.SparseManifest:
-        """The sparse aggregate in SECTION_RESULT, names in order of first appearance."""
+        """The sparse aggregate in SECTION_RESULT, names in order of first appearance in the sorted order
+        (see Aggregate).
+        """
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """The layer aggregate in SECTION_RESULT, names in order of first appearance."""
+        """The layer aggregate in SECTION_RESULT, names in order of first appearance in the sorted order
+        (see Aggregate).
+        """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:

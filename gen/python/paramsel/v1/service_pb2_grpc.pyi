@@ -69,9 +69,17 @@ class ParameterSelectionServiceStub:
         paramsel.v1.service_pb2.PushRequest,
         paramsel.v1.service_pb2.PushResponse,
     ]
-    """Selects as Select does and returns the result packed exactly as FL4Health packs it:
-    [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
-    after its tensor (the names array FL4Health appends is the names of the first n arrays).
+    """Selects as Select does and returns the result packed exactly as FL4Health packs it, as dense arrays
+    in SECTION_RESULT, each named after its tensor (the names array FL4Health appends is the names of
+    the first n arrays, so it is not sent):
+    - top-k: [values..., indices..., shapes...], three groups of n arrays, each group in state order over
+      the n tensors sent (the tensors with at least one dimension and at least one selected entry that
+      is not an exact zero): values, 1-D, nnz entries in the model tensor's dtype in increasing
+      row-major position; indices, int64 of shape [nnz, ndim], row i the coordinates of value i; shapes,
+      int64 of shape [ndim], the dense shape. Each tensor's name is so declared three times.
+    - layers: [arrays...], the selected whole tensors in the model's dtypes, in result order (state
+      order for DriftThresholdCriterion, drift order for DriftPercentageCriterion).
+    - FedPM: [masks...], int64 0/1 masks in state order.
     Memory: as Select, the indices counted as (entries, ndim) int64. Errors: see the service comment.
     """
 
@@ -79,8 +87,13 @@ class ParameterSelectionServiceStub:
         paramsel.v1.service_pb2.PullRequest,
         paramsel.v1.service_pb2.PullResponse,
     ]
-    """Applies a payload received from the aggregator to a model and returns the tensors that changed.
-    Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
+    """Applies a payload received from the aggregator to a model and returns the new value of every tensor
+    the payload names - changed or not (a sparse tensor that sends no entries comes back all zeros in
+    replace mode, as its base in scatter mode) - in payload order, in the model's dtypes and shapes;
+    tensors the payload does not name are not returned. Payload values of another dtype are cast to the
+    model's, as FL4Health's load_state_dict does. In PULL_MODE_SCATTER, SECTION_BASE carries the current
+    value of every tensor the payload names, each in the layout's dtype and shape, in any order (they
+    are matched by name; base tensors the payload does not name are ignored).
     Memory (see the service comment): each tensor the payload names counts as its answer, the layout's
     shape in the layout's dtype, and in replace mode a sparse payload also as that shape densified in the
     payload values' dtype when it is not the layout's, even when the payload sends no entries.
@@ -97,12 +110,46 @@ class ParameterSelectionServiceStub:
     sent it, weighted by example counts or not - and returns the aggregate typed as Select does. As
     those strategies do, one name's contributions may differ in dtype (promoted as torch does for sparse
     payloads, as numpy does for layers) and in shape, as long as the shapes broadcast together.
+    The answer is the same bits whatever language sent the contributions and in whatever order they
+    arrive, but for the one case under Order:
+    - Order. The server first sorts the contributions as FL4Health's decode_and_pseudo_sort_results
+      does, ascending by key = S + num_examples, where S is the sum of the first entry of each
+      floating-point tensor of the contribution in declaration order (a sparse tensor's first value as
+      sent; a layer's entry at index 0 in every dimension), added by numpy's np.sum in the entries'
+      promoted dtype, bfloat16 read as float32 (S = 0.0 when there are none; integer and bool tensors
+      and tensors with no entries count for nothing). The sort is stable: contributions with equal keys
+      keep their arrival order, which is therefore the only order that can change the answer, and only
+      when such contributions differ in content (or a key is NaN, which compares neither below nor above
+      any other key). That order decides the summation order below and the order of the answer's names.
+    - Arithmetic, per name, over the contributions that sent it in that order: weighted,
+      sum(x * num_examples) / sum(num_examples); unweighted, sum(x) / (number of terms). A name a
+      contribution declares more than once is one more term (and one more count) per declaration, as
+      FL4Health counts a name a client's packed list repeats.
+      Sparse (torch's rules): x is the contribution's tensor densified in its values' dtype - zeros
+      where nothing was sent, values sent for one position more than once summed, positions in any
+      order; x * num_examples is computed in x's own dtype (the integer count never widens it: float16
+      stays float16 and overflows to inf past 65504, integers wrap); the terms are added one by one,
+      each addition in torch.promote_types of the running sum and the term (float16 + float32 gives
+      float32, an integer + float16 float16, float16 + bfloat16 float32), broadcasting shapes; the sum
+      is divided by the total in its dtype (an integer sum divides to float32). The answer keeps every
+      entry that is not an exact zero (0.0 and -0.0 are dropped, NaN kept), at strictly increasing
+      row-major positions; a name whose average is all zeros is still listed, with nnz 0.
+      Layers (numpy's rules, NEP 50): x * num_examples keeps x's dtype (float16 rounds the count to
+      float16; an integer dtype that cannot hold the count is INVALID_ARGUMENT); the terms are added by
+      np.add, one by one, in numpy's promoted dtype; the sum is divided by the total (an integer sum
+      divides to float64). A name with a bfloat16 layer (numpy has none) follows the sparse rules.
+    - Answer: the header (contributions = the contribution frames received, tensors = the names in the
+      answer), then manifests declaring one tensor per name, in order of first appearance in the sorted
+      order (the first contribution's names in its declaration order, then each later contribution's
+      new names), then the chunks of SECTION_RESULT. Sparse answers are declared in
+      AggregateStart.position_encoding; with POSITION_ENCODING_COMPACT each tensor's spec names the
+      encoding chosen for it (see PositionEncoding).
     Memory (see the service comment): each name counts as dense accumulators over its (broadcast)
     declared shape at the widest dtype its average passes through, whatever few entries were sent, plus
     its answer.
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
-    one name with shapes that do not broadcast together, a name twice in one contribution, or (numpy 2)
-    an example count a layer's integer dtype cannot hold.
+    one name with shapes that do not broadcast together, or (numpy 2) an example count a layer's integer
+    dtype cannot hold.
     """
 
     GetServerInfo: grpc.UnaryUnaryMultiCallable[
@@ -166,9 +213,17 @@ class ParameterSelectionServiceAsyncStub:
         paramsel.v1.service_pb2.PushRequest,
         paramsel.v1.service_pb2.PushResponse,
     ]
-    """Selects as Select does and returns the result packed exactly as FL4Health packs it:
-    [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
-    after its tensor (the names array FL4Health appends is the names of the first n arrays).
+    """Selects as Select does and returns the result packed exactly as FL4Health packs it, as dense arrays
+    in SECTION_RESULT, each named after its tensor (the names array FL4Health appends is the names of
+    the first n arrays, so it is not sent):
+    - top-k: [values..., indices..., shapes...], three groups of n arrays, each group in state order over
+      the n tensors sent (the tensors with at least one dimension and at least one selected entry that
+      is not an exact zero): values, 1-D, nnz entries in the model tensor's dtype in increasing
+      row-major position; indices, int64 of shape [nnz, ndim], row i the coordinates of value i; shapes,
+      int64 of shape [ndim], the dense shape. Each tensor's name is so declared three times.
+    - layers: [arrays...], the selected whole tensors in the model's dtypes, in result order (state
+      order for DriftThresholdCriterion, drift order for DriftPercentageCriterion).
+    - FedPM: [masks...], int64 0/1 masks in state order.
     Memory: as Select, the indices counted as (entries, ndim) int64. Errors: see the service comment.
     """
 
@@ -176,8 +231,13 @@ class ParameterSelectionServiceAsyncStub:
         paramsel.v1.service_pb2.PullRequest,
         paramsel.v1.service_pb2.PullResponse,
     ]
-    """Applies a payload received from the aggregator to a model and returns the tensors that changed.
-    Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
+    """Applies a payload received from the aggregator to a model and returns the new value of every tensor
+    the payload names - changed or not (a sparse tensor that sends no entries comes back all zeros in
+    replace mode, as its base in scatter mode) - in payload order, in the model's dtypes and shapes;
+    tensors the payload does not name are not returned. Payload values of another dtype are cast to the
+    model's, as FL4Health's load_state_dict does. In PULL_MODE_SCATTER, SECTION_BASE carries the current
+    value of every tensor the payload names, each in the layout's dtype and shape, in any order (they
+    are matched by name; base tensors the payload does not name are ignored).
     Memory (see the service comment): each tensor the payload names counts as its answer, the layout's
     shape in the layout's dtype, and in replace mode a sparse payload also as that shape densified in the
     payload values' dtype when it is not the layout's, even when the payload sends no entries.
@@ -194,12 +254,46 @@ class ParameterSelectionServiceAsyncStub:
     sent it, weighted by example counts or not - and returns the aggregate typed as Select does. As
     those strategies do, one name's contributions may differ in dtype (promoted as torch does for sparse
     payloads, as numpy does for layers) and in shape, as long as the shapes broadcast together.
+    The answer is the same bits whatever language sent the contributions and in whatever order they
+    arrive, but for the one case under Order:
+    - Order. The server first sorts the contributions as FL4Health's decode_and_pseudo_sort_results
+      does, ascending by key = S + num_examples, where S is the sum of the first entry of each
+      floating-point tensor of the contribution in declaration order (a sparse tensor's first value as
+      sent; a layer's entry at index 0 in every dimension), added by numpy's np.sum in the entries'
+      promoted dtype, bfloat16 read as float32 (S = 0.0 when there are none; integer and bool tensors
+      and tensors with no entries count for nothing). The sort is stable: contributions with equal keys
+      keep their arrival order, which is therefore the only order that can change the answer, and only
+      when such contributions differ in content (or a key is NaN, which compares neither below nor above
+      any other key). That order decides the summation order below and the order of the answer's names.
+    - Arithmetic, per name, over the contributions that sent it in that order: weighted,
+      sum(x * num_examples) / sum(num_examples); unweighted, sum(x) / (number of terms). A name a
+      contribution declares more than once is one more term (and one more count) per declaration, as
+      FL4Health counts a name a client's packed list repeats.
+      Sparse (torch's rules): x is the contribution's tensor densified in its values' dtype - zeros
+      where nothing was sent, values sent for one position more than once summed, positions in any
+      order; x * num_examples is computed in x's own dtype (the integer count never widens it: float16
+      stays float16 and overflows to inf past 65504, integers wrap); the terms are added one by one,
+      each addition in torch.promote_types of the running sum and the term (float16 + float32 gives
+      float32, an integer + float16 float16, float16 + bfloat16 float32), broadcasting shapes; the sum
+      is divided by the total in its dtype (an integer sum divides to float32). The answer keeps every
+      entry that is not an exact zero (0.0 and -0.0 are dropped, NaN kept), at strictly increasing
+      row-major positions; a name whose average is all zeros is still listed, with nnz 0.
+      Layers (numpy's rules, NEP 50): x * num_examples keeps x's dtype (float16 rounds the count to
+      float16; an integer dtype that cannot hold the count is INVALID_ARGUMENT); the terms are added by
+      np.add, one by one, in numpy's promoted dtype; the sum is divided by the total (an integer sum
+      divides to float64). A name with a bfloat16 layer (numpy has none) follows the sparse rules.
+    - Answer: the header (contributions = the contribution frames received, tensors = the names in the
+      answer), then manifests declaring one tensor per name, in order of first appearance in the sorted
+      order (the first contribution's names in its declaration order, then each later contribution's
+      new names), then the chunks of SECTION_RESULT. Sparse answers are declared in
+      AggregateStart.position_encoding; with POSITION_ENCODING_COMPACT each tensor's spec names the
+      encoding chosen for it (see PositionEncoding).
     Memory (see the service comment): each name counts as dense accumulators over its (broadcast)
     declared shape at the widest dtype its average passes through, whatever few entries were sent, plus
     its answer.
     Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
-    one name with shapes that do not broadcast together, a name twice in one contribution, or (numpy 2)
-    an example count a layer's integer dtype cannot hold.
+    one name with shapes that do not broadcast together, or (numpy 2) an example count a layer's integer
+    dtype cannot hold.
     """
 
     GetServerInfo: grpc.aio.UnaryUnaryMultiCallable[
@@ -267,9 +361,17 @@ class ParameterSelectionServiceServicer(metaclass=abc.ABCMeta):
         request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.PushRequest],
         context: _ServicerContext,
     ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.PushResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.PushResponse]]:
-        """Selects as Select does and returns the result packed exactly as FL4Health packs it:
-        [values..., indices..., shapes...] for top-k, [arrays...] for layers and FedPM, each array named
-        after its tensor (the names array FL4Health appends is the names of the first n arrays).
+        """Selects as Select does and returns the result packed exactly as FL4Health packs it, as dense arrays
+        in SECTION_RESULT, each named after its tensor (the names array FL4Health appends is the names of
+        the first n arrays, so it is not sent):
+        - top-k: [values..., indices..., shapes...], three groups of n arrays, each group in state order over
+          the n tensors sent (the tensors with at least one dimension and at least one selected entry that
+          is not an exact zero): values, 1-D, nnz entries in the model tensor's dtype in increasing
+          row-major position; indices, int64 of shape [nnz, ndim], row i the coordinates of value i; shapes,
+          int64 of shape [ndim], the dense shape. Each tensor's name is so declared three times.
+        - layers: [arrays...], the selected whole tensors in the model's dtypes, in result order (state
+          order for DriftThresholdCriterion, drift order for DriftPercentageCriterion).
+        - FedPM: [masks...], int64 0/1 masks in state order.
         Memory: as Select, the indices counted as (entries, ndim) int64. Errors: see the service comment.
         """
 
@@ -279,8 +381,13 @@ class ParameterSelectionServiceServicer(metaclass=abc.ABCMeta):
         request_iterator: _MaybeAsyncIterator[paramsel.v1.service_pb2.PullRequest],
         context: _ServicerContext,
     ) -> typing.Union[collections.abc.Iterator[paramsel.v1.service_pb2.PullResponse], collections.abc.AsyncIterator[paramsel.v1.service_pb2.PullResponse]]:
-        """Applies a payload received from the aggregator to a model and returns the tensors that changed.
-        Payload values of another dtype are cast to the model's, as FL4Health's load_state_dict does.
+        """Applies a payload received from the aggregator to a model and returns the new value of every tensor
+        the payload names - changed or not (a sparse tensor that sends no entries comes back all zeros in
+        replace mode, as its base in scatter mode) - in payload order, in the model's dtypes and shapes;
+        tensors the payload does not name are not returned. Payload values of another dtype are cast to the
+        model's, as FL4Health's load_state_dict does. In PULL_MODE_SCATTER, SECTION_BASE carries the current
+        value of every tensor the payload names, each in the layout's dtype and shape, in any order (they
+        are matched by name; base tensors the payload does not name are ignored).
         Memory (see the service comment): each tensor the payload names counts as its answer, the layout's
         shape in the layout's dtype, and in replace mode a sparse payload also as that shape densified in the
         payload values' dtype when it is not the layout's, even when the payload sends no entries.
@@ -299,12 +406,46 @@ class ParameterSelectionServiceServicer(metaclass=abc.ABCMeta):
         sent it, weighted by example counts or not - and returns the aggregate typed as Select does. As
         those strategies do, one name's contributions may differ in dtype (promoted as torch does for sparse
         payloads, as numpy does for layers) and in shape, as long as the shapes broadcast together.
+        The answer is the same bits whatever language sent the contributions and in whatever order they
+        arrive, but for the one case under Order:
+        - Order. The server first sorts the contributions as FL4Health's decode_and_pseudo_sort_results
+          does, ascending by key = S + num_examples, where S is the sum of the first entry of each
+          floating-point tensor of the contribution in declaration order (a sparse tensor's first value as
+          sent; a layer's entry at index 0 in every dimension), added by numpy's np.sum in the entries'
+          promoted dtype, bfloat16 read as float32 (S = 0.0 when there are none; integer and bool tensors
+          and tensors with no entries count for nothing). The sort is stable: contributions with equal keys
+          keep their arrival order, which is therefore the only order that can change the answer, and only
+          when such contributions differ in content (or a key is NaN, which compares neither below nor above
+          any other key). That order decides the summation order below and the order of the answer's names.
+        - Arithmetic, per name, over the contributions that sent it in that order: weighted,
+          sum(x * num_examples) / sum(num_examples); unweighted, sum(x) / (number of terms). A name a
+          contribution declares more than once is one more term (and one more count) per declaration, as
+          FL4Health counts a name a client's packed list repeats.
+          Sparse (torch's rules): x is the contribution's tensor densified in its values' dtype - zeros
+          where nothing was sent, values sent for one position more than once summed, positions in any
+          order; x * num_examples is computed in x's own dtype (the integer count never widens it: float16
+          stays float16 and overflows to inf past 65504, integers wrap); the terms are added one by one,
+          each addition in torch.promote_types of the running sum and the term (float16 + float32 gives
+          float32, an integer + float16 float16, float16 + bfloat16 float32), broadcasting shapes; the sum
+          is divided by the total in its dtype (an integer sum divides to float32). The answer keeps every
+          entry that is not an exact zero (0.0 and -0.0 are dropped, NaN kept), at strictly increasing
+          row-major positions; a name whose average is all zeros is still listed, with nnz 0.
+          Layers (numpy's rules, NEP 50): x * num_examples keeps x's dtype (float16 rounds the count to
+          float16; an integer dtype that cannot hold the count is INVALID_ARGUMENT); the terms are added by
+          np.add, one by one, in numpy's promoted dtype; the sum is divided by the total (an integer sum
+          divides to float64). A name with a bfloat16 layer (numpy has none) follows the sparse rules.
+        - Answer: the header (contributions = the contribution frames received, tensors = the names in the
+          answer), then manifests declaring one tensor per name, in order of first appearance in the sorted
+          order (the first contribution's names in its declaration order, then each later contribution's
+          new names), then the chunks of SECTION_RESULT. Sparse answers are declared in
+          AggregateStart.position_encoding; with POSITION_ENCODING_COMPACT each tensor's spec names the
+          encoding chosen for it (see PositionEncoding).
         Memory (see the service comment): each name counts as dense accumulators over its (broadcast)
         declared shape at the widest dtype its average passes through, whatever few entries were sent, plus
         its answer.
         Errors: see the service comment; also INVALID_ARGUMENT for no contributions, example counts <= 0,
-        one name with shapes that do not broadcast together, a name twice in one contribution, or (numpy 2)
-        an example count a layer's integer dtype cannot hold.
+        one name with shapes that do not broadcast together, or (numpy 2) an example count a layer's integer
+        dtype cannot hold.
         """
 
     @abc.abstractmethod

@@ -136,7 +136,10 @@ class _PositionEncodingEnumTypeWrapper(google.protobuf.internal.enum_type_wrappe
     ceil((n + ((U - 1) >> L) + 1) / 8) bytes in which bit (p_i >> L) + i is set. No bytes when n = 0.
     """
     POSITION_ENCODING_COMPACT: _PositionEncoding.ValueType  # 5
-    """Request only (SelectStart): per tensor, whichever of BITMAP and ELIAS_FANO is smaller."""
+    """Request only (SelectStart.position_encoding, AggregateStart.position_encoding): per tensor,
+    whichever of BITMAP and ELIAS_FANO takes fewer bytes, ELIAS_FANO when they take as many. The
+    answer's SparseTensorSpec names the encoding chosen, never COMPACT.
+    """
 
 class PositionEncoding(_PositionEncoding, metaclass=_PositionEncodingEnumTypeWrapper):
     """How the positions of a sparse tensor's values are written."""
@@ -158,7 +161,10 @@ least significant bit first into ceil(n L / 8) bytes; then the high parts as a b
 ceil((n + ((U - 1) >> L) + 1) / 8) bytes in which bit (p_i >> L) + i is set. No bytes when n = 0.
 """
 POSITION_ENCODING_COMPACT: PositionEncoding.ValueType  # 5
-"""Request only (SelectStart): per tensor, whichever of BITMAP and ELIAS_FANO is smaller."""
+"""Request only (SelectStart.position_encoding, AggregateStart.position_encoding): per tensor,
+whichever of BITMAP and ELIAS_FANO takes fewer bytes, ELIAS_FANO when they take as many. The
+answer's SparseTensorSpec names the encoding chosen, never COMPACT.
+"""
 global___PositionEncoding = PositionEncoding
 
 @typing.final
@@ -173,7 +179,11 @@ class TensorSpec(google.protobuf.message.Message):
     DTYPE_FIELD_NUMBER: builtins.int
     SHAPE_FIELD_NUMBER: builtins.int
     name: builtins.str
-    """State-dict key, e.g. "fc1.weight". Non-empty and unique within its section."""
+    """State-dict key, e.g. "fc1.weight". Non-empty and unique within its section, with two exceptions:
+    Aggregate's SECTION_PAYLOAD, where a name recurs across contributions and may within one (see
+    Contribution), and Push's SECTION_RESULT, which names each top-k tensor's values, indices and shape
+    arrays after it, so three times.
+    """
     dtype: global___DataType.ValueType
     """Element type."""
     @property
@@ -195,8 +205,10 @@ global___TensorSpec = TensorSpec
 class SparseTensorSpec(google.protobuf.message.Message):
     """Declares one sparse tensor in COO form. Its data is the values (nnz x itemsize(dtype) bytes, one per
     position, in the same order) followed by the encoded positions (positions_size_bytes bytes). The
-    server's selections list positions in increasing row-major order; a Pull payload may list them in any
-    order, and values given for the same position more than once are summed (as FL4Health's pull does).
+    server's answers list positions in strictly increasing row-major order; a Pull payload or an
+    Aggregate contribution in COO_INT64 or FLAT_INT64 may list them in any order, and values given for
+    the same position more than once are summed, in the values' dtype (as FL4Health's to_dense() does;
+    see PullMode for scatter).
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
