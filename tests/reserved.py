@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from paramsel.server.config import ServerConfig
+from paramsel.server.config import Limits, ServerConfig
 from paramsel.server.limits import Call, CallLimits
 from paramsel.server.servicer import ParameterSelectionServicer, limits_of
 
@@ -48,7 +48,8 @@ def reserved(method: str, frames: list[Any]) -> tuple[int, int]:
     """(upload, work): the bytes ``frames`` reserve as a call of ``method`` (``"Select"``, ``"Push"``,
     ``"Pull"`` or ``"Aggregate"``), counted by the server's own code. The call must succeed."""
     config = ServerConfig(
-        port=0, max_call_bytes=UNLIMITED, max_inflight_bytes=UNLIMITED, max_tensors_per_call=1 << 30
+        port=0,
+        limits=Limits(max_call_bytes=UNLIMITED, max_inflight_bytes=UNLIMITED, max_tensors_per_call=1 << 30),
     )
     limits = _Recording(limits_of(config))
     servicer = ParameterSelectionServicer(config, limits)

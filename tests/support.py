@@ -313,7 +313,15 @@ def serve_process(
         finally:
             if proc.poll() is None:
                 proc.terminate()
-                proc.wait(timeout=30)
+                try:  # a drain takes --grace-seconds at most (10 s by default); generous for a loaded machine
+                    proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    tail = path.read_text(errors="replace")[-4000:]
+                    raise AssertionError(
+                        f"paramsel serve did not exit within 90 s of SIGTERM; its log:\n{tail}"
+                    ) from None
 
 
 # --- certificates -----------------------------------------------------------------------------------

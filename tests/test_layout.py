@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_ENGINE = (
-    "grpc",
-    "google.protobuf",
-    "paramsel.v1",
-    "paramsel.wire",
-    "paramsel.server",
-    "paramsel.client",
-)
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
-
-
-def test_engine_imports_neither_grpc_nor_protobuf() -> None:
-    modules = sorted((ROOT / "server" / "paramsel" / "engine").glob("*.py"))
-    assert modules
-    for module in modules:
-        for name in _imports(module):
-            assert not name.startswith(FORBIDDEN_IN_ENGINE), f"{module.name} imports {name}"
+# The imports between packages (the engine imports neither grpc nor protobuf, ...): test_dependency_rule.py.
 
 
 def test_every_rpc_and_message_is_in_the_versioned_contract() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import serve_process, start_server, wait_for
 
 from paramsel.server import ServerConfig, cli
+from paramsel.server.config import Limits
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc
 
 TIMEOUT = 60  # seconds: a generous bound for every wait, never a measure of speed
@@ -85,8 +87,21 @@ def test_calls_must_stay_below_workers() -> None:
     with pytest.raises(ValueError, match=r"max_concurrent_calls \(16\) must be below max_workers \(8\)"):
         ServerConfig(max_workers=8)
     with pytest.raises(ValueError, match="must be below max_workers"):
-        ServerConfig(max_workers=4, max_concurrent_calls=4)
-    assert ServerConfig(max_workers=5, max_concurrent_calls=4).max_workers == 5
+        ServerConfig(max_workers=4, limits=Limits(max_concurrent_calls=4))
+    assert ServerConfig(max_workers=5, limits=Limits(max_concurrent_calls=4)).max_workers == 5
+
+
+def test_limits_are_nested_and_flat_keywords_are_deprecated() -> None:
+    config = ServerConfig(limits=Limits(max_call_bytes=1 << 20))
+    assert config.limits == Limits(max_call_bytes=1 << 20)
+    assert config.max_call_bytes == 1 << 20  # a read-only view of limits
+    with pytest.raises(ValueError, match="max_tensors_per_call must be positive, got 0"):
+        Limits(max_tensors_per_call=0)
+    with pytest.warns(DeprecationWarning, match=r"pass limits=Limits\(\.\.\.\)"):
+        flat = ServerConfig(max_call_bytes=1 << 20, max_concurrent_calls=2)  # type: ignore[call-arg]
+    assert flat.limits == Limits(max_call_bytes=1 << 20, max_concurrent_calls=2)
+    with pytest.warns(DeprecationWarning, match=r"ServerConfig\(max_inflight_bytes=\.\.\.\)"):
+        assert replace(config, max_inflight_bytes=5).limits.max_inflight_bytes == 5  # type: ignore[call-arg]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -27,6 +27,7 @@ from support import assert_serving, server_logs, start_server
 
 from paramsel.client import Client, ParamselError, StatusCode
 from paramsel.server.app import SERVICE_NAME, RunningServer
+from paramsel.server.config import Limits
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, write_contributions, write_frames
 
@@ -121,10 +122,12 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp(f"fuzz-{request.param.replace('+', '-')}")
     secured = security(request.param, root)
     with server_logs(root / "server.log") as log:
-        running = start_server(secured.server_config(max_call_bytes=MAX_CALL_BYTES))
+        running = start_server(secured.server_config(limits=Limits(max_call_bytes=MAX_CALL_BYTES)))
         reference = None
         if secured.secured:
-            reference = start_server(Security("plain").server_config(max_call_bytes=MAX_CALL_BYTES))
+            reference = start_server(
+                Security("plain").server_config(limits=Limits(max_call_bytes=MAX_CALL_BYTES))
+            )
         try:
             with secured.channel(running.target) as channel:
                 if reference is None:

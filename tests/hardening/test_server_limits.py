@@ -129,13 +129,13 @@ class Held:
 
 @pytest.fixture
 def limited(request: pytest.FixtureRequest) -> Iterator[tuple[RunningServer, Any]]:
-    running = start_server(**request.param)
+    running = start_server(limits=request.param)
     with grpc.insecure_channel(running.target) as channel:
         yield running, channel
     running.stop(0)
 
 
-@pytest.mark.parametrize("limited", [{"max_tensors_per_call": 3}], indirect=True)
+@pytest.mark.parametrize("limited", [Limits(max_tensors_per_call=3)], indirect=True)
 @pytest.mark.parametrize("method", ["Select", "Aggregate"])
 def test_tensors_per_call(limited: tuple[RunningServer, Any], method: str) -> None:
     _, channel = limited
@@ -148,7 +148,7 @@ def test_tensors_per_call(limited: tuple[RunningServer, Any], method: str) -> No
     assert_serving(channel)
 
 
-@pytest.mark.parametrize("limited", [{"max_elements_per_tensor": 1000}], indirect=True)
+@pytest.mark.parametrize("limited", [Limits(max_elements_per_tensor=1000)], indirect=True)
 def test_elements_per_tensor(limited: tuple[RunningServer, Any]) -> None:
     running, channel = limited
     stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
@@ -189,7 +189,7 @@ def test_bytes_per_call() -> None:
     # the k-th largest (4000); 500 entries selected (float32 values, int64 positions) and their 500
     # int64 positions encoded: what a call is counted for, beside its upload, as the README's table says.
     assert limit == 4000 + 2 * inbound.TENSOR_OVERHEAD_BYTES + 4000 + 4000 + 500 * (4 + 8) + 500 * 8
-    with serving(max_call_bytes=limit) as (running, channel):
+    with serving(limits=Limits(max_call_bytes=limit)) as (running, channel):
         stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
         # An upload over the limit is refused from its declarations, before any chunk.
         err = refused_before_chunks(stub.Select, select_frames(limit // 8 + 1, limit // 8 + 1))
@@ -204,7 +204,7 @@ def test_bytes_per_call() -> None:
         assert_serving(channel)
 
 
-@pytest.mark.parametrize("limited", [{"max_concurrent_calls": 1}], indirect=True)
+@pytest.mark.parametrize("limited", [Limits(max_concurrent_calls=1)], indirect=True)
 def test_concurrent_calls_beyond_the_limit_are_refused_not_queued(limited: tuple[RunningServer, Any]) -> None:
     running, channel = limited
     stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
@@ -249,7 +249,7 @@ def test_inflight_bytes_across_calls() -> None:
     cap = held_bytes + small_bytes  # room for the held call's upload and work, and the small call's
     assert big_upload > cap - held_upload  # the big upload does not fit beside the held one ...
     assert big_bytes <= cap  # ... but the whole big call fits alone
-    with serving(max_inflight_bytes=cap) as (running, channel):
+    with serving(limits=Limits(max_inflight_bytes=cap)) as (running, channel):
         stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
         held = Held(stub, held_frames)
         wait_for(lambda: running.limits.inflight_bytes == held_upload)

@@ -20,6 +20,7 @@ from reserved import reserved_bytes
 from support import assert_serving, start_server
 
 from paramsel.server import inbound
+from paramsel.server.config import Limits
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import chunk_frames
 from paramsel.wire.streams import SparseOut, read_frames, write_frames
@@ -557,7 +558,7 @@ def test_message_over_grpc_limit(channel: grpc.Channel) -> None:
 
 @pytest.fixture(scope="module")
 def small_channel() -> Iterator[grpc.Channel]:
-    running = start_server(max_call_bytes=1024)
+    running = start_server(limits=Limits(max_call_bytes=1024))
     try:
         with grpc.insecure_channel(running.target) as ch:
             yield ch
@@ -595,7 +596,7 @@ def test_call_at_the_byte_limit() -> None:
     )
     assert reserved_bytes("Select", frames) == needed == 16384
     for limit in (needed, needed - 1):
-        running = start_server(max_call_bytes=limit)
+        running = start_server(limits=Limits(max_call_bytes=limit))
         try:
             with grpc.insecure_channel(running.target) as ch:
                 if limit == needed:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from paramsel import engine
 from paramsel.client._client import SparseTensor, read_selection
 from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers
@@ -32,17 +31,14 @@ _LOSSY_DTYPES = (torch.float16, torch.bfloat16)
 def fl4health_sparse(sparse: Sequence[SparseTensor]) -> tuple[NDArrays, SparseInfo]:
     """(values, (indices, shapes, names)) as FL4Health's select_parameters returns them (of tensors
     with flat positions, as the service answers)."""
-    return _fl4health([(s.name, s.shape, s.values, s.positions) for s in sparse])
+    return fl4health_parts([(s.name, s.shape, s.values, s.positions) for s in sparse])
 
 
-def fl4health_sparse_of(tensors: Sequence[engine.SparseTensor]) -> tuple[NDArrays, SparseInfo]:
-    """The same, of a selection the engine made in this process."""
-    return _fl4health([(t.name, t.shape, t.values, t.positions) for t in tensors])
-
-
-def _fl4health(
+def fl4health_parts(
     parts: Sequence[tuple[str, tuple[int, ...], torch.Tensor, torch.Tensor]],
 ) -> tuple[NDArrays, SparseInfo]:
+    """The same, of (name, shape, values, flat positions) per tensor: e.g. a selection the engine made
+    in this process (:func:`paramsel.client._embedded.select_top_k_by_scores`)."""
     values = [to_numpy(v) for _, _, v, _ in parts]
     indices = [flat_to_coo(p, shape) for _, shape, _, p in parts]
     shapes = [np.array(list(shape), dtype=np.int64) for _, shape, _, _ in parts]
@@ -69,7 +65,9 @@ def unpack_compact(payload: bytes) -> NDArrays:
         got = read_selection(frames)
     sparse = got.sparse.get(tensor_pb2.SECTION_RESULT, [])
     if sparse:
-        return pack_sparse(*_fl4health([(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse]))
+        return pack_sparse(
+            *fl4health_parts([(s.decl.name, s.decl.shape, s.values, s.positions) for s in sparse])
+        )
     dense = got.dense.get(tensor_pb2.SECTION_RESULT, [])
     return pack_layers([to_numpy(t) for _, t in dense], [d.name for d, _ in dense])
 

@@ -4,7 +4,7 @@ The six score functions compute their scores locally when called (as FL4Health's
 :class:`SparseCooParameterExchanger`, they only name the criterion the server applies. The layer
 selection functions and ``select_scores_and_sample_masks`` call the service when called. Any other
 score or layer selection function (a user's own) is called here, and its selection made in this
-process by the engine the server runs.
+process by the engine the server runs (through :mod:`paramsel.client._embedded`, loaded when called).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from paramsel import engine
+from paramsel.client import _embedded
 from paramsel.client._client import Client
 from paramsel.client._connection import Connection, with_target
 from paramsel.client._errors import invalid_argument, local_errors
@@ -36,79 +36,72 @@ from paramsel.client._types import (
 # A criterion a layer selection function carries out.
 LayerCriterion = DriftThreshold | DriftPercentage | FedPm
 
-_SCORE_FUNCTION: dict[engine.ScoreFunction, ScoreFunction] = {
-    engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE: ScoreFunction.LARGEST_FINAL_MAGNITUDE,
-    engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE: ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
-    engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE: ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
-    engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE: ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
-    engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE: ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
-    engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE: ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
-}
-
 
 def _scores(
-    kind: engine.ScoreFunction, model: nn.Module, initial_model: nn.Module | None
+    kind: ScoreFunction, model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     with local_errors():
-        return engine.score_tensors(kind, state_of(model), state_of(initial_model) if initial_model else None)
+        return _embedded.score_tensors(
+            kind, state_of(model), state_of(initial_model) if initial_model else None
+        )
 
 
 def largest_final_magnitude_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """|w| for every state entry."""
-    return _scores(engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE, model, initial_model)
+    return _scores(ScoreFunction.LARGEST_FINAL_MAGNITUDE, model, initial_model)
 
 
 def smallest_final_magnitude_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """-|w| for every state entry."""
-    return _scores(engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE, model, initial_model)
+    return _scores(ScoreFunction.SMALLEST_FINAL_MAGNITUDE, model, initial_model)
 
 
 def largest_magnitude_change_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """|w - w0| for every state entry; needs the initial model."""
-    return _scores(engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE, model, initial_model)
+    return _scores(ScoreFunction.LARGEST_MAGNITUDE_CHANGE, model, initial_model)
 
 
 def smallest_magnitude_change_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """-|w - w0| for every state entry; needs the initial model."""
-    return _scores(engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE, model, initial_model)
+    return _scores(ScoreFunction.SMALLEST_MAGNITUDE_CHANGE, model, initial_model)
 
 
 def largest_increase_in_magnitude_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """|w| - |w0| for every state entry; needs the initial model."""
-    return _scores(engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model)
+    return _scores(ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model)
 
 
 def smallest_increase_in_magnitude_scores(
     model: nn.Module, initial_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
     """-(|w| - |w0|) for every state entry; needs the initial model."""
-    return _scores(engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model)
+    return _scores(ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model)
 
 
-SCORE_FUNCTION_BY_NAME: dict[str, engine.ScoreFunction] = {
-    f"{kind.value}_scores": kind for kind in engine.ScoreFunction
+SCORE_FUNCTION_BY_NAME: dict[str, ScoreFunction] = {
+    f"{kind.name.lower()}_scores": kind for kind in ScoreFunction
 }
-_OURS: dict[Any, engine.ScoreFunction] = {
-    largest_final_magnitude_scores: engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE,
-    smallest_final_magnitude_scores: engine.ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
-    largest_magnitude_change_scores: engine.ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
-    smallest_magnitude_change_scores: engine.ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
-    largest_increase_in_magnitude_scores: engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
-    smallest_increase_in_magnitude_scores: engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
+_OURS: dict[Any, ScoreFunction] = {
+    largest_final_magnitude_scores: ScoreFunction.LARGEST_FINAL_MAGNITUDE,
+    smallest_final_magnitude_scores: ScoreFunction.SMALLEST_FINAL_MAGNITUDE,
+    largest_magnitude_change_scores: ScoreFunction.LARGEST_MAGNITUDE_CHANGE,
+    smallest_magnitude_change_scores: ScoreFunction.SMALLEST_MAGNITUDE_CHANGE,
+    largest_increase_in_magnitude_scores: ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
+    smallest_increase_in_magnitude_scores: ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
 }
 
 
-def served_score_function(function: Any) -> engine.ScoreFunction | None:
+def served_score_function(function: Any) -> ScoreFunction | None:
     """Which of the six a score function is: one of ours, or FL4Health's own of the same name (its
     module is fl4health's). None for any other function, even one that borrows a name."""
     if function in _OURS:
@@ -125,7 +118,7 @@ def score_criterion(score_gen_function: Any, sparsity_level: float, *, exact_k: 
     kind = served_score_function(score_gen_function)
     if kind is None:
         return None
-    return TopK(float(sparsity_level), _SCORE_FUNCTION[kind], bool(exact_k))
+    return TopK(float(sparsity_level), kind, bool(exact_k))
 
 
 def layer_criterion_of(value: object, what: str = "criterion") -> LayerCriterion:
@@ -212,11 +205,12 @@ def _select_layers_here(
     normalize, more = criterion.normalize, criterion.select_drift_more
     state = state_of(model)
     with local_errors():
-        if initial_model is None:
-            raise engine.FailedPrecondition(
-                f"select_layers_by_{'threshold' if threshold else 'percentage'} needs the initial model, but none was given"
-            )
-        drifts = engine.drift_norms(state, state_of(initial_model), normalize=normalize)
+        drifts = _embedded.drift_norms(
+            state,
+            state_of(initial_model) if initial_model is not None else None,
+            normalize=normalize,
+            what=f"select_layers_by_{'threshold' if threshold else 'percentage'}",
+        )
     if isinstance(criterion, DriftThreshold):
         norm_threshold = criterion.norm_threshold
         names = [

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramsel import engine
+from paramsel.client import _embedded
 from paramsel.client._client import Client, SelectResult
-from paramsel.client._compact import compact_payload, fl4health_sparse, fl4health_sparse_of, pack_compact
+from paramsel.client._compact import compact_payload, fl4health_parts, fl4health_sparse, pack_compact
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import (
     LayerCriterion,
@@ -29,7 +29,6 @@ from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.positions import coo_to_flat
 
 Config = dict[str, Any]
-_PULL_MODES = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}
 
 
 def _check_sparsity_level(sparsity_level: float) -> None:
@@ -37,10 +36,10 @@ def _check_sparsity_level(sparsity_level: float) -> None:
         raise invalid_argument(f"sparsity_level must be in (0, 1], got {sparsity_level}")
 
 
-def _pull_mode(pull_mode: str) -> engine.PullMode:
-    if pull_mode not in _PULL_MODES:
+def _pull_mode(pull_mode: str) -> str:
+    if pull_mode not in _embedded.PULL_MODES:
         raise invalid_argument(f"pull_mode must be 'replace' or 'scatter', got {pull_mode!r}")
-    return _PULL_MODES[pull_mode]
+    return pull_mode
 
 
 class SparseCooParameterPacker:
@@ -134,13 +133,13 @@ class SparseCooParameterExchanger:
         criterion = self.criterion
         if criterion is None:  # the caller's own score function: scored and selected here
             with local_errors():
-                result = engine.select_top_k_by_scores(
+                parts = _embedded.select_top_k_by_scores(
                     state_of(model),
                     self.generate_parameter_scores(model, initial_model),
                     sparsity_level=self.sparsity_level,
                     exact_k=bool(self.exact_k),
                 )
-            return fl4health_sparse_of(result.tensors)
+            return fl4health_parts(parts)
         return fl4health_sparse(self._select(criterion, model, initial_model).sparse)
 
     def push_parameters(
@@ -210,8 +209,8 @@ class SparseCooParameterExchanger:
                         )
                     coords = coords.reshape(-1, len(dense_shape))
                 flat = coo_to_flat(coords, dense_shape, what=what)
-                payload.append(engine.SparseTensor(name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
-            engine.pull_sparse_into(model.state_dict(), payload, mode=mode)
+                payload.append((name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
+            _embedded.pull_sparse_into(model.state_dict(), payload, mode=mode)
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
         return self.parameter_packer.pack_parameters(model_weights, additional_parameters)
@@ -233,7 +232,7 @@ class DynamicLayerExchanger:
     own ``select_parameters``, as FL4Health's does.
     """
 
-    _pull = staticmethod(engine.pull_layers)
+    _pull = staticmethod(_embedded.pull_layers)
 
     def __init__(
         self,
@@ -293,10 +292,8 @@ class DynamicLayerExchanger:
     def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Config | None = None) -> None:
         arrays, names = self.unpack_parameters(parameters)
         tensors = [(name, to_tensor(a)) for name, a in zip(names, arrays, strict=True)]
-        state = model.state_dict()
-        specs = [engine.TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
         with local_errors():
-            load_changed(model, self._pull(specs, tensors))
+            load_changed(model, self._pull(model.state_dict(), tensors))
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: list[str]) -> NDArrays:
         return self.parameter_packer.pack_parameters(model_weights, additional_parameters)
@@ -313,7 +310,7 @@ class FedPmExchanger(DynamicLayerExchanger):
     unless assigned), and applies to FedPM selections that carry no seed of their own.
     """
 
-    _pull = staticmethod(engine.pull_fedpm)
+    _pull = staticmethod(_embedded.pull_fedpm)
 
     def __init__(
         self,

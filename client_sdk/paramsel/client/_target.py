@@ -6,6 +6,8 @@ import atexit
 import threading
 from typing import Any
 
+from paramsel.client._embedded import start_server
+
 ENV_TARGET = "PARAMSEL_TARGET"
 
 _lock = threading.Lock()
@@ -17,8 +19,6 @@ def embedded_target() -> str:
     global _embedded
     with _lock:
         if _embedded is None:
-            from paramsel.server import ServerConfig, create_server  # the server only when needed
-
-            _embedded = create_server(ServerConfig(host="127.0.0.1", port=0, reflection=False))
+            _embedded = start_server()  # the server (and torch) only when needed
             atexit.register(_embedded.stop, 0)
         return str(_embedded.target)

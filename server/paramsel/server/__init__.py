@@ -1,7 +1,8 @@
 """The gRPC side of paramsel: a thin servicer over :mod:`paramsel.engine`, and the process around it.
 
-:class:`ServerConfig` is imported with the package; ``create_server`` (and with it the servicer and
-torch) on first use (PEP 562), so that ``paramsel health`` and ``paramsel --help`` start fast.
+:class:`ServerConfig` and its :class:`Limits` are imported with the package; ``create_server`` (and with
+it the servicer and torch) on first use (PEP 562), so that ``paramsel health`` and ``paramsel --help``
+start fast.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from paramsel.server.config import ServerConfig
+from paramsel.server.config import Limits, ServerConfig
 
 if TYPE_CHECKING:
     from paramsel.server.app import create_server
 
-__all__ = ["ServerConfig", "create_server"]
+__all__ = ["Limits", "ServerConfig", "create_server"]
 
 if not TYPE_CHECKING:  # type checkers see the import above; a misspelt name stays an error for them
 

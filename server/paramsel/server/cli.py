@@ -12,9 +12,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from paramsel.client._connection import Connection
-from paramsel.demo.cli import register as register_demo
-from paramsel.server.config import ServerConfig
+from paramsel.server.config import Limits, ServerConfig
 from paramsel.server.health_check import DEFAULT_TIMEOUT_SECONDS, default_target, run_health
 from paramsel.server.security import TOKENS_ENV, ConfigError, load_tokens
 
@@ -40,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-call-bytes",
         type=int,
-        default=defaults.max_call_bytes,
+        default=defaults.limits.max_call_bytes,
         help="bytes one call may make the server hold: its upload and what is computed from it (default %(default)s = 8 GiB)",
     )
     s.add_argument(
@@ -104,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_health_tls(h)
     h.set_defaults(run=_health, usage=h.format_usage)
+    # Seam: `paramsel demo` and its roles are the demo package's subcommands (their own imports are
+    # lazy); registered here so that one `paramsel` program carries them.
+    from paramsel.demo.cli import register as register_demo
+
     register_demo(commands)
     return parser
 
@@ -143,26 +145,26 @@ def _add_limits(s: argparse.ArgumentParser, defaults: ServerConfig) -> None:
     s.add_argument(
         "--max-concurrent-calls",
         type=int,
-        default=defaults.max_concurrent_calls,
+        default=defaults.limits.max_concurrent_calls,
         help="paramsel calls running at once; more are refused with RESOURCE_EXHAUSTED, not queued; "
         "must be below --max-workers (default %(default)s)",
     )
     s.add_argument(
         "--max-inflight-bytes",
         type=int,
-        default=defaults.max_inflight_bytes,
+        default=defaults.limits.max_inflight_bytes,
         help="the same bytes of all running calls together (default %(default)s = 12 GiB)",
     )
     s.add_argument(
         "--max-tensors-per-call",
         type=int,
-        default=defaults.max_tensors_per_call,
+        default=defaults.limits.max_tensors_per_call,
         help="tensors one call may declare (default %(default)s)",
     )
     s.add_argument(
         "--max-elements-per-tensor",
         type=int,
-        default=defaults.max_elements_per_tensor,
+        default=defaults.limits.max_elements_per_tensor,
         help="elements of one declared tensor (default %(default)s = 2**31)",
     )
 
@@ -205,16 +207,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         chunk_size_bytes=args.chunk_size_bytes,
-        max_call_bytes=args.max_call_bytes,
         max_workers=args.max_workers,
         grace_seconds=args.grace_seconds,
         progress_timeout_seconds=args.progress_timeout_seconds,
         max_calls_per_peer=args.max_calls_per_peer,
         model_cache_bytes=args.model_cache_bytes,
-        max_concurrent_calls=args.max_concurrent_calls,
-        max_inflight_bytes=args.max_inflight_bytes,
-        max_tensors_per_call=args.max_tensors_per_call,
-        max_elements_per_tensor=args.max_elements_per_tensor,
+        limits=Limits(
+            max_concurrent_calls=args.max_concurrent_calls,
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_call_bytes=args.max_call_bytes,
+            max_tensors_per_call=args.max_tensors_per_call,
+            max_elements_per_tensor=args.max_elements_per_tensor,
+        ),
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
@@ -279,6 +283,8 @@ def _non_negative_seconds(text: str) -> float:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from paramsel.client._connection import Connection  # seam: the probe takes the SDK's TLS settings
+
     try:
         connection = Connection(
             ca_file=args.ca_file,

@@ -2,6 +2,8 @@
 
 The module needs only grpc, the health stubs and the SDK's torch-free connection code; it speaks the
 standard protocol, so no separately downloaded ``grpc_health_probe`` binary is needed in the image.
+The SDK's code is imported in :func:`check_health` only: this is one of the server's named seams into
+``paramsel.client`` (CONTRIBUTING.md, "Layout and dependency rule"), used by ``paramsel health``.
 
 TLS, the client certificate and the bearer token are the SDK's :class:`~paramsel.client.Connection`
 settings, resolved by the SDK's own code: flags, else ``$PARAMSEL_CA_FILE``, ``$PARAMSEL_CERT_FILE`` /
@@ -18,14 +20,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from paramsel.client._connection import Connection, Resolved, credentials, resolve
-from paramsel.client._errors import ParamselError
-from paramsel.client._tls_probe import tls_mismatch
+if TYPE_CHECKING:  # types only; the code is imported where it runs (check_health)
+    from paramsel.client._connection import Connection, Resolved
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "PARAMSEL_TARGET"
@@ -73,6 +74,8 @@ def tls_server_name(name: str | None = None) -> str | None:
 def _channel(resolved: Resolved, server_name: str | None) -> grpc.Channel:
     if not resolved.tls:
         return grpc.insecure_channel(resolved.target)
+    from paramsel.client._connection import credentials  # seam: the SDK's TLS settings, as it reads them
+
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     return grpc.secure_channel(resolved.target, credentials(resolved), options=options)
 
@@ -93,6 +96,12 @@ def check_health(
     Never raises for what the server, the network or the settings' files do: every outcome is a
     :class:`HealthResult`.
     """
+    # Seam: the probe connects as the SDK does (TLS, client certificate, token, their environment
+    # variables), with the SDK's own torch-free code rather than a copy of it.
+    from paramsel.client._connection import Connection, resolve
+    from paramsel.client._errors import ParamselError
+    from paramsel.client._tls_probe import tls_mismatch
+
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     if not target:

@@ -31,6 +31,6 @@ def server_info(config: ServerConfig) -> service_pb2.GetServerInfoResponse:
         criteria=[field.name for field in criteria_pb2.Criterion.DESCRIPTOR.oneofs_by_name["kind"].fields],
         payload_kinds=kinds,
         max_chunk_size_bytes=MAX_CHUNK_SIZE_BYTES,
-        max_call_bytes=config.max_call_bytes,
+        max_call_bytes=config.limits.max_call_bytes,
         requires_token=bool(config.tokens),
     )

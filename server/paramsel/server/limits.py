@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramsel.engine.budget import Need, Work
+
+# Defined with the settings (torch-free, nested in ServerConfig); re-exported for the admission code.
+from paramsel.server.config import Limits as Limits
 from paramsel.wire import DenseDecl, WireError, WireLimitError
 from paramsel.wire.codec import SparseDecl, dense_decl, sparse_decl
 
@@ -33,17 +36,6 @@ INFLIGHT_FLAG = "--max-inflight-bytes"
 
 class ServerDrainingError(Exception):
     """The server is shutting down and takes no new calls (UNAVAILABLE)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one server accepts at a time."""
-
-    max_concurrent_calls: int
-    max_inflight_bytes: int
-    max_call_bytes: int
-    max_tensors_per_call: int
-    max_elements_per_tensor: int
 
 
 @dataclass

@@ -34,13 +34,7 @@ def _model(received: Received) -> dict[str, torch.Tensor]:
 
 
 def limits_of(config: ServerConfig) -> Limits:
-    return Limits(
-        max_concurrent_calls=config.max_concurrent_calls,
-        max_inflight_bytes=config.max_inflight_bytes,
-        max_call_bytes=config.max_call_bytes,
-        max_tensors_per_call=config.max_tensors_per_call,
-        max_elements_per_tensor=config.max_elements_per_tensor,
-    )
+    return config.limits
 
 
 class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServicer):
@@ -58,7 +52,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         (``select_plan``); what only the data decide, as the engine comes to it (``reserve_need``)."""
         received = inbound.read_models(
             check_held_early(call.watch(frames, inbound.select_plan), self._models),
-            max_bytes=self._config.max_call_bytes,
+            max_bytes=self._config.limits.max_call_bytes,
         )
         start = received.first
         size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
@@ -102,7 +96,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     ) -> Iterator[service_pb2.PullResponse]:
         with statuses(context, "Pull"), self.limits.call() as call:
             received = inbound.read_pull(
-                call.watch(request_iterator, inbound.pull_plan), max_bytes=self._config.max_call_bytes
+                call.watch(request_iterator, inbound.pull_plan), max_bytes=self._config.limits.max_call_bytes
             )
             start: service_pb2.PullStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
@@ -137,7 +131,8 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
     ) -> Iterator[service_pb2.AggregateResponse]:
         with statuses(context, "Aggregate"), self.limits.call() as call:
             received = inbound.read_contributions(
-                call.watch(request_iterator, inbound.aggregate_plan), max_bytes=self._config.max_call_bytes
+                call.watch(request_iterator, inbound.aggregate_plan),
+                max_bytes=self._config.limits.max_call_bytes,
             )
             start: service_pb2.AggregateStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
