@@ -156,6 +156,22 @@ def _callable_problems(owner: str, function: Callable[..., Any], exported: set[i
         yield from _problems(owner, name, annotation, raw.get(name), exported)
 
 
+def _class_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)`` without a dataclass's ``KW_ONLY`` marker, which Python 3.10's
+    get_type_hints refuses ("Forward references must evaluate to types"); 3.11 and later skip it."""
+    hints: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        own = {
+            key: annotation
+            for key, annotation in getattr(base, "__annotations__", {}).items()
+            if annotation not in ("KW_ONLY", "dataclasses.KW_ONLY") and annotation is not dataclasses.KW_ONLY
+        }
+        # A stand-in in the base's module resolves the annotations against that module's names.
+        stand_in = type(base.__name__, (), {"__annotations__": own, "__module__": base.__module__})
+        hints.update(typing.get_type_hints(stand_in))
+    return hints
+
+
 def _class_problems(name: str, cls: type, exported: set[int]) -> Iterator[str]:
     if issubclass(cls, enum.Enum):
         return  # members, not signatures
@@ -164,7 +180,7 @@ def _class_problems(name: str, cls: type, exported: set[int]) -> Iterator[str]:
     else:
         members = list(_members(cls))
     try:
-        hints = typing.get_type_hints(cls)
+        hints = _class_hints(cls)
     except Exception as error:
         yield f"{name}: class annotations do not resolve ({type(error).__name__}: {error})"
         hints = {}
