@@ -30,6 +30,7 @@ log = logging.getLogger("paramsel.server")
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"].full_name
 HEALTH_THREADS = 2
+SIGNAL_POLL_SECONDS = 1.0
 REFLECTION_THREADS = 2
 
 # Keepalive. The server pings a connection after 30 s without traffic and closes it when the ping is
@@ -286,5 +287,8 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     signal.signal(signal.SIGINT, on_signal)
     running = create_server(config)
     announce(f"paramsel serving on {config.host}:{running.port}", flush=True)
-    stopping.wait()
+    # Woken every second: the kernel may hand SIGTERM to any of gRPC's threads, and then nothing interrupts
+    # an untimed wait here, where Python runs signal handlers; the signal would be left pending for ever.
+    while not stopping.wait(SIGNAL_POLL_SECONDS):
+        pass
     running.stop()
