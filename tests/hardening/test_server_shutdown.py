@@ -142,16 +142,15 @@ def test_a_sigterm_that_lands_on_another_thread_still_drains(tmp_path: Any) -> N
 
     script = tmp_path / "serve_and_signal_a_thread.py"
     script.write_text(
-        "import signal, threading\n"
+        "import signal, threading, time\n"
         "from paramsel.server import ServerConfig\n"
         "from paramsel.server.app import serve\n"
         "def announce(text, **_):\n"
         "    print(text, flush=True)\n"
         "    def hit_me():\n"
+        "        time.sleep(2)  # by then the main thread waits in serve(); the signal must wake it\n"
         "        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
-        "    thread = threading.Thread(target=hit_me)\n"
-        "    thread.start()\n"
-        "    thread.join()\n"
+        "    threading.Thread(target=hit_me, daemon=True).start()\n"
         "serve(ServerConfig(host='127.0.0.1', port=0, grace_seconds=1), announce=announce)\n"
         "print('drained', flush=True)\n"
     )
