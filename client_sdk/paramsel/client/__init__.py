@@ -11,7 +11,6 @@ deadline, retries) if given, else to ``$PARAMSEL_TARGET``, else to a server embe
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 # Imported with the package: none of them needs torch, so that `paramsel health` (which connects the
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from paramsel.client._connection import Connection
 from paramsel.client._errors import InvalidArgumentError, ParamselError, StatusCode
 from paramsel.client._target import ENV_TARGET
+from paramsel.wire.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
@@ -154,16 +154,6 @@ _LAZY = {
     ),
 }
 
+_getattr, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 if not TYPE_CHECKING:  # type checkers see the imports above; a misspelt name stays an error for them
-
-    def __getattr__(name: str) -> object:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # later lookups find it without coming here
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    __getattr__ = _getattr

@@ -10,10 +10,10 @@ server's settings do not pay for torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from paramsel.wire.errors import WireError, WireLimitError
+from paramsel.wire.lazy import lazy_exports
 from paramsel.wire.sizes import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
 
 if TYPE_CHECKING:
@@ -62,16 +62,6 @@ _LAZY = {
     **dict.fromkeys(("Inbound", "chunk_frames", "spec_batches"), "paramsel.wire.sections"),
 }
 
+_getattr, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 if not TYPE_CHECKING:  # type checkers see the imports above; a misspelt name stays an error for them
-
-    def __getattr__(name: str) -> object:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # later lookups find it without coming here
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    __getattr__ = _getattr

@@ -7,25 +7,16 @@ start fast.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from paramsel.server.config import Limits, ServerConfig
+from paramsel.wire.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from paramsel.server.app import create_server
 
 __all__ = ["Limits", "ServerConfig", "create_server"]
 
+_getattr, __dir__ = lazy_exports(__name__, globals(), {"create_server": "paramsel.server.app"})
 if not TYPE_CHECKING:  # type checkers see the import above; a misspelt name stays an error for them
-
-    def __getattr__(name: str) -> object:
-        if name != "create_server":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = importlib.import_module("paramsel.server.app").create_server
-        globals()[name] = value  # later lookups find it without coming here
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    __getattr__ = _getattr
