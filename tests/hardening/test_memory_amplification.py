@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from support import assert_serving, serve_process
+from support import PeakGrowth, assert_serving, serve_process
 
 from paramsel import engine
 from paramsel.client import Client, PayloadKind, SparseTensor
@@ -85,55 +85,6 @@ def raw_pull(layout_dtype: int, value_dtype: int) -> list[service_pb2.PullReques
 
 def size_of(frames: list[Any]) -> int:
     return sum(frame.ByteSize() for frame in frames)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The server's memory, from /proc
-
-
-def _status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-class PeakGrowth:
-    """How far the process's resident memory rises above where it was while the block runs: its peak
-    (VmHWM, reset through /proc/PID/clear_refs) or, where that cannot be reset, the largest VmRSS seen
-    by a thread sampling it every few milliseconds."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.growth = 0
-        self._stop = threading.Event()
-        self._seen = 0
-
-    def __enter__(self) -> PeakGrowth:
-        self.before = _status(self.pid, "VmRSS")
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
-                refs.write("5")  # resets VmHWM to the current VmRSS
-            self._sampler: threading.Thread | None = None
-        except OSError:
-            self._seen = self.before
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._seen = max(self._seen, _status(self.pid, "VmRSS"))
-
-    def __exit__(self, *_: object) -> None:
-        if self._sampler is None:
-            peak = _status(self.pid, "VmHWM")
-        else:
-            self._stop.set()
-            self._sampler.join()
-            peak = self._seen
-        self.growth = peak - self.before
 
 
 # ---------------------------------------------------------------------------------------------------

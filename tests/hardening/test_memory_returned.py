@@ -11,20 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import serve_process, wait_for
+from support import proc_status, serve_process, wait_for
 
 from paramsel.client import Client, Connection, ScoreFunction, TopK
 from paramsel.server.memory import ENV, return_freed_memory
 
 PARAMETERS = 50_000_000
 PUSHES = 12
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 def _idle_rss_mb(pid: int, log: Path, pushes: int) -> float:
@@ -34,7 +27,7 @@ def _idle_rss_mb(pid: int, log: Path, pushes: int) -> float:
         lambda: log.read_text(errors="replace").count('"method":"Push"') >= pushes,
         what=f"{pushes} Push lines in the server's log",
     )
-    return _rss_mb(pid)
+    return proc_status(pid, "VmRSS") / 2**20
 
 
 @pytest.mark.slow  # a `paramsel serve` process given 12 pushes of 50 M parameters
