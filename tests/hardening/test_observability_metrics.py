@@ -138,6 +138,7 @@ def test_http_endpoint_serves_the_figures() -> None:
     assert samples[("paramsel_received_bytes_total", (("method", "Select"),))] >= UPLOAD
     assert samples[("paramsel_sent_bytes_total", (("method", "Select"),))] > 0
     assert ("paramsel_inflight_bytes", ()) in samples
+    assert samples[("paramsel_active_calls", ())] == 0
 
 
 def call_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -213,6 +214,7 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
                     call: Any = call, served: Served = served, in_flight: list[bool] = in_flight
                 ) -> bool:
                     if served.value("paramsel_inflight_bytes") == held:
+                        assert served.value("paramsel_active_calls") == 1
                         in_flight.append(True)
                         return True
                     return not call.is_active()
@@ -241,6 +243,7 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
                 assert line["code"] in codes
                 assert served.value("paramsel_calls_total", method="Select", code=line["code"]) == 1
                 assert served.value("paramsel_inflight_bytes") == 0
+                wait_for(lambda s=served: s.value("paramsel_active_calls") == 0)
                 assert line["bytes_in"] == held
                 return
             finally:

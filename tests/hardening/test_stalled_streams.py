@@ -4,6 +4,7 @@ others out. Real servers on loopback; every wait is bounded, none measures speed
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,15 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from support import assert_serving, metric, running_server, serve_process, start_server, wait_for
+from support import (
+    assert_serving,
+    metric,
+    running_server,
+    scrape,
+    serve_process,
+    start_server,
+    wait_for,
+)
 
 from paramsel import engine
 from paramsel.server import outbound
@@ -118,7 +127,10 @@ def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> No
     clients still hold their streams and connections open."""
     log = tmp_path / "serve.log"
     flags = ("--progress-timeout-seconds", str(PROGRESS_TIMEOUT), "--max-concurrent-calls", "16")
-    with serve_process(*flags, log=log) as (_, target):
+    with serve_process(*flags, "--metrics-port", "0", log=log) as (_, target):
+        found = re.search(r"metrics port=(\d+)", log.read_text())
+        assert found is not None, log.read_text()
+        metrics_port = int(found.group(1))
         channels = [grpc.insecure_channel(target) for _ in range(4)]  # stalled clients, four connections
         stalled: list[Stalled] = []
         try:
@@ -128,6 +140,8 @@ def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> No
                 stalled.append(Stalled(stub.Push, held))
             for s in stalled:
                 assert s.sent.wait(TIMEOUT)
+            # Sent is not admitted: the Push below must not take a slot before the last stalled call does.
+            wait_for(lambda: scrape(metrics_port, "paramsel_active_calls") == 16)
             with grpc.insecure_channel(target) as channel:
                 stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
                 frames = push_frames(1000)

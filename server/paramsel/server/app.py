@@ -215,6 +215,8 @@ def create_server(
         options=SERVER_OPTIONS,
     )
     servicer = ParameterSelectionServicer(config)
+    limits = servicer.limits
+    observability.metrics_for(registry).active.set_function(lambda: limits.active_calls)
     server.add_generic_rpc_handlers((service_handlers(servicer),))
     health_servicer = health.HealthServicer()
     server.add_generic_rpc_handlers((health_handlers(health_servicer, health_pool),))

@@ -8,7 +8,9 @@ Metrics (``registry`` defaults to prometheus_client's global one):
 - ``paramsel_received_bytes_total{method}``, ``paramsel_sent_bytes_total{method}``: the serialized size
   of every request frame the handler read and every response frame it produced;
 - ``paramsel_selected_entries_total``: values sent by top-k selections (``TopKSummary.sent_entries``);
-- ``paramsel_inflight_bytes``: bytes received and sent by the calls still running.
+- ``paramsel_inflight_bytes``: bytes received and sent by the calls still running;
+- ``paramsel_active_calls``: paramsel.v1 calls admitted and still running (read from the server's call
+  limits when scraped; of the server created last, when several share one registry).
 
 The log line goes to the ``paramsel.calls`` logger at INFO, as JSON: ``{"event": "call", "method",
 "code", "duration_ms", "bytes_in", "bytes_out", "frames_in", "frames_out", "peer", "request_id"}``.
@@ -69,6 +71,9 @@ class Metrics:
         )
         self.inflight = Gauge(
             "paramsel_inflight_bytes", "bytes received and sent by calls still running", registry=registry
+        )
+        self.active = Gauge(
+            "paramsel_active_calls", "paramsel.v1 calls admitted and still running", registry=registry
         )
 
 
