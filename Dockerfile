@@ -22,7 +22,6 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY client_sdk/ client_sdk/
-COPY gen/ gen/
 # The demo extra too: the compose file runs the demo's coordinator and clients from this image.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
     && for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/constraints.txt "${wheel}[demo]"; done \

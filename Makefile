@@ -27,10 +27,10 @@ $(ORACLE): requirements/oracle.txt | $(STAMP)
 	.venv/bin/pip install --quiet --no-deps --ignore-requires-python --target .oracle -r requirements/oracle.txt
 	touch $(ORACLE)
 
-proto:  ## regenerate gen/python from proto/
+proto:  ## regenerate client_sdk/paramsel/v1 from proto/
 	scripts/gen_proto.sh
 
-check-proto:  ## fail when gen/python is stale
+check-proto:  ## fail when client_sdk/paramsel/v1 is stale
 	scripts/check_stubs.sh
 
 check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)

@@ -1,8 +1,8 @@
 """The dependency rule between paramsel's packages (CONTRIBUTING.md, "Layout and dependency rule").
 
-``paramsel`` is one namespace package assembled from three roots: ``server/`` (paramsel.engine,
-paramsel.server), ``client_sdk/`` (paramsel.client, paramsel.wire, paramsel.demo) and ``gen/python/``
-(paramsel.v1, generated from proto/). The folders are not the layers; the packages are:
+``paramsel`` is one namespace package assembled from two roots: ``server/`` (paramsel.engine,
+paramsel.server) and ``client_sdk/`` (paramsel.client, paramsel.wire, paramsel.demo, and paramsel.v1,
+generated from proto/). The folders are not the layers; the packages are:
 
 - ``paramsel.v1`` (generated) imports nothing of paramsel but itself;
 - ``paramsel.wire`` (the codec both sides share) imports only ``paramsel.v1``, and no grpc;
@@ -15,7 +15,7 @@ paramsel.server), ``client_sdk/`` (paramsel.client, paramsel.wire, paramsel.demo
 - ``paramsel.demo`` may import client, wire, v1 and server (it runs servers); not the engine. Today it
   imports only the SDK, inside its role functions.
 
-Imports are read from the source (ast), every ``.py`` under the three roots; an import under
+Imports are read from the source (ast), every ``.py`` under the two roots; an import under
 ``if TYPE_CHECKING:`` counts as a module-level one unless a seam lists it. A subprocess test checks what
 importing the SDK really loads.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_ROOTS = ("server", "client_sdk", "gen/python")
+SOURCE_ROOTS = ("server", "client_sdk")
 
 ALLOWED: dict[str, set[str]] = {
     "paramsel.v1": {"paramsel.v1"},
