@@ -5,7 +5,7 @@ LOCK := requirements/dev.lock
 ORACLE := .oracle/.installed
 SOURCES := server client_sdk tests examples benchmarks scripts
 
-.PHONY: setup lock proto check-proto check-container lint format test compat demo example bench serve ci clean
+.PHONY: setup lock proto check-proto check-container check-k8s lint format test compat demo example bench serve ci clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ check-proto:  ## fail when client_sdk/paramsel/v1 is stale
 
 check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)
 	scripts/check_container.sh
+
+# No cluster needed: kubectl's kustomize renders each kustomization, kubernetes-validate checks every
+# object strictly against the Kubernetes 1.27 and 1.37 schemas, and the test checks them against the code
+# (the flags, the probes, the memory rule). `make test` runs the same file.
+check-k8s: setup  ## validate deploy/kubernetes against the Kubernetes API schemas and the server's flags
+	$(PY) -m pytest -q tests/test_kubernetes_manifests.py
 
 lint: setup  ## buf lint and buf breaking (against the last release's image), ruff, mypy
 	.venv/bin/buf lint

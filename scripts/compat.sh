@@ -82,12 +82,12 @@ print(f"   python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}"
 PY
   # From outside the checkout, so that `paramsel` is the installed package, not the source tree.
   # tests/flower runs the Flower example, which needs flwr 1.41 (absent beside FL4Health's 1.18);
-  # contract, container and Node.js checks are about files and tools, not the Python environment,
-  # and run in the main job.
+  # contract, container, Kubernetes and Node.js checks are about files and tools, not the Python
+  # environment, and run in the main job.
   (cd "$venv" && "$py" -m pytest "$root/tests" -p no:cacheprovider -q --rootdir "$root" \
     -c "$root/pyproject.toml" --ignore="$root/tests/differential" --ignore="$root/tests/flower" \
     --ignore="$root/tests/test_contract.py" --ignore="$root/tests/test_container_files.py" \
-    --ignore="$root/tests/test_node_client.py") || status=1
+    --ignore="$root/tests/test_node_client.py" --ignore="$root/tests/test_kubernetes_manifests.py") || status=1
   (cd "$venv" && PYTHONPATH=$oracle_path PARAMSEL_REQUIRE_ORACLE=1 "$py" -m pytest "$root/tests/differential" \
     -p no:cacheprovider -q --rootdir "$root" -c "$root/pyproject.toml") || status=1
   return $status
