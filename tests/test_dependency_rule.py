@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from paramsel.server.app import RunningServer
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ROOTS = ("server", "client_sdk")
 
@@ -149,7 +151,7 @@ def _layer(name: str) -> str:
 
 
 def _all_imports() -> list[tuple[Path, Import]]:
-    found = []
+    found: list[tuple[Path, Import]] = []
     for root in SOURCE_ROOTS:
         for path in sorted((ROOT / root).rglob("*.py")):
             found.extend((path, imp) for imp in _imports_of(path))
@@ -253,10 +255,12 @@ def test_the_sdk_imports_without_the_server_or_the_engine(code: str) -> None:
     assert _loaded_after(code) == {"paramsel.server": False, "paramsel.engine": False}
 
 
-def test_a_callers_own_score_function_loads_the_engine_when_called_not_the_server() -> None:
+def test_a_callers_own_score_function_loads_neither_when_called(server: RunningServer) -> None:
+    # Scored in process, selected by the service (ScoreFunction.SUPPLIED): the engine stays out.
     loaded = _loaded_after(
         DROP_IN
         + "import torch\n"
-        + "exchangers[0].select_parameters(torch.nn.Linear(2, 2))\n"  # scored and selected in process
+        + f"exchangers[0].client = Client(target={server.target!r})\n"
+        + "exchangers[0].select_parameters(torch.nn.Linear(2, 2))\n"
     )
-    assert loaded == {"paramsel.server": False, "paramsel.engine": True}
+    assert loaded == {"paramsel.server": False, "paramsel.engine": False}

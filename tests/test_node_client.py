@@ -3,7 +3,7 @@
 The JavaScript client loads proto/ itself, streams a model in chunks, decodes Elias-Fano and bitmap
 positions and dense tensors, computes the expected selections on its own and exits non-zero on any
 mismatch (docs/clients.md is what it was written from). It also checks the rules the proto states for
-Aggregate, Pull and top-k, and writes out the contributions it aggregated and the answers it got: this
+Aggregate, Pull and top-k (top-k by scores of its own, SCORE_FUNCTION_SUPPLIED, included), and writes out the contributions it aggregated and the answers it got: this
 test aggregates the same contributions with the Python SDK, in another order, and the bytes must be
 identical - the server, not the caller, puts them in FL4Health's order.
 """
@@ -54,7 +54,7 @@ _DTYPES = {"DATA_TYPE_FLOAT32": np.float32, "DATA_TYPE_FLOAT64": np.float64}
 
 
 def _values(tensor: dict[str, Any]) -> np.ndarray:
-    values = np.frombuffer(bytes.fromhex(tensor["values"]), _DTYPES[tensor["dtype"]]).copy()
+    values: np.ndarray = np.frombuffer(bytes.fromhex(tensor["values"]), _DTYPES[tensor["dtype"]]).copy()
     return values if "coords" in tensor else values.reshape(tensor["shape"])
 
 
@@ -156,6 +156,12 @@ def test_node_client_selects_and_decodes_against_a_real_server(tmp_path: Path) -
         "k = ceil(100 x 0.07) in double = 8",
         "pull replace: every named tensor",
         "pull scatter: repeats summed",
+        # Top-k by the caller's own scores (SCORE_FUNCTION_SUPPLIED): the hand-worked selection
+        # through Select and Push, and a refusal naming the tensor without scores.
+        "supplied scores: Select N, k, selected, sent = 8 4 4 3",
+        "supplied scores: Select sent w@1=-1, w@3=3, b@1=8",
+        "supplied scores: Push packed values, indices, shapes: w=-1 3, b=8, w=0 1 1 0, b=1, w=2 3, b=2",
+        "supplied scores without b: status 3",
     ):
         assert any(line.startswith("ok") and rule in line for line in lines), (
             f"{rule!r} not checked\n{report}"

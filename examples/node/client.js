@@ -14,7 +14,8 @@
 // FL4Health does; with --emit, the contributions and the answers are written out, in the order they
 // were generated, so that tests/test_node_client.py can aggregate them with the Python SDK and compare
 // the bytes), ties in the sort key keep arrival order, COMPACT ties go to ELIAS_FANO, k = ceil(N x s)
-// in double, scatter sums duplicate positions and replaces, Pull returns every named tensor.
+// in double, scatter sums duplicate positions and replaces, Pull returns every named tensor; and a top-k
+// by scores of its own (SCORE_FUNCTION_SUPPLIED), through Select and Push, and a refusal.
 // Exit status 0 only when every check passed.
 'use strict';
 
@@ -647,6 +648,44 @@ async function kRounding(client) {
     `top-k: k = ceil(100 x 0.07) in double = ${reply.header.top_k.k} (100 * 0.07 = ${100 * 0.07})`);
 }
 
+// --- top-k by the caller's own scores (SCORE_FUNCTION_SUPPLIED, SECTION_SCORES) ------------------------
+
+// Worked out by hand: w (2 x 3) and b (2), scored by the caller. N = 8, k = ceil(8 x 0.5) = 4, and the
+// scores in decreasing order are 0.9, 0.8, 0.7, 0.6: the threshold is 0.6 as float32, and w[0, 1] (-1),
+// w[1, 0] (3), w[1, 1] (0: selected, not sent) and b[1] (8) are selected. No initial model is sent.
+async function suppliedScores(client) {
+  const model = [
+    tensor('w', 'DATA_TYPE_FLOAT32', [2, 3], [0.5, -1, 2, 3, 0, -4]),
+    tensor('b', 'DATA_TYPE_FLOAT32', [2], [7, 8]),
+  ];
+  const scores = [ // in another order than the model's: matched by name
+    tensor('b', 'DATA_TYPE_FLOAT32', [2], [0.4, 0.6]),
+    tensor('w', 'DATA_TYPE_FLOAT32', [2, 3], [0.1, 0.9, 0.3, 0.8, 0.7, 0.2]),
+  ];
+  const criterion = { top_k: { sparsity_level: 0.5, score_function: 'SCORE_FUNCTION_SUPPLIED' } };
+  const sections = [['SECTION_MODEL', model], ['SECTION_SCORES', scores]];
+  const start = { criterion, position_encoding: 'POSITION_ENCODING_COMPACT' };
+  const selected = reassemble(await call(client, 'Select', selectFrames(start, sections)));
+  const summary = selected.header.top_k;
+  const figures = ['total_entries', 'k', 'selected_entries', 'sent_entries'].map((f) => summary[f]).join(' ');
+  check(figures === '8 4 4 3' && summary.threshold === Math.fround(0.6),
+    `supplied scores: Select N, k, selected, sent = ${figures}, threshold ${summary.threshold}`);
+  const sent = decodeSparse(selected.manifests.sparse, selected.data)
+    .flatMap((t) => t.entries.map(([p, v]) => `${t.name}@${p}=${v}`));
+  check(sent.join(', ') === 'w@1=-1, w@3=3, b@1=8', `supplied scores: Select sent ${sent.join(', ')}`);
+  const pushed = reassemble(await call(client, 'Push', selectFrames({ criterion }, sections)));
+  const arrays = decodeDense(pushed.manifests.dense, pushed.data).map((t) => `${t.name}=${t.values.join(' ')}`);
+  check(arrays.join(', ') === 'w=-1 3, b=8, w=0 1 1 0, b=1, w=2 3, b=2',
+    `supplied scores: Push packed values, indices, shapes: ${arrays.join(', ')}`);
+  try {
+    await call(client, 'Select', selectFrames(start, [['SECTION_MODEL', model], ['SECTION_SCORES', scores.slice(1)]]));
+    check(false, 'supplied scores without b: the call succeeded');
+  } catch (err) {
+    check(err.code === grpc.status.INVALID_ARGUMENT && /SECTION_SCORES has no tensor for 'b'/.test(err.details),
+      `supplied scores without b: status ${err.code} (INVALID_ARGUMENT is 3): ${err.details}`);
+  }
+}
+
 async function pull(client, mode, payload, base) {
   const layout = [
     { name: 'a', dtype: 'DATA_TYPE_FLOAT32', shape: ['3'] },
@@ -698,6 +737,7 @@ async function main() {
     await aggregateTies(client);
     await aggregateCompactTie(client);
     await kRounding(client);
+    await suppliedScores(client);
     await pullRules(client);
   } catch (err) {
     check(false, `unexpected error: ${err.code !== undefined ? `status ${err.code}: ${err.details}` : err.stack}`);

@@ -37,6 +37,12 @@ class StateModule(nn.Module):
             else:
                 self.register_buffer(name, tensor.clone())
 
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """nn.Module's, typed: every attribute it adds is one of its tensors."""
+        tensor = super().__getattr__(name)
+        assert isinstance(tensor, torch.Tensor)
+        return tensor
+
 
 def _tie_model() -> StateModule:
     # |scores|: w [1, 5, 3, 0.5], b [2, 3], n 7 (0-d int64), cnt [4, 0] -> N = 9.
@@ -267,7 +273,7 @@ def test_real_module_with_batchnorm(server: RunningServer) -> None:
     assert packed[3].tolist() == [1.0, 1.0]
 
 
-def test_a_callers_own_score_function_is_applied_in_process() -> None:
+def test_a_callers_own_score_function_is_selected_by_the_service() -> None:
     # Scores: the position in the state, so w [0, 1, 2, 3], b [4, 5], n 6, cnt [7, 8]; N = 9.
     # k = ceil(9 * 0.4) = 4: threshold 5, so b[1] (5), n (6, 0-d: never sent) and cnt [7, 8].
     def position_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -284,7 +290,7 @@ def test_a_callers_own_score_function_is_applied_in_process() -> None:
     assert packed[1].tolist() == [4]  # cnt [4, 0]: the selected 0 is dropped, as FL4Health drops it
     assert packed[2].tolist() == [[1]]
     assert packed[3].tolist() == [[0]]
-    # The compact payload of the same selection, encoded here, expands to the same list.
+    # The compact payload of the same selection, encoded by the service, expands to the same list.
     again = unpack_compact(exchanger.push_compact(_tie_model()))
     assert [a.tolist() for a in again] == [a.tolist() for a in packed]
 
@@ -292,7 +298,9 @@ def test_a_callers_own_score_function_is_applied_in_process() -> None:
 def test_a_function_that_borrows_a_name_keeps_its_own_scores() -> None:
     # Named like paramsel's (and FL4Health's) largest_final_magnitude_scores, but scoring -|w|:
     # k = ceil(9 * 0.2) = 2 takes cnt[1] (0, so not sent) and w[1, 1] (0.5). |w| would send w[0, 1].
-    def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict:
+    def largest_final_magnitude_scores(
+        model: nn.Module, initial_model: nn.Module | None
+    ) -> dict[str, torch.Tensor]:
         return {k: -v.abs() for k, v in model.state_dict().items()}
 
     packed = SparseCooParameterExchanger(0.2, largest_final_magnitude_scores).push_parameters(_tie_model())
@@ -302,7 +310,9 @@ def test_a_function_that_borrows_a_name_keeps_its_own_scores() -> None:
 
 
 def test_fl4health_own_function_is_served(server: RunningServer) -> None:
-    def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict:
+    def largest_final_magnitude_scores(
+        model: nn.Module, initial_model: nn.Module | None
+    ) -> dict[str, torch.Tensor]:
         raise AssertionError("never called: the server scores")
 
     # FL4Health's own function, as its module says: recognised by name and applied by the server.
@@ -312,7 +322,7 @@ def test_fl4health_own_function_is_served(server: RunningServer) -> None:
 
 
 def test_a_callers_own_scores_are_checked() -> None:
-    def missing(model: nn.Module, initial_model: nn.Module | None) -> dict:
+    def missing(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
         return {"w": torch.zeros(2, 2)}
 
     with pytest.raises(ParamselError, match="no tensor for 'b'") as refused:

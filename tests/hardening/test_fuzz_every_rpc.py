@@ -90,12 +90,14 @@ class Fuzzed:
         channel: grpc.Channel, rpc: str, frames: list[bytes], metadata: Metadata
     ) -> grpc.StatusCode | None:
         """Sends already-serialized frames, so that any bytes at all can be sent."""
-        method = channel.stream_stream(f"/{SERVICE_NAME}/{rpc}")
+        method = channel.stream_stream(
+            f"/{SERVICE_NAME}/{rpc}", request_serializer=None, response_deserializer=None
+        )
         try:
             for _ in method(iter(frames), timeout=CALL_TIMEOUT, metadata=metadata):
                 pass
         except grpc.RpcError as err:
-            return err.code()  # type: ignore[no-any-return]
+            return err.code()
         return None
 
     def outcome(self, rpc: str, frames: list[bytes], bad_auth: int = 0) -> grpc.StatusCode | None:
@@ -169,7 +171,9 @@ def criterion(draw: st.DrawFn) -> criteria_pb2.Criterion:
             [
                 criteria_pb2.Criterion(
                     top_k=criteria_pb2.TopKCriterion(
-                        sparsity_level=fraction, score_function=draw(st.integers(1, 6))
+                        sparsity_level=fraction,
+                        # 1-6: FL4Health's functions; 7: SUPPLIED, whose scores valid_stream adds
+                        score_function=criteria_pb2.ScoreFunction.ValueType(draw(st.integers(1, 7))),
                     )
                 ),
                 criteria_pb2.Criterion(
@@ -195,6 +199,8 @@ def valid_stream(draw: st.DrawFn, rpc: str) -> list[Any]:
             if rpc == "Select"
             else service_pb2.PushStart(criterion=criterion(draw))
         )
+        if start.criterion.top_k.score_function == criteria_pb2.SCORE_FUNCTION_SUPPLIED:
+            dense.append((tensor_pb2.SECTION_SCORES, [(name, t.abs()) for name, t in model]))
         return list(write_frames(MESSAGES[rpc], ("start", start), chunk_size=size, dense=dense))
     if rpc == "Pull":
         coords = draw(
@@ -211,13 +217,15 @@ def valid_stream(draw: st.DrawFn, rpc: str) -> list[Any]:
             )
         )
     layer = tensors(draw, "x")
-    contributions = [(draw(st.integers(1, 50)), [(n, t * (i + 1)) for n, t in layer], []) for i in range(2)]
+    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = [
+        (draw(st.integers(1, 50)), [(n, t * (i + 1)) for n, t in layer], []) for i in range(2)
+    ]
     start = service_pb2.AggregateStart(payload_kind=service_pb2.PAYLOAD_KIND_LAYERS)
     return list(
         write_contributions(
             service_pb2.AggregateRequest,
             ("start", start),
-            contributions,  # type: ignore[arg-type]
+            contributions,
             section=PAYLOAD,
             encoding=COO,
             chunk_size=size,
@@ -389,7 +397,11 @@ def test_huge_and_negative_declarations(fuzzed: Fuzzed, rpc: str, dims: list[int
         first = message(start=service_pb2.AggregateStart(payload_kind=service_pb2.PAYLOAD_KIND_LAYERS))
         frames = [first, message(contribution=service_pb2.Contribution(num_examples=1))]
     else:
-        crit = criteria_pb2.Criterion(top_k=criteria_pb2.TopKCriterion(sparsity_level=0.5, score_function=1))
+        crit = criteria_pb2.Criterion(
+            top_k=criteria_pb2.TopKCriterion(
+                sparsity_level=0.5, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
+            )
+        )
         start = service_pb2.SelectStart if rpc == "Select" else service_pb2.PushStart
         frames = [message(start=start(criterion=crit))]
     section = {"Pull": PAYLOAD, "Aggregate": PAYLOAD}.get(rpc, MODEL)
@@ -404,14 +416,21 @@ def test_huge_and_negative_declarations(fuzzed: Fuzzed, rpc: str, dims: list[int
 def test_pull_layout_counts_against_the_call_limit(fuzzed: Fuzzed) -> None:
     n = MAX_CALL_BYTES  # float32 elements: 4x the call limit in bytes
     spec = tensor_pb2.SparseTensorSpec(
-        name="w", dtype=1, shape=[n], nnz=1, position_encoding=2, positions_size_bytes=8
+        name="w",
+        dtype=tensor_pb2.DATA_TYPE_FLOAT32,
+        shape=[n],
+        nnz=1,
+        position_encoding=tensor_pb2.POSITION_ENCODING_FLAT_INT64,
+        positions_size_bytes=8,
     )
     frames = [
         service_pb2.PullRequest(
             start=service_pb2.PullStart(payload_kind=service_pb2.PAYLOAD_KIND_SPARSE_COO)
         ),
         service_pb2.PullRequest(
-            layout=tensor_pb2.StateLayout(tensors=[tensor_pb2.TensorSpec(name="w", dtype=1, shape=[n])])
+            layout=tensor_pb2.StateLayout(
+                tensors=[tensor_pb2.TensorSpec(name="w", dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[n])]
+            )
         ),
         service_pb2.PullRequest(sparse_tensors=tensor_pb2.SparseManifest(section=PAYLOAD, tensors=[spec])),
         service_pb2.PullRequest(chunk=tensor_pb2.Chunk(section=PAYLOAD, offset_bytes=0, data=b"\0" * 12)),
@@ -423,7 +442,11 @@ def test_pull_layout_counts_against_the_call_limit(fuzzed: Fuzzed) -> None:
 
 def test_stub_and_raw_calls_agree(fuzzed: Fuzzed) -> None:
     """The raw-bytes path used above is the same service the generated stub reaches."""
-    crit = criteria_pb2.Criterion(top_k=criteria_pb2.TopKCriterion(sparsity_level=1.5, score_function=1))
+    crit = criteria_pb2.Criterion(
+        top_k=criteria_pb2.TopKCriterion(
+            sparsity_level=1.5, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
+        )
+    )
     frames = [service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=crit))]
     stub = service_pb2_grpc.ParameterSelectionServiceStub(fuzzed.channel)
     with pytest.raises(grpc.RpcError) as err:

@@ -20,8 +20,10 @@ from paramsel.client._types import (
     PayloadKind,
     PositionEncoding,
     PullMode,
+    ScoreFunction,
     SelectionHeader,
     ServerInfo,
+    TopK,
     aggregate_header,
     as_criterion,
     coerce_enum,
@@ -158,11 +160,44 @@ class AggregateResult:
     """The layer aggregate (whole-layer payloads), named."""
 
 
-def _models(model: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor] | None) -> list[Any]:
+def _models(
+    model: Mapping[str, torch.Tensor],
+    initial: Mapping[str, torch.Tensor] | None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+) -> list[Any]:
     sections = [(tensor_pb2.SECTION_MODEL, list(model.items()))]
     if initial is not None:
         sections.append((tensor_pb2.SECTION_INITIAL_MODEL, list(initial.items())))
+    if scores:
+        sections.append((tensor_pb2.SECTION_SCORES, list(scores.items())))
     return sections
+
+
+def _supplied_scores(criterion: Criterion, scores: object) -> dict[str, torch.Tensor] | None:
+    """The caller's scores to send (SECTION_SCORES), detached and on the CPU: given exactly when the
+    criterion is ``TopK`` with ``ScoreFunction.SUPPLIED``. The server checks them against the model."""
+    supplied = isinstance(criterion, TopK) and criterion.score_function is ScoreFunction.SUPPLIED
+    if scores is None:
+        if supplied:
+            raise invalid_argument(
+                "TopK with ScoreFunction.SUPPLIED needs scores=: one tensor per model tensor, of its name "
+                "and shape"
+            )
+        return None
+    if not supplied:
+        raise invalid_argument("scores= goes only with TopK(..., ScoreFunction.SUPPLIED)")
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping of tensor names to tensors, got {type(scores).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for name, score in scores.items():
+        if not isinstance(name, str):
+            raise invalid_argument(f"the scores are keyed by tensor names (str), got {name!r}")
+        if not isinstance(score, torch.Tensor):
+            raise invalid_argument(f"the score of {name!r} is a {type(score).__name__}, not a tensor")
+        with local_errors(f"the score of {name!r}: "):
+            dtype_to_proto(score.dtype)  # refused here, naming the tensor, rather than as it is framed
+        out[name] = score.detach().cpu()
+    return out
 
 
 def _value_dtype(value_dtype: object) -> int:
@@ -327,12 +362,17 @@ class Client:
         value_dtype: torch.dtype | None = None,
         reuse_initial: bool = True,
         keep_frames: bool = False,
+        scores: Mapping[str, torch.Tensor] | None = None,
     ) -> SelectResult:
         """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it.
 
         ``value_dtype`` (torch.float16 or torch.bfloat16) sends float values in that dtype (lossy);
-        None keeps each tensor's own."""
+        None keeps each tensor's own. ``scores`` (with ``TopK(..., ScoreFunction.SUPPLIED)`` only, and
+        then required) are the caller's own: one tensor per tensor of ``model``, of its name and shape,
+        any dtype; the server selects their top-k as it does a score function's (no initial model
+        needed)."""
         typed = as_criterion(criterion)
+        supplied = _supplied_scores(typed, scores)
         encoding = coerce_enum(
             PositionEncoding, position_encoding, "position_encoding", unspecified=PositionEncoding.COO_INT64
         )
@@ -355,7 +395,7 @@ class Client:
                     ("start", start),
                     chunk_size=self._chunk_size,
                     encoded_chunks=True,
-                    dense=_models(model, initial),
+                    dense=_models(model, initial, supplied),
                 )
 
             def read(responses: Any) -> SelectResult:
@@ -368,7 +408,7 @@ class Client:
                     kept,
                 )
 
-            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial, supplied))
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -379,9 +419,12 @@ class Client:
         initial: Mapping[str, torch.Tensor] | None = None,
         *,
         reuse_initial: bool = True,
+        scores: Mapping[str, torch.Tensor] | None = None,
     ) -> PushResult:
-        """FL4Health's packed list; with ``reuse_initial`` the initial model travels only if needed."""
+        """FL4Health's packed list; with ``reuse_initial`` the initial model travels only if needed.
+        ``scores``: the caller's own, with ``TopK(..., ScoreFunction.SUPPLIED)`` (see :meth:`select`)."""
         typed = as_criterion(criterion)
+        supplied = _supplied_scores(typed, scores)
         operation = self._operation("Push")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
@@ -397,7 +440,7 @@ class Client:
                     ("start", start),
                     chunk_size=self._chunk_size,
                     encoded_chunks=True,
-                    dense=_models(model, initial),
+                    dense=_models(model, initial, supplied),
                 )
 
             def read(responses: Any) -> PushResult:
@@ -410,7 +453,7 @@ class Client:
                 )
                 return PushResult(selection_header(got.first), _named(got))
 
-            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial))
+            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial, supplied))
 
         return self._reusing(call, initial, reuse_initial)
 

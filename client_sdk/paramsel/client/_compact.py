@@ -37,8 +37,7 @@ def fl4health_sparse(sparse: Sequence[SparseTensor]) -> tuple[NDArrays, SparseIn
 def fl4health_parts(
     parts: Sequence[tuple[str, tuple[int, ...], torch.Tensor, torch.Tensor]],
 ) -> tuple[NDArrays, SparseInfo]:
-    """The same, of (name, shape, values, flat positions) per tensor: e.g. a selection the engine made
-    in this process (:func:`paramsel.client._embedded.select_top_k_by_scores`)."""
+    """The same, of (name, shape, values, flat positions) per tensor (e.g. a decoded compact payload)."""
     values = [to_numpy(v) for _, _, v, _ in parts]
     indices = [flat_to_coo(p, shape) for _, shape, _, p in parts]
     shapes = [np.array(list(shape), dtype=np.int64) for _, shape, _, _ in parts]

@@ -3,8 +3,8 @@
 The six score functions compute their scores locally when called (as FL4Health's do); passed to
 :class:`SparseCooParameterExchanger`, they only name the criterion the server applies. The layer
 selection functions and ``select_scores_and_sample_masks`` call the service when called. Any other
-score or layer selection function (a user's own) is called here, and its selection made in this
-process by the engine the server runs (through :mod:`paramsel.client._embedded`, loaded when called).
+score function (a user's own) is called here and its scores sent to the service, which selects their
+top-k (``ScoreFunction.SUPPLIED``); any other layer selection function is simply called here.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def smallest_increase_in_magnitude_scores(
 
 
 SCORE_FUNCTION_BY_NAME: dict[str, ScoreFunction] = {
-    f"{kind.name.lower()}_scores": kind for kind in ScoreFunction
+    f"{kind.name.lower()}_scores": kind for kind in ScoreFunction if kind is not ScoreFunction.SUPPLIED
 }
 _OURS: dict[Any, ScoreFunction] = {
     largest_final_magnitude_scores: ScoreFunction.LARGEST_FINAL_MAGNITUDE,
@@ -114,7 +114,7 @@ def served_score_function(function: Any) -> ScoreFunction | None:
 
 def score_criterion(score_gen_function: Any, sparsity_level: float, *, exact_k: bool = False) -> TopK | None:
     """The top-k criterion the server applies for one of the six score functions; None for any other
-    function, whose scores are computed, and selected from, in this process."""
+    function, whose scores are computed in this process (and sent with ``ScoreFunction.SUPPLIED``)."""
     kind = served_score_function(score_gen_function)
     if kind is None:
         return None

@@ -2,8 +2,10 @@
 
 Two things the SDK does without a round trip use the server's own code: the embedded server (the
 target of last resort, :func:`paramsel.client._target.embedded_target`), and the engine, for what is
-computed locally - a caller's own score or layer selection function's selection, the score functions'
-scores, and pulls applied straight into the model's tensors. Every function here imports
+computed locally - the score functions' scores when called directly, the drifts of a layer selection
+the service refuses to make (FL4Health's rules for out-of-range values), and pulls applied straight
+into the model's tensors. (A caller's own score function's top-k is the service's: its scores travel
+with ``ScoreFunction.SUPPLIED``.) Every function here imports
 ``paramsel.server`` or ``paramsel.engine`` in its body, when called: ``import paramsel.client`` and the
 drop-in classes load neither. No other SDK module imports them (CONTRIBUTING.md, "Layout and dependency
 rule"; ``tests/test_dependency_rule.py`` pins both).
@@ -47,16 +49,6 @@ def drift_norms(current: State, initial: State | None, *, normalize: bool, what:
     if initial is None:
         raise engine.FailedPrecondition(f"{what} needs the initial model, but none was given")
     return engine.drift_norms(current, initial, normalize=normalize)
-
-
-def select_top_k_by_scores(
-    current: State, scores: Mapping[str, torch.Tensor], *, sparsity_level: float, exact_k: bool
-) -> SparseParts:
-    """The server's top-k selection of ``current`` by a caller's own ``scores``."""
-    from paramsel import engine
-
-    result = engine.select_top_k_by_scores(current, scores, sparsity_level=sparsity_level, exact_k=exact_k)
-    return [(t.name, t.shape, t.values, t.positions) for t in result.tensors]
 
 
 def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None:

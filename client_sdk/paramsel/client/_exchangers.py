@@ -11,7 +11,7 @@ from torch import nn
 
 from paramsel.client import _embedded
 from paramsel.client._client import Client, SelectResult
-from paramsel.client._compact import compact_payload, fl4health_parts, fl4health_sparse, pack_compact
+from paramsel.client._compact import compact_payload, fl4health_sparse
 from paramsel.client._connection import Connection
 from paramsel.client._criteria import (
     LayerCriterion,
@@ -24,7 +24,7 @@ from paramsel.client._criteria import (
 from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
-from paramsel.client._types import DriftPercentage, DriftThreshold, FedPm, TopK
+from paramsel.client._types import DriftPercentage, DriftThreshold, FedPm, ScoreFunction, TopK
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.positions import coo_to_flat
 
@@ -80,9 +80,12 @@ class SparseCooParameterExchanger:
       digest and uploading it only when the server does not hold it.
 
     The six score functions are applied by the service. Any other ``score_gen_function`` (called as
-    FL4Health calls it, ``(model, initial_model) -> {name: scores}``) runs here, and the top-k of its
-    scores is selected in this process by the engine the service runs, with the same rules; so does
-    a subclass's own ``generate_parameter_scores``.
+    FL4Health calls it, ``(model, initial_model) -> {name: scores}``) runs here, and its scores are sent
+    to the service with the model, which selects their top-k with the same rules
+    (``ScoreFunction.SUPPLIED``; the initial model is not sent); so does a subclass's own
+    ``generate_parameter_scores``. The scores must name every model tensor, and only those, with its
+    shape: anything else is refused with INVALID_ARGUMENT (FL4Health fails on extra names or other
+    shapes, and leaves a tensor without scores out of the selection).
 
     As in FL4Health, every attribute (``sparsity_level``, ``score_gen_function``, ``parameter_packer``
     and the options above) is read when a call is made: assigning one takes effect at the next call.
@@ -114,7 +117,7 @@ class SparseCooParameterExchanger:
     def criterion(self) -> TopK | None:
         """The criterion the service applies, made from the attributes as they are now; None when the
         scores are computed here (a caller's own score function, or an overridden
-        ``generate_parameter_scores``)."""
+        ``generate_parameter_scores``) and sent with ``TopK(..., ScoreFunction.SUPPLIED)``."""
         if type(self).generate_parameter_scores is not SparseCooParameterExchanger.generate_parameter_scores:
             return None
         return score_criterion(
@@ -130,17 +133,7 @@ class SparseCooParameterExchanger:
     ) -> tuple[NDArrays, SparseInfo]:
         """(values per tensor, (indices per tensor, shapes per tensor, names)), as FL4Health returns."""
         _check_sparsity_level(self.sparsity_level)
-        criterion = self.criterion
-        if criterion is None:  # the caller's own score function: scored and selected here
-            with local_errors():
-                parts = _embedded.select_top_k_by_scores(
-                    state_of(model),
-                    self.generate_parameter_scores(model, initial_model),
-                    sparsity_level=self.sparsity_level,
-                    exact_k=bool(self.exact_k),
-                )
-            return fl4health_parts(parts)
-        return fl4health_sparse(self._select(criterion, model, initial_model).sparse)
+        return fl4health_sparse(self._select(model, initial_model).sparse)
 
     def push_parameters(
         self, model: nn.Module, initial_model: nn.Module | None = None, config: Config | None = None
@@ -163,21 +156,28 @@ class SparseCooParameterExchanger:
         ship it to their aggregator; ``unpack_compact`` turns it into FL4Health's packed list.
         ``value_dtype`` (torch.float16 or torch.bfloat16) makes the values lossy and smaller."""
         _check_sparsity_level(self.sparsity_level)
-        criterion = self.criterion
-        if criterion is None:  # selected here (see the class): encoded here too
-            return pack_compact(self.push_parameters(model, initial_model), value_dtype=value_dtype)
-        selected = self._select(criterion, model, initial_model, value_dtype, keep_frames=True)
+        selected = self._select(model, initial_model, value_dtype, keep_frames=True)
         return compact_payload(selected.frames or [])
 
     def _select(
         self,
-        criterion: TopK,
         model: nn.Module,
         initial_model: nn.Module | None,
         value_dtype: torch.dtype | None = None,
         *,
         keep_frames: bool = False,
     ) -> SelectResult:
+        criterion = self.criterion
+        if criterion is None:  # the caller's own scores, computed here: the service selects their top-k
+            supplied = TopK(float(self.sparsity_level), ScoreFunction.SUPPLIED, bool(self.exact_k))
+            return self.client.select(
+                supplied,
+                state_of(model),
+                None,  # not needed: the scores are all the service compares
+                value_dtype=value_dtype,
+                keep_frames=keep_frames,
+                scores=self.generate_parameter_scores(model, initial_model),
+            )
         return self.client.select(
             criterion,
             state_of(model),

@@ -21,7 +21,9 @@ from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 
 
 class ScoreFunction(enum.IntEnum):
-    """How :class:`TopK` scores each entry: FL4Health's six score functions (``paramsel.v1.ScoreFunction``)."""
+    """How :class:`TopK` scores each entry (``paramsel.v1.ScoreFunction``): FL4Health's six score
+    functions, applied by the service, or SUPPLIED, the caller's own scores, passed as ``scores=`` to
+    :meth:`Client.select` or :meth:`Client.push` (one tensor per model tensor, of its name and shape)."""
 
     LARGEST_FINAL_MAGNITUDE = criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
     SMALLEST_FINAL_MAGNITUDE = criteria_pb2.SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE
@@ -29,6 +31,7 @@ class ScoreFunction(enum.IntEnum):
     SMALLEST_MAGNITUDE_CHANGE = criteria_pb2.SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE
     LARGEST_INCREASE_IN_MAGNITUDE = criteria_pb2.SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE
     SMALLEST_INCREASE_IN_MAGNITUDE = criteria_pb2.SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE
+    SUPPLIED = criteria_pb2.SCORE_FUNCTION_SUPPLIED
 
 
 class PositionEncoding(enum.IntEnum):
@@ -134,7 +137,7 @@ class TopK(Criterion):
     sparsity_level: float
     """Fraction of the entries to select, in (0, 1]."""
     score_function: ScoreFunction
-    """How the entries are scored."""
+    """How the entries are scored; SUPPLIED: by the ``scores=`` the call is given."""
     exact_k: bool = False
     """Select exactly k entries, ties at the threshold going to the earliest in the state; False is FL4Health's rule."""
 

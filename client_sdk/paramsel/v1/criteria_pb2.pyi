@@ -37,6 +37,19 @@ class _ScoreFunctionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._
     """|w| - |w0| (largest_increase_in_magnitude_scores); needs the initial model."""
     SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE: _ScoreFunction.ValueType  # 6
     """-(|w| - |w0|) (smallest_increase_in_magnitude_scores); needs the initial model."""
+    SCORE_FUNCTION_SUPPLIED: _ScoreFunction.ValueType  # 7
+    """The caller's own scores (FL4Health: any other score_gen_function), computed by the caller and sent
+    in SECTION_SCORES of a Select or Push request: exactly one score tensor per SECTION_MODEL tensor,
+    of the same name and shape, in any order (matched by name). Top-k then runs over them exactly as it
+    runs over the scores of the functions above (see TopKCriterion). Needs no initial model: one sent,
+    or named by digest, is handled as for SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE (checked, not used).
+    Refused with INVALID_ARGUMENT, once the declarations are complete (at the first chunk, or the end
+    of a stream without one, so before the upload), naming the tensor: no SECTION_SCORES tensors at all,
+    a SECTION_MODEL tensor without a score tensor, a score tensor whose name SECTION_MODEL does not
+    declare, a score tensor whose shape differs from its model tensor's; and after the upload, a NaN or
+    infinite score. SECTION_SCORES sent with any other score function, or with another criterion, is
+    refused with INVALID_ARGUMENT at the same point.
+    """
 
 class ScoreFunction(_ScoreFunction, metaclass=_ScoreFunctionEnumTypeWrapper):
     """Scores every entry of the model's state; the entries with the largest scores are selected.
@@ -57,6 +70,19 @@ SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE: ScoreFunction.ValueType  # 5
 """|w| - |w0| (largest_increase_in_magnitude_scores); needs the initial model."""
 SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE: ScoreFunction.ValueType  # 6
 """-(|w| - |w0|) (smallest_increase_in_magnitude_scores); needs the initial model."""
+SCORE_FUNCTION_SUPPLIED: ScoreFunction.ValueType  # 7
+"""The caller's own scores (FL4Health: any other score_gen_function), computed by the caller and sent
+in SECTION_SCORES of a Select or Push request: exactly one score tensor per SECTION_MODEL tensor,
+of the same name and shape, in any order (matched by name). Top-k then runs over them exactly as it
+runs over the scores of the functions above (see TopKCriterion). Needs no initial model: one sent,
+or named by digest, is handled as for SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE (checked, not used).
+Refused with INVALID_ARGUMENT, once the declarations are complete (at the first chunk, or the end
+of a stream without one, so before the upload), naming the tensor: no SECTION_SCORES tensors at all,
+a SECTION_MODEL tensor without a score tensor, a score tensor whose name SECTION_MODEL does not
+declare, a score tensor whose shape differs from its model tensor's; and after the upload, a NaN or
+infinite score. SECTION_SCORES sent with any other score function, or with another criterion, is
+refused with INVALID_ARGUMENT at the same point.
+"""
 global___ScoreFunction = ScoreFunction
 
 @typing.final
@@ -68,6 +94,13 @@ class TopKCriterion(google.protobuf.message.Message):
     threshold included, so more than k can be); selected values that are not exact zeros, of tensors with
     at least one dimension, are sent as sparse COO tensors, positions in increasing row-major order; a
     tensor with none is not sent.
+    Scores of several dtypes (an integer buffer's scores are integers, as in FL4Health; SECTION_SCORES
+    takes any DataType) are compared as FL4Health compares them: the k-th largest is taken over every
+    score converted to torch.promote_types of all the score dtypes (int64 with float32: float32; float16
+    with bfloat16: float32), then each tensor's scores are compared with that value as torch compares a
+    tensor with a Python number: in the tensor's own dtype when it is floating (the value rounded to it),
+    in float32 when the tensor is integer or bool and the value is not an integer, in the tensor's dtype
+    when every score dtype is integer or bool. Scores all of one floating dtype are simply compared in it.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
@@ -78,7 +111,9 @@ class TopKCriterion(google.protobuf.message.Message):
     sparsity_level: builtins.float
     """Fraction of entries to select, in (0, 1]."""
     score_function: global___ScoreFunction.ValueType
-    """How entries are scored."""
+    """How entries are scored: by one of FL4Health's six functions, or SCORE_FUNCTION_SUPPLIED with the
+    caller's own scores in SECTION_SCORES.
+    """
     exact_k: builtins.bool
     """Beyond FL4Health, opt-in: select exactly k entries; of the entries tied at the threshold, those
     earliest in the state (state order, then row-major) are taken. False keeps FL4Health's rule.

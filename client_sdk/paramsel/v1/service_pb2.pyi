@@ -171,11 +171,13 @@ class SelectRequest(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """Declares tensors of SECTION_MODEL and SECTION_INITIAL_MODEL."""
+        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL and (SCORE_FUNCTION_SUPPLIED only)
+        SECTION_SCORES.
+        """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
-        """Bytes of SECTION_MODEL or SECTION_INITIAL_MODEL."""
+        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL or SECTION_SCORES."""
 
     def __init__(
         self,
@@ -372,11 +374,13 @@ class PushRequest(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """Declares tensors of SECTION_MODEL and SECTION_INITIAL_MODEL."""
+        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL and (SCORE_FUNCTION_SUPPLIED only)
+        SECTION_SCORES.
+        """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
-        """Bytes of SECTION_MODEL or SECTION_INITIAL_MODEL."""
+        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL or SECTION_SCORES."""
 
     def __init__(
         self,

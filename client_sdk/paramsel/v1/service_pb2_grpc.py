@@ -16,10 +16,11 @@ class ParameterSelectionServiceStub(object):
     Errors every rpc returns: INVALID_ARGUMENT for malformed frames (start missing or repeated, a manifest
     after a chunk, chunks out of order, missing, or beyond the declared size), unknown enum values,
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
-    match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
-    that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts, or the server (or the client's address) already runs as many calls as it
-    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    match dtype x shape, values out of range, NaN or infinite scores, caller's scores (SECTION_SCORES)
+    that do not match the model or the criterion (see SCORE_FUNCTION_SUPPLIED); FAILED_PRECONDITION for a
+    criterion that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares
+    more bytes than the server accepts, or the server (or the client's address) already runs as many
+    calls as it allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
     UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.
@@ -81,10 +82,11 @@ class ParameterSelectionServiceServicer(object):
     Errors every rpc returns: INVALID_ARGUMENT for malformed frames (start missing or repeated, a manifest
     after a chunk, chunks out of order, missing, or beyond the declared size), unknown enum values,
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
-    match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
-    that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts, or the server (or the client's address) already runs as many calls as it
-    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    match dtype x shape, values out of range, NaN or infinite scores, caller's scores (SECTION_SCORES)
+    that do not match the model or the criterion (see SCORE_FUNCTION_SUPPLIED); FAILED_PRECONDITION for a
+    criterion that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares
+    more bytes than the server accepts, or the server (or the client's address) already runs as many
+    calls as it allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
     UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.
@@ -104,11 +106,13 @@ class ParameterSelectionServiceServicer(object):
 
     def Select(self, request_iterator, context):
         """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
-        whole tensors for the layer and FedPM criteria.
+        whole tensors for the layer and FedPM criteria. TopKCriterion with SCORE_FUNCTION_SUPPLIED takes the
+        caller's scores in SECTION_SCORES (see ScoreFunction).
         Memory (see the service comment): top-k counts each model tensor's scores in the dtype the score
-        function gives them (none when written over an initial model sent without a digest) and their copy
-        in the dtype all tensors' scores are compared in when that is wider, and the search for the k-th
-        largest score; then the entries selected, their encoded positions and values cast to value_dtype.
+        function gives them (none when written over an initial model sent without a digest, or when the
+        caller sends them in SECTION_SCORES: they are then counted as upload) and their copy in the dtype
+        all tensors' scores are compared in when that is wider, and the search for the k-th largest score;
+        then the entries selected, their encoded positions and values cast to value_dtype.
         The layer criteria count w - w0 and its float32 copy, one tensor at a time; FedPM an int64 mask per
         score tensor and its float64 draws.
         Errors: see the service comment.
@@ -260,10 +264,11 @@ class ParameterSelectionService(object):
     Errors every rpc returns: INVALID_ARGUMENT for malformed frames (start missing or repeated, a manifest
     after a chunk, chunks out of order, missing, or beyond the declared size), unknown enum values,
     empty, duplicate or unknown tensor names, negative or overflowing shapes, byte counts that do not
-    match dtype x shape, values out of range, NaN or infinite scores; FAILED_PRECONDITION for a criterion
-    that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares more bytes
-    than the server accepts, or the server (or the client's address) already runs as many calls as it
-    allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
+    match dtype x shape, values out of range, NaN or infinite scores, caller's scores (SECTION_SCORES)
+    that do not match the model or the criterion (see SCORE_FUNCTION_SUPPLIED); FAILED_PRECONDITION for a
+    criterion that needs the initial model when none was sent; RESOURCE_EXHAUSTED when a call declares
+    more bytes than the server accepts, or the server (or the client's address) already runs as many
+    calls as it allows; UNAUTHENTICATED when the server requires a token and none or a wrong one was sent;
     UNAVAILABLE while the server shuts down (retry on another instance); CANCELLED / DEADLINE_EXCEEDED as
     the client decides, and DEADLINE_EXCEEDED when the server waited longer than its progress timeout
     (30 s by default) for the client's next request frame or for it to take the next response frame.

@@ -93,6 +93,10 @@ class _SectionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTy
     """Pull request in scatter mode: the current values of the tensors the payload names."""
     SECTION_RESULT: _Section.ValueType  # 5
     """Response: the tensors the server returns."""
+    SECTION_SCORES: _Section.ValueType  # 6
+    """Select and Push request with SCORE_FUNCTION_SUPPLIED only: the caller's score of every entry of the
+    model, one dense tensor per SECTION_MODEL tensor, same name and shape, any DataType, in any order.
+    """
 
 class Section(_Section, metaclass=_SectionEnumTypeWrapper):
     """Names a byte stream within one call. Each section is the concatenation, in declaration order, of the
@@ -111,6 +115,10 @@ SECTION_BASE: Section.ValueType  # 4
 """Pull request in scatter mode: the current values of the tensors the payload names."""
 SECTION_RESULT: Section.ValueType  # 5
 """Response: the tensors the server returns."""
+SECTION_SCORES: Section.ValueType  # 6
+"""Select and Push request with SCORE_FUNCTION_SUPPLIED only: the caller's score of every entry of the
+model, one dense tensor per SECTION_MODEL tensor, same name and shape, any DataType, in any order.
+"""
 global___Section = Section
 
 class _PositionEncoding:

@@ -378,7 +378,6 @@ def top_k_work(
     """
     needs: list[Need] = []
     dtypes: list[torch.dtype] = []
-    sizes: list[int] = []
     for spec in model:
         dtype = score_dtype(fn, spec.dtype)
         if dtype is None:
@@ -395,14 +394,37 @@ def top_k_work(
             what += ", and |w0| (or |w|) beside them"
         needs.append(Need(spec.name, 0 if in_place else size * score_bytes, temporary, what))
         dtypes.append(dtype)
-        sizes.append(size)
+    scores = [TensorSpec(spec.name, dtype, spec.shape) for spec, dtype in zip(model, dtypes, strict=True)]
+    return Work(tuple(needs)) + _threshold_search_work(scores)
+
+
+def supplied_scores_work(scores: Sequence[TensorSpec]) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.select_top_k_by_scores` holds that the shapes
+    decide, for scores a caller supplied (``scores``: their declarations, one per model tensor).
+
+    The scores themselves are the caller's (a server counts them as upload); beside them, as for
+    :func:`top_k_work`, their copies in the dtype every tensor's scores are compared in, where that is
+    wider than their own, and the k-th search's sample or partition and its bool masks.
+    """
+    return _threshold_search_work(scores)
+
+
+def _threshold_search_work(scores: Sequence[TensorSpec]) -> Work:
+    """The copies of the score tensors (``scores``: each one's name, dtype and shape) in the dtype they
+    are all compared in, where wider than their own, and the k-th search over them; nothing when there
+    are no entries (refused: nothing to select)."""
+    needs: list[Need] = []
+    sizes = [numel(spec.shape) for spec in scores]
     total = sum(sizes)
     if total == 0:
-        return Work(tuple(needs))  # refused: nothing to select
-    promoted = functools.reduce(torch.promote_types, dtypes)
+        return Work()  # refused: nothing to select
+    try:
+        promoted = functools.reduce(torch.promote_types, (spec.dtype for spec in scores))
+    except RuntimeError:
+        return Work()  # refused: the engine cannot combine these dtypes
     wide = itemsize(promoted)
-    for spec, dtype, size in zip(model, dtypes, sizes, strict=True):
-        if dtype != promoted:
+    for spec, size in zip(scores, sizes, strict=True):
+        if spec.dtype != promoted:
             needs.append(
                 Need(
                     spec.name,
@@ -423,7 +445,7 @@ def top_k_work(
             f"the k-th search: all {total} scores joined and partitioned at "
             f"{_bytes(partition_entry_bytes(promoted))} each, or {SELECTION_MASKS} bool masks over its entries"
         )
-    needs.append(Need(model[largest].name, held, max(masks, joined), what))
+    needs.append(Need(scores[largest].name, held, max(masks, joined), what))
     return Work(tuple(needs))
 
 

@@ -87,26 +87,33 @@ def select_top_k_by_scores(
     exact_k: bool = False,
     reserve: Reserve | None = None,
 ) -> TopKResult:
-    """:func:`select_top_k` with scores computed elsewhere (a caller's own score function).
+    """:func:`select_top_k` with scores computed elsewhere (a caller's own score function, or scores
+    a client sent with ``SCORE_FUNCTION_SUPPLIED``).
 
     As FL4Health does with whatever its score function returns: the threshold is the k-th largest of
-    all of ``scores``' entries, and each state tensor is masked by ``scores[name]``, which must exist
-    and have the tensor's shape.
+    all of ``scores``' entries, and each state tensor is masked by ``scores[name]``. ``scores`` must
+    hold exactly one tensor per state tensor, of its name and shape (any dtype; several are compared as
+    :func:`paramsel.engine.kth.find_kth` compares them); anything else is :class:`InvalidArgument`.
     """
     require_fraction("sparsity_level", sparsity_level)
     require_nonempty(current)
     scores = dict(scores)  # emptied below as tensors are done; the caller's mapping stays whole
-    for name, tensor in current.items():
-        score = scores.get(name)
-        if not isinstance(score, torch.Tensor):
-            raise InvalidArgument(f"the scores have no tensor for {name!r}, which the model state has")
-        if tuple(score.shape) != tuple(tensor.shape):
-            raise InvalidArgument(
-                f"the score of {name!r} has shape {tuple(score.shape)}, but the tensor has {tuple(tensor.shape)}"
-            )
     for name, score in scores.items():
         if not isinstance(score, torch.Tensor):
             raise InvalidArgument(f"the score of {name!r} is a {type(score).__name__}, not a tensor")
+        if name not in current:
+            raise InvalidArgument(
+                f"the scores have a tensor for {name!r}, which the model state does not have"
+            )
+    for name, tensor in current.items():
+        if name not in scores:
+            raise InvalidArgument(f"the scores have no tensor for {name!r}, which the model state has")
+        if tuple(scores[name].shape) != tuple(tensor.shape):
+            raise InvalidArgument(
+                f"the score of {name!r} has shape {tuple(scores[name].shape)}, but the tensor has "
+                f"{tuple(tensor.shape)}"
+            )
+    for name, score in scores.items():
         score = scores[name] = score.detach()
         _reject_non_finite(name, score)
     total = sum(score.numel() for score in scores.values())

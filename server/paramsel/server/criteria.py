@@ -22,6 +22,10 @@ SCORE_FUNCTIONS: dict[int, engine.ScoreFunction] = {
     criteria_pb2.SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE: engine.ScoreFunction.LARGEST_INCREASE_IN_MAGNITUDE,
     criteria_pb2.SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE: engine.ScoreFunction.SMALLEST_INCREASE_IN_MAGNITUDE,
 }
+# The caller's own scores, sent in SECTION_SCORES: top-k over them, no score function applied here.
+SUPPLIED = criteria_pb2.SCORE_FUNCTION_SUPPLIED
+SERVED_SCORE_FUNCTIONS = frozenset({*SCORE_FUNCTIONS, SUPPLIED})
+"""Every ScoreFunction a TopKCriterion may name (GetServerInfo lists them)."""
 
 
 @dataclass(frozen=True)
@@ -40,24 +44,46 @@ def _flag(message: Any, name: str) -> bool:
     return bool(getattr(message, name)) if message.HasField(name) else True
 
 
+def supplies_scores(criterion: criteria_pb2.Criterion | None) -> bool:
+    """Whether the criterion is top-k by the caller's own scores (SCORE_FUNCTION_SUPPLIED)."""
+    return (
+        criterion is not None
+        and criterion.WhichOneof("kind") == "top_k"
+        and criterion.top_k.score_function == SUPPLIED
+    )
+
+
 def run_criterion(
     criterion: criteria_pb2.Criterion,
     model: dict[str, torch.Tensor],
     initial: dict[str, torch.Tensor] | None,
     *,
+    scores: dict[str, torch.Tensor] | None = None,
     initial_is_scratch: bool = False,
     reserve: Reserve | None = None,
 ) -> Selection:
-    """Runs the criterion; ``initial_is_scratch`` says nothing reads ``initial`` afterwards, so top-k
-    may write its scores over it. ``reserve`` is given what only the data decide (a top-k selection's
-    candidates and selected entries) before it is allocated; :func:`criterion_work` is the rest."""
+    """Runs the criterion; ``scores`` are the caller's (SECTION_SCORES), for SCORE_FUNCTION_SUPPLIED
+    only, and checked against the model beforehand (``inbound.check_scores``). ``initial_is_scratch``
+    says nothing reads ``initial`` afterwards, so top-k may write its scores over it. ``reserve`` is
+    given what only the data decide (a top-k selection's candidates and selected entries) before it is
+    allocated; :func:`criterion_work` is the rest."""
     kind = criterion.WhichOneof("kind")
     if kind == "top_k":
         top_k = criterion.top_k
+        if top_k.score_function == SUPPLIED:
+            if scores is None:
+                raise WireError(
+                    "criterion.top_k.score_function SCORE_FUNCTION_SUPPLIED needs the scores in SECTION_SCORES"
+                )
+            result = engine.select_top_k_by_scores(
+                model, scores, sparsity_level=top_k.sparsity_level, exact_k=top_k.exact_k, reserve=reserve
+            )
+            return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_COO, top_k=result)
         if top_k.score_function not in SCORE_FUNCTIONS:
             raise WireError(
                 f"criterion.top_k.score_function: unknown value {top_k.score_function} "
-                "(expected SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE ... SMALLEST_INCREASE_IN_MAGNITUDE)"
+                "(expected SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE ... SMALLEST_INCREASE_IN_MAGNITUDE, "
+                "or SUPPLIED)"
             )
         result = engine.select_top_k(
             model,
@@ -101,13 +127,20 @@ def run_criterion(
 
 
 def criterion_work(
-    criterion: criteria_pb2.Criterion | None, model: list[engine.TensorSpec], *, initial_is_scratch: bool
+    criterion: criteria_pb2.Criterion | None,
+    model: list[engine.TensorSpec],
+    *,
+    initial_is_scratch: bool,
+    scores: list[engine.TensorSpec] | None = None,
 ) -> budget.Work:
-    """What running ``criterion`` on a model of these declared tensors builds, as far as their shapes
-    decide it (:mod:`paramsel.engine.budget`); nothing for a criterion the engine refuses outright."""
+    """What running ``criterion`` on a model of these declared tensors (and the caller's declared
+    ``scores``, for SCORE_FUNCTION_SUPPLIED) builds, as far as their shapes decide it
+    (:mod:`paramsel.engine.budget`); nothing for a criterion the engine refuses outright."""
     kind = criterion.WhichOneof("kind") if criterion is not None else None
     if kind == "top_k":
         assert criterion is not None
+        if criterion.top_k.score_function == SUPPLIED:
+            return budget.supplied_scores_work(scores or [])
         function = SCORE_FUNCTIONS.get(criterion.top_k.score_function)
         if function is None:
             return budget.Work()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from paramsel import engine
 from paramsel.engine import budget
-from paramsel.server.criteria import criterion_work
+from paramsel.server.criteria import criterion_work, supplies_scores
 from paramsel.server.limits import Declarations
-from paramsel.v1 import service_pb2, tensor_pb2
+from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DenseDecl, SparseDecl, WireError
 from paramsel.wire.compact import bitmap_nbytes, elias_fano_nbytes
 from paramsel.wire.streams import Received, read_frames
@@ -20,16 +20,78 @@ MODEL = tensor_pb2.SECTION_MODEL
 INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
 PAYLOAD = tensor_pb2.SECTION_PAYLOAD
 BASE = tensor_pb2.SECTION_BASE
+SCORES = tensor_pb2.SECTION_SCORES
 
 
 def read_models(frames: Iterable[Any], *, max_bytes: int) -> Received:
-    """A Select or Push request: the current model and, optionally, the initial model."""
+    """A Select or Push request: the current model and, optionally, the initial model and the caller's
+    scores (checked against the model and the criterion: :func:`check_scores`)."""
     received = read_frames(
-        frames, first="start", dense_sections=frozenset({MODEL, INITIAL}), max_bytes=max_bytes
+        frames, first="start", dense_sections=frozenset({MODEL, INITIAL, SCORES}), max_bytes=max_bytes
     )
     if not received.state(MODEL):
         raise WireError("no model was sent: declare the model's tensors in a SECTION_MODEL manifest")
+    scores = received.dense.get(SCORES)
+    check_scores(
+        received.first.criterion if received.first.HasField("criterion") else None,
+        [decl for decl, _ in received.dense[MODEL]],
+        None if scores is None else [decl for decl, _ in scores],
+    )
     return received
+
+
+_SUPPLIED = "criterion.top_k.score_function SCORE_FUNCTION_SUPPLIED"
+
+
+def check_scores(
+    criterion: criteria_pb2.Criterion | None,
+    model: Sequence[engine.TensorSpec | DenseDecl],
+    scores: Sequence[engine.TensorSpec | DenseDecl] | None,
+) -> None:
+    """Refuses (INVALID_ARGUMENT, naming the tensor) SECTION_SCORES that do not go with the criterion or
+    the model: SCORE_FUNCTION_SUPPLIED takes exactly one score tensor per SECTION_MODEL tensor, of its
+    name and shape (any dtype, any order); every other criterion takes none. ``scores`` is None when no
+    SECTION_SCORES tensor was declared. Run on the declarations at the first chunk (:func:`select_plan`),
+    so before the upload, and on what was received."""
+    if not supplies_scores(criterion):
+        if scores is None:
+            return
+        if criterion is None or criterion.WhichOneof("kind") is None:
+            taken = "no criterion is set"
+        elif criterion.WhichOneof("kind") == "top_k":
+            value = criterion.top_k.score_function
+            named = (
+                criteria_pb2.ScoreFunction.Name(value)
+                if value in criteria_pb2.ScoreFunction.values()
+                else value
+            )
+            taken = f"the criterion's score function is {named}"
+        else:
+            taken = f"the criterion is {criterion.WhichOneof('kind')}"
+        raise WireError(
+            f"SECTION_SCORES '{scores[0].name}': SECTION_SCORES is only for {_SUPPLIED}, but {taken}"
+        )
+    if not model:
+        return  # refused as a request without a model (read_models)
+    if scores is None:
+        raise WireError(
+            f"{_SUPPLIED} needs the caller's scores: declare one SECTION_SCORES tensor per SECTION_MODEL "
+            f"tensor (none was declared; the first model tensor is '{model[0].name}')"
+        )
+    by_name = {decl.name: decl for decl in scores}
+    for decl in model:
+        score = by_name.get(decl.name)
+        if score is None:
+            raise WireError(f"SECTION_SCORES has no tensor for '{decl.name}', which SECTION_MODEL declares")
+        if tuple(score.shape) != tuple(decl.shape):
+            raise WireError(
+                f"SECTION_SCORES '{decl.name}': shape {list(score.shape)} differs from the SECTION_MODEL "
+                f"tensor's {list(decl.shape)}"
+            )
+    names = {decl.name for decl in model}
+    for decl in scores:
+        if decl.name not in names:
+            raise WireError(f"SECTION_SCORES '{decl.name}': SECTION_MODEL declares no tensor of that name")
 
 
 def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
@@ -273,13 +335,18 @@ def pull_plan(declared: Declarations) -> budget.Work:
 def select_plan(declared: Declarations) -> budget.Work:
     """A Select's or Push's work as far as the declared shapes decide it: the criterion's scores, masks,
     k-th search, drift norms or FedPM masks over the SECTION_MODEL tensors (an initial model sent
-    without a digest is this call's alone, so top-k may write its scores over it). How many entries a
-    top-k selection keeps, and its encoded answer, are reserved once they are known (see servicer)."""
+    without a digest is this call's alone, so top-k may write its scores over it; the caller's own
+    scores, in SECTION_SCORES, are upload). How many entries a top-k selection keeps, and its encoded
+    answer, are reserved once they are known (see servicer). Scores that do not go with the model or
+    the criterion are refused here, at the first chunk (:func:`check_scores`)."""
     start = declared.first
     model = [engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == MODEL]
+    scores = [engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == SCORES]
     initial_sent = any(s == INITIAL for s, _, _ in declared.dense)
     digest = start is not None and start.HasField("initial_model_digest")
     criterion = start.criterion if start is not None and start.HasField("criterion") else None
+    # Scores that do not go with the model or the criterion are refused now, before the upload.
+    check_scores(criterion, model, scores or None)
     # Per name, the objects of both its tensors, its scores and its answer: measured at about 3.4 KiB
     # (Select) and 6.8 KiB (Push) per name when a call declares 49,000 tiny ones with an initial model.
     overhead = [
@@ -292,5 +359,5 @@ def select_plan(declared: Declarations) -> budget.Work:
         for s, _, d in declared.dense
     ]
     return budget.Work(tuple(overhead)) + criterion_work(
-        criterion, model, initial_is_scratch=initial_sent and not digest
+        criterion, model, initial_is_scratch=initial_sent and not digest, scores=scores
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from paramsel.server.config import ServerConfig
-from paramsel.server.criteria import SCORE_FUNCTIONS
+from paramsel.server.criteria import SERVED_SCORE_FUNCTIONS
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DTYPES, MAX_CHUNK_SIZE_BYTES
 
@@ -27,7 +27,7 @@ def server_info(config: ServerConfig) -> service_pb2.GetServerInfoResponse:
         api_package=service_pb2.DESCRIPTOR.package,
         position_encodings=encodings,
         data_types=sorted(DTYPES),  # type: ignore[arg-type]
-        score_functions=sorted(SCORE_FUNCTIONS),  # type: ignore[arg-type]
+        score_functions=sorted(SERVED_SCORE_FUNCTIONS),  # type: ignore[arg-type]
         criteria=[field.name for field in criteria_pb2.Criterion.DESCRIPTOR.oneofs_by_name["kind"].fields],
         payload_kinds=kinds,
         max_chunk_size_bytes=MAX_CHUNK_SIZE_BYTES,

@@ -46,7 +46,8 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         self.limits = limits or CallLimits(limits_of(config))
 
     def _selection(self, call: Call, frames: Iterator[Any]) -> tuple[Any, int, Selection]:
-        """Select's and Push's common part: read the models, resolve the initial one, select.
+        """Select's and Push's common part: read the models (and the caller's scores, if any), resolve
+        the initial one, select.
 
         What the criterion builds from the declared shapes is reserved at the first chunk
         (``select_plan``); what only the data decide, as the engine comes to it (``reserve_need``)."""
@@ -68,6 +69,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
                 start.criterion,
                 _model(received),
                 initial,
+                scores=received.state(inbound.SCORES),
                 initial_is_scratch=scratch,
                 reserve=call.reserve_need,
             ),
