@@ -42,12 +42,15 @@ check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml 
 check-k8s: setup  ## validate deploy/kubernetes against the Kubernetes API schemas and the server's flags
 	$(PY) -m pytest -q tests/test_kubernetes_manifests.py
 
+# mypy runs twice, as pytest does (see make test): everything but tests/differential, then
+# tests/differential with its own folder as an import root (pyproject.toml's [tool.mypy] says why).
 lint: setup  ## buf lint and buf breaking (against the last release's image), ruff, mypy
 	.venv/bin/buf lint
 	.venv/bin/buf breaking --against proto/releases/paramsel-v1-0.1.0.binpb
 	.venv/bin/ruff check $(SOURCES)
 	.venv/bin/ruff format --check $(SOURCES)
 	.venv/bin/mypy
+	MYPYPATH=tests/differential .venv/bin/mypy tests/differential/*.py
 
 format: setup
 	.venv/bin/ruff check --fix $(SOURCES)

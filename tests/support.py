@@ -44,8 +44,9 @@ T = TypeVar("T")
 # --- waiting ----------------------------------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], T], timeout: float = TIMEOUT, what: str = "the condition") -> T:
-    """Polls ``condition`` until it returns something true, and returns that; fails after ``timeout`` s."""
+def wait_for(condition: Callable[[], T | None], timeout: float = TIMEOUT, what: str = "the condition") -> T:
+    """Polls ``condition`` until it returns something true, and returns that (so never None); fails after
+    ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"

@@ -45,8 +45,7 @@ def _server_refusal(server: RunningServer, start: service_pb2.SelectStart) -> gr
         stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
         with pytest.raises(grpc.RpcError) as failed:
             list(stub.Select(frames, timeout=60))
-    code: grpc.StatusCode = failed.value.code()  # type: ignore[attr-defined]
-    return code
+    return failed.value.code()
 
 
 def test_the_sdk_maps_shared_errors_as_the_server_does() -> None:

@@ -27,7 +27,7 @@ def _sparse(*tensors: tuple[str, np.ndarray, list[int], tuple[int, ...]]) -> lis
         if shape:
             coords = np.stack(np.unravel_index(np.array(flat, dtype=np.int64), shape), axis=1)
         else:  # a 0-d tensor: one row per entry, no axes
-            coords = np.zeros((len(flat), 0))
+            coords = np.zeros((len(flat), 0), dtype=np.int64)
         indices.append(np.ascontiguousarray(coords, dtype=np.int64))
         shapes.append(np.array(shape, dtype=np.int64))
         names.append(name)

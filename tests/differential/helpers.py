@@ -77,7 +77,8 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn2(self.conv(x)))
         x = torch.nn.functional.max_pool2d(x, 2).flatten(1)
-        return self.head(torch.relu(self.bn1(self.fc(x))))
+        out: torch.Tensor = self.head(torch.relu(self.bn1(self.fc(x))))
+        return out
 
 
 class OneTensor(nn.Module):

@@ -59,7 +59,7 @@ def fl4health(results: Results, weighted: bool) -> list[np.ndarray]:
         )
         for arrays, n in results
     ]
-    parameters, _ = strategy.aggregate_fit(1, fit, [])  # type: ignore[arg-type]
+    parameters, _ = strategy.aggregate_fit(1, fit, [])
     assert parameters is not None
     return parameters_to_ndarrays(parameters)
 

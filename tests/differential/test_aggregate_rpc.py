@@ -28,6 +28,7 @@ from paramsel.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire.streams import SparseOut, read_frames, write_contributions
 
 Results = list[tuple[list[np.ndarray], int]]
+Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]
 RESULT = tensor_pb2.SECTION_RESULT
 
 DATA_TYPES = {
@@ -91,13 +92,13 @@ def fl4health(strategy: type, results: Results, weighted: bool) -> list[np.ndarr
 
 def call(
     channel: grpc.Channel,
-    kind: int,
-    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]],
+    kind: service_pb2.PayloadKind.ValueType,
+    contributions: list[Contribution],
     *,
     weighted: bool,
-    encoding: int = tensor_pb2.POSITION_ENCODING_UNSPECIFIED,
+    encoding: tensor_pb2.PositionEncoding.ValueType = tensor_pb2.POSITION_ENCODING_UNSPECIFIED,
 ) -> tuple[list[service_pb2.AggregateResponse], dict[str, object]]:
-    start = service_pb2.AggregateStart(payload_kind=kind, weighted=weighted, position_encoding=encoding)  # type: ignore[arg-type]
+    start = service_pb2.AggregateStart(payload_kind=kind, weighted=weighted, position_encoding=encoding)
     frames = write_contributions(
         service_pb2.AggregateRequest,
         ("start", start),
@@ -148,7 +149,7 @@ def test_layers_rpc_declares_and_sends_fl4health_dtype_and_bits(
 ) -> None:
     results = _layers(seed)
     expected = fl4health(FedAvgDynamicLayer, results, weighted)
-    contributions = [
+    contributions: list[Contribution] = [
         (
             n,
             [
@@ -212,11 +213,11 @@ ENCODINGS = [
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
 @pytest.mark.parametrize("seed", range(3))
 def test_sparse_rpc_declares_and_sends_fl4health_dtype_and_bits(
-    channel_to: grpc.Channel, seed: int, weighted: bool, encoding: int
+    channel_to: grpc.Channel, seed: int, weighted: bool, encoding: tensor_pb2.PositionEncoding.ValueType
 ) -> None:
     results = _sparse(seed)
     expected = fl4health(FedAvgSparseCooTensor, results, weighted)
-    contributions = []
+    contributions: list[Contribution] = []
     for arrays, n in _arrival(results, seed):
         k = (len(arrays) - 1) // 3
         tensors = [
@@ -267,7 +268,10 @@ def test_sparse_rpc_declares_and_sends_fl4health_dtype_and_bits(
     ids=["layers", "sparse"],
 )
 def test_shapes_that_do_not_broadcast_are_invalid_argument(
-    channel_to: grpc.Channel, kind: int, contributions: list, names: str
+    channel_to: grpc.Channel,
+    kind: service_pb2.PayloadKind.ValueType,
+    contributions: list[Contribution],
+    names: str,
 ) -> None:
     # FL4Health fails on these (np.add / torch.add cannot broadcast them): the rpc refuses them, clearly.
     with pytest.raises(grpc.RpcError) as err:
@@ -280,7 +284,7 @@ def test_shapes_that_do_not_broadcast_are_invalid_argument(
 def test_a_count_the_layer_dtype_cannot_hold(channel_to: grpc.Channel) -> None:
     # uint8 * 300: numpy 2 refuses it (FL4Health fails), numpy 1 widens it. The rpc does what FL4Health does.
     results: Results = [([np.array([2, 7], np.uint8), np.array(["u"])], 300)]
-    contributions = [(300, [("u", torch.tensor([2, 7], dtype=torch.uint8))], [])]
+    contributions: list[Contribution] = [(300, [("u", torch.tensor([2, 7], dtype=torch.uint8))], [])]
     try:
         expected = fl4health(FedAvgDynamicLayer, results, True)
     except OverflowError:

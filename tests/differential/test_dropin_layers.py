@@ -62,7 +62,7 @@ def _compare(
     initial: nn.Module,
 ) -> list[np.ndarray]:
     """push, select and pull of both; FL4Health's packed list is returned."""
-    expected = oracle.push_parameters(model, initial)
+    expected: list[np.ndarray] = oracle.push_parameters(model, initial)
     assert_packed_identical(exchanger.push_parameters(model, initial), expected)
     arrays, names = exchanger.select_parameters(model, initial)
     e_arrays, e_names = oracle.select_parameters(model, initial)
@@ -292,7 +292,7 @@ def test_a_subclass_select_parameters_is_used_by_push(paramsel_target: str) -> N
             arrays, names = super().select_parameters(model, initial_model)
             return arrays[::-1], names[::-1]
 
-    class Theirs(FlDynamicLayerExchanger):
+    class Theirs(FlDynamicLayerExchanger):  # type: ignore[misc]  # FL4Health's classes are Any to mypy
         def select_parameters(
             self, model: nn.Module, initial_model: nn.Module | None = None
         ) -> tuple[list[np.ndarray], list[str]]:

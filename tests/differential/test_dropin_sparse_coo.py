@@ -51,7 +51,7 @@ def _compare(
     initial: nn.Module | None,
 ) -> list[np.ndarray]:
     """push and select of both on the same models; FL4Health's packed list is returned."""
-    expected = oracle.push_parameters(model, initial)
+    expected: list[np.ndarray] = oracle.push_parameters(model, initial)
     assert_packed_identical(exchanger.push_parameters(model, initial), expected)
     _assert_selection_identical(
         exchanger.select_parameters(model, initial), oracle.select_parameters(model, initial)
@@ -215,7 +215,7 @@ def test_a_subclass_generate_parameter_scores_is_used(paramsel_target: str) -> N
         ) -> dict[str, Any]:
             return _position_scores(model, initial_model)
 
-    class Theirs(FlSparseCooParameterExchanger):
+    class Theirs(FlSparseCooParameterExchanger):  # type: ignore[misc]  # FL4Health's classes are Any to mypy
         def generate_parameter_scores(
             self, model: nn.Module, initial_model: nn.Module | None
         ) -> dict[str, torch.Tensor]:

@@ -24,9 +24,10 @@ def threshold_path(path: str) -> AbstractContextManager[object]:
     """Forces one of the k-th largest search's paths on these small models."""
     if path == "partition":
         return nullcontext()
-    tiny = {"_SAMPLING_MIN_ENTRIES": 0, "_SAMPLE_SIZE": 8, "_BAND_HALF_WIDTH": 1}
     share = 1.0 if path == "candidates" else 0.0
-    return mock.patch.multiple(kth, **tiny, _MAX_CANDIDATE_SHARE=share)
+    return mock.patch.multiple(  # a tiny sample and band, so that these small models sample
+        kth, _SAMPLING_MIN_ENTRIES=0, _SAMPLE_SIZE=8, _BAND_HALF_WIDTH=1, _MAX_CANDIDATE_SHARE=share
+    )
 
 
 def reference_scores(fn: ScoreFunction, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:

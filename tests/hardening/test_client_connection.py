@@ -4,6 +4,7 @@ refusal to send a token in plaintext off this machine. Real gRPC servers on loop
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 import pytest
@@ -23,9 +24,25 @@ from paramsel.client import (
 from paramsel.client import largest_final_magnitude_scores as largest
 from paramsel.client._connection import is_loopback
 
-FAST = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
+
+class Backoff(TypedDict):
+    """Connection's backoff settings, passed as ``**FAST``."""
+
+    initial_backoff_seconds: float
+    max_backoff_seconds: float
+
+
+FAST: Backoff = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
 CRITERION = TopK(0.5, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
 MODEL = {"w": torch.tensor([1.0, -5.0, 3.0, 0.5])}
+
+
+class ClientTls(TypedDict):
+    """Connection's mutual TLS files, passed as ``**tls``."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
 
 
 def push_values(client: Client) -> list[float]:
@@ -66,7 +83,7 @@ def test_invalid_options_are_refused_at_construction() -> None:
         {"tls": False, "ca_file": "ca.pem"},
     ):
         with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
-            Connection("localhost:1", **bad)  # type: ignore[arg-type]
+            Connection("localhost:1", **bad)
 
 
 def test_token_in_plaintext_to_a_remote_host_is_refused_before_any_connection(
@@ -184,7 +201,7 @@ def test_against_the_servers_own_tls_and_tokens(tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
     running = start_server(certs.server_config(mutual=True, tokens=("server-token",)))
     try:
-        tls = {
+        tls: ClientTls = {
             "ca_file": str(certs.ca),
             "cert_file": str(certs.client_cert),
             "key_file": str(certs.client_key),

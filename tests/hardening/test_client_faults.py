@@ -15,6 +15,7 @@ from support import CuttingProxy, free_port, serve_process, wait_for
 import paramsel.client._client as client_module
 from paramsel.client import Client, Connection, ParamselError, PushResult, ScoreFunction, StatusCode, TopK
 from paramsel.server.app import RunningServer
+from paramsel.wire import streams
 
 CRITERION = TopK(0.001, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
 
@@ -42,7 +43,7 @@ def test_push_survives_a_server_killed_mid_upload_and_restarted(
     state = model(50_000_000)  # 200 MB of float32
     halfway, killed = threading.Event(), threading.Event()
     attempts: list[int] = []
-    write_frames = client_module.write_frames
+    write_frames = streams.write_frames  # the function client_module imported
 
     def pausing(*args: Any, **kwargs: Any) -> Iterator[Any]:
         attempts.append(1)

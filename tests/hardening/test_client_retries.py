@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TypedDict
 
 import pytest
 import torch
@@ -21,7 +22,15 @@ from paramsel.client import LayerSelectionFunctionConstructor as Layers
 from paramsel.client._connection import Connection as ConnectionClass
 from paramsel.client._retry import backoff
 
-FAST = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
+
+class Backoff(TypedDict):
+    """Connection's backoff settings, passed as ``**FAST``."""
+
+    initial_backoff_seconds: float
+    max_backoff_seconds: float
+
+
+FAST: Backoff = {"initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
 PUSH = "/paramsel.v1.ParameterSelectionService/Push"
 
 

@@ -51,7 +51,9 @@ RSS_GROWTH_BOUND = 64 << 20
 # Raw requests, as an attacker writes them
 
 
-def raw_aggregate(dtype: int = F32, shape: int = HUGE, name: str = "w") -> list[service_pb2.AggregateRequest]:
+def raw_aggregate(
+    dtype: tensor_pb2.DataType.ValueType = F32, shape: int = HUGE, name: str = "w"
+) -> list[service_pb2.AggregateRequest]:
     """One contribution of one sparse tensor of ``shape`` elements with a single entry (1.0 at 0)."""
     spec = tensor_pb2.SparseTensorSpec(
         name=name, dtype=dtype, shape=[shape], nnz=1, position_encoding=FLAT, positions_size_bytes=8
@@ -69,7 +71,9 @@ def raw_aggregate(dtype: int = F32, shape: int = HUGE, name: str = "w") -> list[
     ]
 
 
-def raw_pull(layout_dtype: int, value_dtype: int) -> list[service_pb2.PullRequest]:
+def raw_pull(
+    layout_dtype: tensor_pb2.DataType.ValueType, value_dtype: tensor_pb2.DataType.ValueType
+) -> list[service_pb2.PullRequest]:
     """A replace-mode Pull of a layout of 2**31 entries, with a payload that sends none of them."""
     layout = tensor_pb2.TensorSpec(name="w", dtype=layout_dtype, shape=[HUGE])
     payload = tensor_pb2.SparseTensorSpec(
@@ -184,7 +188,9 @@ def test_a_50_byte_aggregate_of_a_2_31_shape_is_refused_before_it_allocates(serv
     ids=["float32", "uint8-layout-float64-values"],
 )
 def test_a_pull_of_a_2_31_layout_is_refused_before_it_allocates(
-    served: tuple[int, str], layout_dtype: int, value_dtype: int
+    served: tuple[int, str],
+    layout_dtype: tensor_pb2.DataType.ValueType,
+    value_dtype: tensor_pb2.DataType.ValueType,
 ) -> None:
     pid, target = served
     warm_up(target)

@@ -222,7 +222,7 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
                 wait_for(settled)
                 assert in_flight or how == "deadline", "the server never had the upload in flight"
                 if how == "cancel":
-                    call.cancel()
+                    call.cancel()  # type: ignore[no-untyped-call]  # unannotated in grpc-stubs' RpcContext
                 with pytest.raises(grpc.RpcError):
                     list(call)
                 release.set()
@@ -243,7 +243,11 @@ def test_abandoned_call_is_counted_and_released(caplog: pytest.LogCaptureFixture
                 assert line["code"] in codes
                 assert served.value("paramsel_calls_total", method="Select", code=line["code"]) == 1
                 assert served.value("paramsel_inflight_bytes") == 0
-                wait_for(lambda s=served: s.value("paramsel_active_calls") == 0)
+
+                def idle(served: Served = served) -> bool:
+                    return served.value("paramsel_active_calls") == 0
+
+                wait_for(idle)
                 assert line["bytes_in"] == held
                 return
             finally:

@@ -58,7 +58,9 @@ MAX_OVERCOUNT = 3.5
 # Requests
 
 
-def top_k(level: float, fn: int = FINAL, *, exact_k: bool = False) -> criteria_pb2.Criterion:
+def top_k(
+    level: float, fn: criteria_pb2.ScoreFunction.ValueType = FINAL, *, exact_k: bool = False
+) -> criteria_pb2.Criterion:
     return criteria_pb2.Criterion(
         top_k=criteria_pb2.TopKCriterion(sparsity_level=level, score_function=fn, exact_k=exact_k)
     )
@@ -85,10 +87,12 @@ def frames(
     if initial is not None:
         dense.append((INITIAL, list(initial.items())))
     if method == "Select":
-        first = ("start", service_pb2.SelectStart(criterion=criterion, **start))
-        return list(write_frames(service_pb2.SelectRequest, first, chunk_size=1 << 20, dense=dense))
-    first = ("start", service_pb2.PushStart(criterion=criterion, **start))
-    return list(write_frames(service_pb2.PushRequest, first, chunk_size=1 << 20, dense=dense))
+        select = service_pb2.SelectStart(criterion=criterion, **start)
+        return list(
+            write_frames(service_pb2.SelectRequest, ("start", select), chunk_size=1 << 20, dense=dense)
+        )
+    push = service_pb2.PushStart(criterion=criterion, **start)
+    return list(write_frames(service_pb2.PushRequest, ("start", push), chunk_size=1 << 20, dense=dense))
 
 
 def model_of(dtype: torch.dtype = torch.float32, *, scale: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from paramsel.server import cli
 from paramsel.server.app import RunningServer
 from paramsel.server.security import ConfigError, load_tokens
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
-from paramsel.wire.streams import write_contributions, write_frames
+from paramsel.wire.streams import SparseOut, write_contributions, write_frames
 
 TOKEN = "s3cret-token-value-3f9a"
 OTHER = "second-token-77c1"
@@ -39,7 +39,10 @@ def select_frames() -> list[Any]:
 
 def aggregate_frames() -> list[Any]:
     first = ("start", service_pb2.AggregateStart(payload_kind=service_pb2.PAYLOAD_KIND_LAYERS))
-    contributions = [(1, [("w", torch.randn(8))], []), (3, [("w", torch.randn(8))], [])]
+    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = [
+        (1, [("w", torch.randn(8))], []),
+        (3, [("w", torch.randn(8))], []),
+    ]
     return list(
         write_contributions(
             service_pb2.AggregateRequest,
@@ -89,8 +92,8 @@ def test_missing_or_wrong_tokens_are_unauthenticated(
     with pytest.raises(grpc.RpcError) as err:
         call(secured[1], method, metadata)
     assert err.value.code() == UNAUTHENTICATED
-    assert message in err.value.details()
-    assert TOKEN not in err.value.details()
+    assert message in (err.value.details() or "")
+    assert TOKEN not in (err.value.details() or "")
     assert TOKEN not in caplog.text
 
 

@@ -143,7 +143,7 @@ def test_tensors_per_call(limited: tuple[RunningServer, Any], method: str) -> No
     build, call = (select_frames, stub.Select) if method == "Select" else (aggregate_frames, stub.Aggregate)
     err = refused_before_chunks(call, build(4, 4, 4, 4))
     assert err.code() == EXHAUSTED
-    assert "more than 3 tensors" in err.details()
+    assert "more than 3 tensors" in (err.details() or "")
     assert list(call(iter(build(4, 4, 4)), timeout=TIMEOUT))
     assert_serving(channel)
 
@@ -154,7 +154,7 @@ def test_elements_per_tensor(limited: tuple[RunningServer, Any]) -> None:
     stub = service_pb2_grpc.ParameterSelectionServiceStub(channel)
     err = refused_before_chunks(stub.Select, select_frames(10, 1001))
     assert err.code() == EXHAUSTED
-    assert "'t1' has 1001 elements" in err.details()
+    assert "'t1' has 1001 elements" in (err.details() or "")
     # A declaration far beyond memory is refused from the manifest alone.
     huge = [
         service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=TOP_K)),
@@ -194,11 +194,13 @@ def test_bytes_per_call() -> None:
         # An upload over the limit is refused from its declarations, before any chunk.
         err = refused_before_chunks(stub.Select, select_frames(limit // 8 + 1, limit // 8 + 1))
         assert err.code() == EXHAUSTED
-        assert f"more than {limit} bytes" in err.details()
+        assert f"more than {limit} bytes" in (err.details() or "")
         # An upload well within it whose work is not: refused at the first chunk, the rest never read.
         err = refused_at_first_chunk(stub.Select, select_frames(1000, 1000))
         assert err.code() == EXHAUSTED
-        assert f"over the server's limit of {limit} bytes per call (--max-call-bytes)" in err.details()
+        assert f"over the server's limit of {limit} bytes per call (--max-call-bytes)" in (
+            err.details() or ""
+        )
         assert select(stub, fits)
         assert running.limits.inflight_bytes == 0
         assert_serving(channel)
@@ -214,7 +216,7 @@ def test_concurrent_calls_beyond_the_limit_are_refused_not_queued(limited: tuple
     with pytest.raises(grpc.RpcError) as err:
         select(stub, select_frames(10))
     assert err.value.code() == EXHAUSTED
-    assert "already running 1 calls" in err.value.details()
+    assert "already running 1 calls" in (err.value.details() or "")
     assert_serving(channel)  # health is not a paramsel call: it is never refused
     assert held.finish()[0].WhichOneof("frame") == "header"
     wait_for(lambda: running.limits.active_calls == 0)
@@ -255,7 +257,7 @@ def test_inflight_bytes_across_calls() -> None:
         wait_for(lambda: running.limits.inflight_bytes == held_upload)
         err = refused_before_chunks(stub.Select, big)
         assert err.code() == EXHAUSTED
-        assert "in flight" in err.details()
+        assert "in flight" in (err.details() or "")
         assert select(stub, small_frames)  # upload and work fit beside the held upload
         assert held.finish()  # its work is reserved as it computes, where the small call's was
         wait_for(lambda: running.limits.inflight_bytes == 0)
@@ -358,16 +360,16 @@ def interrupt_upload(
     wait_for(lambda: running.limits.active_calls == 0)
     assert running.limits.inflight_bytes == 0
     spec = tensor_pb2.TensorSpec(name="w", dtype=F32, shape=[UPLOAD_ELEMENTS])
-    expected = upload_and_plan(
+    planned = upload_and_plan(
         [
             service_pb2.SelectRequest(start=service_pb2.SelectStart(criterion=TOP_K)),
             service_pb2.SelectRequest(tensors=tensor_pb2.TensorManifest(section=MODEL, tensors=[spec])),
             service_pb2.SelectRequest(chunk=tensor_pb2.Chunk(section=MODEL, offset_bytes=0, data=b"x")),
         ]
     )
-    if not sent.is_set() or (deadline is not None and held != expected):
+    if not sent.is_set() or (deadline is not None and held != planned):
         return None
-    assert held == expected
+    assert held == planned
     return baseline, peak
 
 

@@ -56,7 +56,7 @@ def check(channel: grpc.Channel) -> int:
 def refused(channel: grpc.Channel) -> grpc.StatusCode:
     with channel, pytest.raises(grpc.RpcError) as err:
         check(channel)
-    return err.value.code()  # type: ignore[no-any-return]
+    return err.value.code()
 
 
 def test_a_tls_client_is_served(pki: Certs, tls_server: RunningServer) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from secured import CONFIGS, UNAUTHENTICATED, Metadata, Security, security
 from support import assert_serving, server_logs, start_server
@@ -40,7 +41,7 @@ CHUNK = 1 << 20
 MODEL, PAYLOAD, RESULT = tensor_pb2.SECTION_MODEL, tensor_pb2.SECTION_PAYLOAD, tensor_pb2.SECTION_RESULT
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-RESPONSES = {
+RESPONSES: dict[str, type[Message]] = {
     "Select": service_pb2.SelectResponse,
     "Push": service_pb2.PushResponse,
     "Pull": service_pb2.PullResponse,
@@ -84,7 +85,9 @@ def select_frames(level: float, message: Any = service_pb2.SelectRequest, start:
 
 def pull_frames(mode: int = service_pb2.PULL_MODE_UNSPECIFIED) -> list[Any]:
     payload = SparseOut("w", (3, 4), torch.ones(2), torch.tensor([[0, 1], [2, 3]]))
-    start = service_pb2.PullStart(payload_kind=service_pb2.PAYLOAD_KIND_SPARSE_COO, mode=mode)  # type: ignore[arg-type]
+    start = service_pb2.PullStart(
+        payload_kind=service_pb2.PAYLOAD_KIND_SPARSE_COO, mode=service_pb2.PullMode.ValueType(mode)
+    )
     return list(
         write_frames(
             service_pb2.PullRequest,
@@ -98,7 +101,7 @@ def pull_frames(mode: int = service_pb2.PULL_MODE_UNSPECIFIED) -> list[Any]:
 
 def aggregate_frames(first_examples: int) -> list[Any]:
     start = service_pb2.AggregateStart(payload_kind=service_pb2.PAYLOAD_KIND_LAYERS)
-    contributions = [
+    contributions: list[tuple[int, list[tuple[str, torch.Tensor]], list[SparseOut]]] = [
         (first_examples, [("x", torch.tensor([1.0, 2.0]))], []),
         (3, [("x", torch.tensor([5.0, 6.0]))], []),
     ]
@@ -106,7 +109,7 @@ def aggregate_frames(first_examples: int) -> list[Any]:
         write_contributions(
             service_pb2.AggregateRequest,
             ("start", start),
-            contributions,  # type: ignore[arg-type]
+            contributions,
             section=PAYLOAD,
             encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
             chunk_size=CHUNK,
@@ -180,7 +183,9 @@ def cases(security: Security) -> list[Case]:
 
 
 def run_case(channel: grpc.Channel, case: Case) -> None:
-    method = channel.stream_stream(f"/{SERVICE_NAME}/{case.rpc}")
+    method = channel.stream_stream(
+        f"/{SERVICE_NAME}/{case.rpc}", request_serializer=None, response_deserializer=None
+    )
     parse = RESPONSES[case.rpc].FromString
     failed: grpc.RpcError | None = None
     try:

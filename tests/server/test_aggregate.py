@@ -22,12 +22,16 @@ from paramsel.client import (
 from paramsel.server.app import RunningServer
 from paramsel.v1 import service_pb2, tensor_pb2
 
+Sparse = tuple[np.ndarray, np.ndarray, np.ndarray, str]
+"""One tensor of FL4Health's sparse COO packing: values, coordinates, shape, name."""
+Contribution = tuple[int, list[tuple[str, torch.Tensor]], list[SparseTensor]]
 
-def _sparse(values: list[float], coords: list[list[int]], shape: list[int], name: str) -> tuple:
+
+def _sparse(values: list[float], coords: list[list[int]], shape: list[int], name: str) -> Sparse:
     return np.array(values, dtype=np.float32), np.array(coords, dtype=np.int64), np.array(shape), name
 
 
-def _pack(*tensors: tuple) -> list[np.ndarray]:
+def _pack(*tensors: Sparse) -> list[np.ndarray]:
     return [
         *(t[0] for t in tensors),
         *(t[1] for t in tensors),
@@ -94,7 +98,11 @@ def test_weighted_and_unweighted_layers(server: RunningServer) -> None:
     ],
 )
 def test_bad_aggregations_are_invalid_argument(
-    server: RunningServer, channel: grpc.Channel, contributions: list, kind: PayloadKind, message: str
+    server: RunningServer,
+    channel: grpc.Channel,
+    contributions: list[Contribution],
+    kind: PayloadKind,
+    message: str,
 ) -> None:
     with pytest.raises(ParamselError, match=message) as err:
         Client(target=server.target).aggregate(kind, contributions)
@@ -112,14 +120,14 @@ def test_aggregate_stream_without_a_contribution_frame(channel: grpc.Channel) ->
         service_pb2.AggregateRequest(
             tensors=tensor_pb2.TensorManifest(
                 section=tensor_pb2.SECTION_PAYLOAD,
-                tensors=[tensor_pb2.TensorSpec(name="x", dtype=1, shape=[1])],
+                tensors=[tensor_pb2.TensorSpec(name="x", dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1])],
             )
         ),
     ]
     with pytest.raises(grpc.RpcError) as err:
         list(service_pb2_grpc.ParameterSelectionServiceStub(channel).Aggregate(iter(frames), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "before the first contribution" in err.value.details()
+    assert "before the first contribution" in (err.value.details() or "")
 
 
 def test_clients_are_summed_in_fl4health_pseudo_sorted_order(server: RunningServer) -> None:
@@ -156,12 +164,12 @@ def test_dtypes_that_differ_across_clients_are_averaged(server: RunningServer) -
     a = [np.array([1.5, 2.0], dtype=np.float16), np.array(["x"])]
     b = [np.array([0.5, 4.0], dtype=np.float32), np.array(["x"])]
     x, names = aggregate_layers([(a, 1), (b, 3)], target=server.target)
-    assert (x.dtype, x.tolist(), names.tolist()) == (np.float32, [0.75, 3.5], ["x"])
+    assert (x.dtype, x.tolist(), names.tolist()) == (np.dtype(np.float32), [0.75, 3.5], ["x"])
     # Sparse, torch's promotion: int64 with float16 is float16; (2 * 3 + 2 * 0.5) / 4 at [0].
     c = _pack((np.array([3]), np.array([[0]]), np.array([2]), "n"))
     d = _pack((np.array([0.5], dtype=np.float16), np.array([[0]]), np.array([2]), "n"))
     packed = aggregate_sparse_coo([(c, 2), (d, 2)], target=server.target)
-    assert (packed[0].dtype, packed[0].tolist(), packed[1].tolist()) == (np.float16, [1.75], [[0]])
+    assert (packed[0].dtype, packed[0].tolist(), packed[1].tolist()) == (np.dtype(np.float16), [1.75], [[0]])
 
 
 def test_shapes_that_broadcast_are_averaged_broadcast(server: RunningServer) -> None:
@@ -223,7 +231,10 @@ def test_a_name_twice_in_one_client_counts_twice(server: RunningServer) -> None:
     ids=["empty-names", "empty-layer", "no-tensors", "0d-aggregate", "float-shape"],
 )
 def test_what_fl4health_fails_on_is_refused(
-    server: RunningServer, aggregate: Callable[..., list[np.ndarray]], results: list, message: str
+    server: RunningServer,
+    aggregate: Callable[..., list[np.ndarray]],
+    results: list[tuple[list[np.ndarray], int]],
+    message: str,
 ) -> None:
     with pytest.raises(ParamselError, match=message) as err:
         aggregate(results, target=server.target)

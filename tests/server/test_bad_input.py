@@ -839,7 +839,7 @@ def well_framed_pulls(draw: Callable[..., Any]) -> Frames:
                     dtype=dtype,
                     shape=shape,
                     nnz=nnz,
-                    position_encoding=encoding,  # type: ignore[arg-type]
+                    position_encoding=encoding,
                     positions_size_bytes=8 * count,
                 )
             )

@@ -24,26 +24,29 @@ from paramsel.wire.streams import SparseOut, read_frames, write_contributions, w
 RESULT = tensor_pb2.SECTION_RESULT
 PAYLOAD = tensor_pb2.SECTION_PAYLOAD
 COO = tensor_pb2.POSITION_ENCODING_COO_INT64
-Contributions = Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]]
+Contribution = tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]
+"""One client's (num_examples, dense tensors, sparse tensors)."""
+Contributions = Sequence[Contribution]
+Stub = service_pb2_grpc.ParameterSelectionServiceStub
 
 
 @pytest.fixture
-def stub(server: RunningServer) -> Iterator[service_pb2_grpc.ParameterSelectionServiceStub]:
+def stub(server: RunningServer) -> Iterator[Stub]:
     with grpc.insecure_channel(server.target) as channel:
         yield service_pb2_grpc.ParameterSelectionServiceStub(channel)
 
 
 def _aggregate(
-    stub: service_pb2_grpc.ParameterSelectionServiceStub,
+    stub: Stub,
     contributions: Contributions,
     *,
     sparse: bool = True,
     weighted: bool = True,
-    encoding: int = COO,
+    encoding: tensor_pb2.PositionEncoding.ValueType = COO,
 ) -> tuple[list[Any], list[bytes]]:
     """The response's result specs and each result tensor's bytes (values, then encoded positions)."""
     kind = service_pb2.PAYLOAD_KIND_SPARSE_COO if sparse else service_pb2.PAYLOAD_KIND_LAYERS
-    start = service_pb2.AggregateStart(payload_kind=kind, weighted=weighted, position_encoding=encoding)  # type: ignore[arg-type]
+    start = service_pb2.AggregateStart(payload_kind=kind, weighted=weighted, position_encoding=encoding)
     frames = write_contributions(
         service_pb2.AggregateRequest,
         ("start", start),
@@ -87,14 +90,14 @@ def sp(
 
 
 # Pseudo-sort keys: first value of each floating tensor, summed, plus num_examples.
-LOW = (1, [], [sp("w", (4,), [0.5, 1e8], [0, 1])])  # key 1.5
-TIED_A = (2, [], [sp("w", (4,), [1.0, 1.0], [0, 1])])  # key 3
-TIED_B = (1, [], [sp("w", (4,), [2.0, -1e8], [0, 1])])  # key 3
-HIGH = (1, [], [sp("v", (2,), [5.0], [1]), sp("w", (4,), [4.0, 3.0], [0, 3])])  # key 10
+LOW: Contribution = (1, [], [sp("w", (4,), [0.5, 1e8], [0, 1])])  # key 1.5
+TIED_A: Contribution = (2, [], [sp("w", (4,), [1.0, 1.0], [0, 1])])  # key 3
+TIED_B: Contribution = (1, [], [sp("w", (4,), [2.0, -1e8], [0, 1])])  # key 3
+HIGH: Contribution = (1, [], [sp("v", (2,), [5.0], [1]), sp("w", (4,), [4.0, 3.0], [0, 3])])  # key 10
 
 
-def test_aggregate_sums_in_fl4health_order_whatever_the_arrival_order(stub: Any) -> None:
-    mixed = [
+def test_aggregate_sums_in_fl4health_order_whatever_the_arrival_order(stub: Stub) -> None:
+    mixed: list[Contribution] = [
         (7, [], [sp("w", (3, 5), [1e7, 3.25, -2.5, 0.1], [14, 2, 2, 7]), sp("b", (2,), [0.3], [1])]),
         (300, [], [sp("w", (3, 5), [-0.7, 1e-3], [7, 0], torch.float16)]),
         (11, [], [sp("b", (2,), [1e-7, 5.0], [0, 1], torch.float64), sp("w", (3, 5), [1.0 / 3], [14])]),
@@ -105,7 +108,7 @@ def test_aggregate_sums_in_fl4health_order_whatever_the_arrival_order(stub: Any)
         for order in itertools.permutations(range(len(mixed)))
     }
     assert len(answers) == 1
-    layers = [
+    layers: list[Contribution] = [
         (3, [("w", torch.tensor([1e7, 0.1, 3.0]))], []),
         (5, [("w", torch.tensor([-1e7, 0.7, 1.0], dtype=torch.float64))], []),
         (1, [("w", torch.tensor([0.3, 1e-8, 2.0]))], []),
@@ -117,23 +120,22 @@ def test_aggregate_sums_in_fl4health_order_whatever_the_arrival_order(stub: Any)
     assert len(answers) == 1
 
 
-def test_names_come_out_in_order_of_first_appearance_in_sorted_order(stub: Any) -> None:
+def test_names_come_out_in_order_of_first_appearance_in_sorted_order(stub: Stub) -> None:
     specs, _ = _aggregate(stub, [HIGH, LOW])  # HIGH (key 10) sorts after LOW (key 1.5): w, then v
     assert [s.name for s in specs] == ["w", "v"]
 
 
-def test_equal_keys_keep_their_arrival_order(stub: Any) -> None:
+def test_equal_keys_keep_their_arrival_order(stub: Stub) -> None:
     # LOW first, then the two tied ones in arrival order: (1e8 + 1) - 1e8 = 0 but (1e8 - 1e8) + 1 = 1.
-    unweighted = {"weighted": False}
-    low_a_b = _aggregate(stub, [TIED_A, LOW, TIED_B], **unweighted)
-    assert low_a_b == _aggregate(stub, [LOW, TIED_A, TIED_B], **unweighted)
-    low_b_a = _aggregate(stub, [TIED_B, TIED_A, LOW], **unweighted)
+    low_a_b = _aggregate(stub, [TIED_A, LOW, TIED_B], weighted=False)
+    assert low_a_b == _aggregate(stub, [LOW, TIED_A, TIED_B], weighted=False)
+    low_b_a = _aggregate(stub, [TIED_B, TIED_A, LOW], weighted=False)
     # The one order-dependent case: equal keys, different contents. Position 1 cancels to an exact zero
     # (dropped) one way, and is 1/3 the other.
     assert (low_a_b[0][0].nnz, low_b_a[0][0].nnz) == (1, 2)
 
 
-def test_products_in_the_values_dtype_exact_zeros_dropped_duplicates_summed(stub: Any) -> None:
+def test_products_in_the_values_dtype_exact_zeros_dropped_duplicates_summed(stub: Stub) -> None:
     # float16 * 1000 overflows in float16 (the count does not widen it); 0.5 - 0.5 is an exact zero.
     specs, pieces = _aggregate(
         stub,
@@ -157,12 +159,12 @@ def test_products_in_the_values_dtype_exact_zeros_dropped_duplicates_summed(stub
     assert specs[0].nnz == 0
 
 
-def test_a_name_twice_in_one_contribution_counts_twice(stub: Any) -> None:
+def test_a_name_twice_in_one_contribution_counts_twice(stub: Stub) -> None:
     _specs, pieces = _aggregate(stub, [(1, [], [sp("w", (2,), [1.0], [0]), sp("w", (2,), [2.0], [1])])])
     assert torch.frombuffer(bytearray(pieces[0][:8]), dtype=torch.float32).tolist() == [0.5, 1.0]
 
 
-def test_aggregate_start_takes_compact_and_ties_go_to_elias_fano(stub: Any) -> None:
+def test_aggregate_start_takes_compact_and_ties_go_to_elias_fano(stub: Stub) -> None:
     # 16 positions, one sent: BITMAP is 2 bytes, ELIAS_FANO 1 byte of low bits + 1 of high bits.
     specs, _ = _aggregate(
         stub,
@@ -179,7 +181,9 @@ def _model() -> dict[str, torch.Tensor]:
     return {"w": torch.randn(10, 10, generator=g), "b": torch.randn(0, generator=g)}
 
 
-def _select_header(stub: Any, model: dict[str, torch.Tensor], sparsity: float) -> service_pb2.SelectionHeader:
+def _select_header(
+    stub: Stub, model: dict[str, torch.Tensor], sparsity: float
+) -> service_pb2.SelectionHeader:
     criterion = criteria_pb2.Criterion(
         top_k=criteria_pb2.TopKCriterion(
             sparsity_level=sparsity, score_function=criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE
@@ -194,13 +198,13 @@ def _select_header(stub: Any, model: dict[str, torch.Tensor], sparsity: float) -
     return next(iter(stub.Select(frames, timeout=60))).header
 
 
-def test_k_is_ceil_of_n_times_sparsity_in_ieee_double(stub: Any) -> None:
+def test_k_is_ceil_of_n_times_sparsity_in_ieee_double(stub: Stub) -> None:
     assert 100 * 0.07 > 7  # 7.000000000000001 in binary64
     assert _select_header(stub, _model(), 0.07).top_k.k == 8
     assert _select_header(stub, _model(), 0.5).top_k.k == 50
 
 
-def test_push_packs_values_indices_and_shapes_each_named_after_its_tensor(stub: Any) -> None:
+def test_push_packs_values_indices_and_shapes_each_named_after_its_tensor(stub: Stub) -> None:
     model = {"w": torch.arange(1.0, 13.0).reshape(3, 4), "s": torch.tensor(9.0)}
     criterion = criteria_pb2.Criterion(
         top_k=criteria_pb2.TopKCriterion(
@@ -234,7 +238,7 @@ def test_push_packs_values_indices_and_shapes_each_named_after_its_tensor(stub: 
 
 
 def _pull(
-    stub: Any,
+    stub: Stub,
     payload: Sequence[SparseOut],
     *,
     scatter: bool,
@@ -261,13 +265,13 @@ def _pull(
     return [(d.name, t.reshape(-1).tolist()) for d, t in received.dense[RESULT]]
 
 
-def test_pull_returns_every_named_tensor_in_payload_order(stub: Any) -> None:
+def test_pull_returns_every_named_tensor_in_payload_order(stub: Stub) -> None:
     # "z" sends nothing: it still comes back (all zeros), as does "w", in the payload's order.
     got = _pull(stub, [sp("z", (2,), [], []), sp("w", (2, 2), [1.0, 2.0, 3.0], [3, 0, 3])], scatter=False)
     assert got == [("z", [0.0, 0.0]), ("w", [2.0, 0.0, 0.0, 4.0])]
 
 
-def test_scatter_sums_duplicate_positions_then_replaces_and_base_may_come_in_any_order(stub: Any) -> None:
+def test_scatter_sums_duplicate_positions_then_replaces_and_base_may_come_in_any_order(stub: Stub) -> None:
     base = [("w", torch.tensor([[10.0, 20.0], [30.0, 40.0]])), ("z", torch.tensor([7.0, 8.0]))]
     got = _pull(
         stub,

@@ -65,7 +65,8 @@ def test_digest_only_is_refused_until_the_model_is_held(fresh: RunningServer) ->
     with pytest.raises(grpc.RpcError) as err:
         _select(fresh.target, digest, None)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "not held" in err.value.details()
+    assert "not held" in (err.value.details() or "")
+    assert isinstance(err.value, grpc.Call)  # a failed call's error is also its grpc.Call
     status = rpc_status.from_call(err.value)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
@@ -81,11 +82,11 @@ def test_a_digest_that_does_not_match_the_data_is_refused(fresh: RunningServer) 
     with pytest.raises(grpc.RpcError) as err:
         _select(fresh.target, wrong, INITIAL)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "initial_model_digest does not match" in err.value.details()
+    assert "initial_model_digest does not match" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         _select(fresh.target, b"short", None)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "32 bytes" in err.value.details()
+    assert "32 bytes" in (err.value.details() or "")
     with grpc.insecure_channel(fresh.target) as channel:
         assert_serving(channel)
 
@@ -93,7 +94,7 @@ def test_a_digest_that_does_not_match_the_data_is_refused(fresh: RunningServer) 
 def _initial_uploads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, for every request the SDK builds, whether it carries the initial model's tensors."""
     sent: list[bool] = []
-    real = client_module.write_frames
+    real = write_frames  # the function client_module imported
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         sent.append(

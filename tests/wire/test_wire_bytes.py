@@ -154,7 +154,9 @@ def test_dense_stream_frames_are_pinned() -> None:
     [(COO, struct.pack("<qq", 1, 1)), (FLAT, struct.pack("<q", 5))],
     ids=["coo", "flat"],
 )
-def test_sparse_stream_frames_are_pinned(encoding: int, positions: bytes) -> None:
+def test_sparse_stream_frames_are_pinned(
+    encoding: tensor_pb2.PositionEncoding.ValueType, positions: bytes
+) -> None:
     out = [
         SparseOut("w", (3, 4), torch.tensor([1.0]), torch.tensor([5])),
         SparseOut("b", (2,), torch.tensor([-2.0], dtype=torch.bfloat16), torch.tensor([1])),

@@ -1,5 +1,7 @@
 """coo_to_flat and flat_to_coo: FL4Health's (nnz, ndim) coordinates and flat row-major positions."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from paramsel.wire.positions import coo_to_flat, flat_to_coo
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (1, 1)])
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
-def test_matches_numpy_ravel_multi_index(shape: tuple[int, ...], dtype: type) -> None:
+def test_matches_numpy_ravel_multi_index(shape: tuple[int, ...], dtype: type[np.integer[Any]]) -> None:
     rng = np.random.default_rng(len(shape))
     coords = np.stack([rng.integers(0, d, 50) for d in shape], axis=1).astype(dtype)
     flat = coo_to_flat(coords, shape, what="t")

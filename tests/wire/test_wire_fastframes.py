@@ -15,7 +15,17 @@ from paramsel.wire import WireError
 from paramsel.wire.fastframes import ChunkFrame, encode_chunk_frame, frame_parser, serialize_frame
 from paramsel.wire.streams import read_frames, write_frames
 
-FRAMES = [
+Frame = (
+    service_pb2.SelectRequest
+    | service_pb2.PushRequest
+    | service_pb2.PullRequest
+    | service_pb2.SelectResponse
+    | service_pb2.PushResponse
+    | service_pb2.PullResponse
+)
+"""Every message of the service that carries ``chunk`` frames."""
+
+FRAMES: list[type[Frame]] = [
     service_pb2.SelectRequest,
     service_pb2.PushRequest,
     service_pb2.PullRequest,
@@ -25,10 +35,9 @@ FRAMES = [
 ]
 
 
-def _protobuf(message: type, section: int, offset: int, data: bytes) -> bytes:
-    return bytes(
-        message(chunk=tensor_pb2.Chunk(section=section, offset_bytes=offset, data=data)).SerializeToString()
-    )
+def _protobuf(message: type[Frame], section: int, offset: int, data: bytes) -> bytes:
+    chunk = tensor_pb2.Chunk(section=tensor_pb2.Section.ValueType(section), offset_bytes=offset, data=data)
+    return bytes(message(chunk=chunk).SerializeToString())
 
 
 @pytest.mark.parametrize("message", FRAMES)
@@ -43,7 +52,9 @@ def _protobuf(message: type, section: int, offset: int, data: bytes) -> bytes:
         (99, 2**63 - 1, b"q"),
     ],
 )
-def test_encoding_is_protobufs_byte_for_byte(message: type, section: int, offset: int, data: bytes) -> None:
+def test_encoding_is_protobufs_byte_for_byte(
+    message: type[Frame], section: int, offset: int, data: bytes
+) -> None:
     frame = encode_chunk_frame(
         message.DESCRIPTOR.fields_by_name["chunk"].number, section, offset, [data[:1], data[1:]]
     )
@@ -61,7 +72,9 @@ def test_encoding_is_protobufs_byte_for_byte(message: type, section: int, offset
     st.integers(-(2**63), 2**63 - 1),
     st.binary(max_size=64),
 )
-def test_round_trip_agrees_with_protobuf(message: type, section: int, offset: int, data: bytes) -> None:
+def test_round_trip_agrees_with_protobuf(
+    message: type[Frame], section: int, offset: int, data: bytes
+) -> None:
     encoded = _protobuf(message, section, offset, data)
     parsed = frame_parser(message)(encoded)
     reference = message.FromString(encoded).chunk
@@ -100,7 +113,7 @@ def test_garbage_over_the_wire_is_invalid_argument(server: RunningServer, channe
     with pytest.raises(grpc.RpcError) as err:
         list(raw(iter([b"\x0a\x02\x18\x05", b"\x1a\xff\xff"]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid paramsel.v1.SelectRequest" in err.value.details()
+    assert "not a valid paramsel.v1.SelectRequest" in (err.value.details() or "")
     assert_serving(channel)
 
 

@@ -17,7 +17,7 @@ def dense_specs(n: int) -> list[tensor_pb2.TensorSpec]:
     return [
         tensor_pb2.TensorSpec(
             name=f"block{i % 97}.layer{i}." + "w" * (i % 41),
-            dtype=1 + i % 10,
+            dtype=tensor_pb2.DataType.ValueType(1 + i % 10),
             shape=[i % 7, 1 << (i % 40), 3][: i % 4],
         )
         for i in range(n)
@@ -28,10 +28,10 @@ def sparse_specs(n: int) -> list[tensor_pb2.SparseTensorSpec]:
     return [
         tensor_pb2.SparseTensorSpec(
             name=f"s{i}" * (1 + i % 5),
-            dtype=1,
+            dtype=tensor_pb2.DATA_TYPE_FLOAT32,
             shape=[i, 2],
             nnz=i,
-            position_encoding=1,
+            position_encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
             positions_size_bytes=16 * i,
         )
         for i in range(n)

@@ -16,7 +16,7 @@ from paramsel.wire import (
     sparse_decl,
     tensor_bytes,
 )
-from paramsel.wire.streams import SparseOut, read_frames, write_frames
+from paramsel.wire.streams import Received, SparseOut, read_frames, write_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
 INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
@@ -31,20 +31,30 @@ def start() -> service_pb2.SelectRequest:
 
 
 def manifest(*specs: tensor_pb2.TensorSpec, section: int = MODEL) -> service_pb2.SelectRequest:
-    return service_pb2.SelectRequest(tensors=tensor_pb2.TensorManifest(section=section, tensors=specs))
-
-
-def chunk(offset: int, data: bytes, section: int = MODEL) -> service_pb2.SelectRequest:
-    return service_pb2.SelectRequest(chunk=tensor_pb2.Chunk(section=section, offset_bytes=offset, data=data))
-
-
-def read(frames: list[service_pb2.SelectRequest], max_bytes: int = 1 << 20, **kwargs: object) -> object:
-    return read_frames(
-        frames, first="start", dense_sections=frozenset({MODEL}), max_bytes=max_bytes, **kwargs
+    return service_pb2.SelectRequest(
+        tensors=tensor_pb2.TensorManifest(section=tensor_pb2.Section.ValueType(section), tensors=specs)
     )
 
 
-def read_sparse(out: list[SparseOut], encoding: int) -> object:
+def chunk(offset: int, data: bytes, section: int = MODEL) -> service_pb2.SelectRequest:
+    return service_pb2.SelectRequest(
+        chunk=tensor_pb2.Chunk(section=tensor_pb2.Section.ValueType(section), offset_bytes=offset, data=data)
+    )
+
+
+def read(
+    frames: list[service_pb2.SelectRequest], max_bytes: int = 1 << 20, *, unique_names: bool = True
+) -> Received:
+    return read_frames(
+        frames,
+        first="start",
+        dense_sections=frozenset({MODEL}),
+        max_bytes=max_bytes,
+        unique_names=unique_names,
+    )
+
+
+def read_sparse(out: list[SparseOut], encoding: int) -> Received:
     frames = write_frames(
         service_pb2.SelectResponse,
         ("header", service_pb2.SelectionHeader()),
@@ -55,7 +65,7 @@ def read_sparse(out: list[SparseOut], encoding: int) -> object:
 
 
 def spec(name: str = "w", dtype: int = F32, shape: tuple[int, ...] = (2,)) -> tensor_pb2.TensorSpec:
-    return tensor_pb2.TensorSpec(name=name, dtype=dtype, shape=list(shape))
+    return tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DataType.ValueType(dtype), shape=list(shape))
 
 
 # --- declarations ---------------------------------------------------------------------------------------
@@ -92,8 +102,9 @@ def test_zero_numel_shape_with_overflowing_strides_is_refused_as_wire_error() ->
 
 
 def test_zero_numel_shape_with_a_huge_dimension_is_accepted() -> None:
-    got = read([start(), manifest(spec(shape=(1 << 62, 0)))])
-    assert got.state(MODEL)["w"].shape == (1 << 62, 0)
+    state = read([start(), manifest(spec(shape=(1 << 62, 0)))]).state(MODEL)
+    assert state is not None
+    assert state["w"].shape == (1 << 62, 0)
 
 
 def test_empty_name_is_refused() -> None:
@@ -120,10 +131,17 @@ def test_duplicate_name_in_a_section_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("encoding", "nnz", "size", "expected"),
-    [(COO, 2, 16, 32), (FLAT, 2, 24, 16), (COO, 0, 8, 0), (0, 1, 8, 16)],
+    [
+        (COO, 2, 16, 32),
+        (FLAT, 2, 24, 16),
+        (COO, 0, 8, 0),
+        (tensor_pb2.POSITION_ENCODING_UNSPECIFIED, 1, 8, 16),
+    ],
     ids=["coo", "flat", "coo-empty", "unspecified-is-coo"],
 )
-def test_positions_size_mismatch_is_refused(encoding: int, nnz: int, size: int, expected: int) -> None:
+def test_positions_size_mismatch_is_refused(
+    encoding: tensor_pb2.PositionEncoding.ValueType, nnz: int, size: int, expected: int
+) -> None:
     s = tensor_pb2.SparseTensorSpec(
         name="w", dtype=F32, shape=[3, 4], nnz=nnz, position_encoding=encoding, positions_size_bytes=size
     )
@@ -135,7 +153,12 @@ def test_positions_size_mismatch_is_refused(encoding: int, nnz: int, size: int, 
 
 def test_unknown_position_encoding_and_negative_nnz_are_refused() -> None:
     s = tensor_pb2.SparseTensorSpec(
-        name="w", dtype=F32, shape=[3], nnz=1, position_encoding=7, positions_size_bytes=8
+        name="w",
+        dtype=F32,
+        shape=[3],
+        nnz=1,
+        position_encoding=tensor_pb2.PositionEncoding.ValueType(7),
+        positions_size_bytes=8,
     )
     with pytest.raises(WireError, match="'w': unknown position encoding 7"):
         sparse_decl(s, what="result")
@@ -196,7 +219,7 @@ def inbound(*sizes: int, max_bytes: int = 1000) -> Inbound:
 
 
 def c(offset: int, data: bytes, section: int = MODEL) -> tensor_pb2.Chunk:
-    return tensor_pb2.Chunk(section=section, offset_bytes=offset, data=data)
+    return tensor_pb2.Chunk(section=tensor_pb2.Section.ValueType(section), offset_bytes=offset, data=data)
 
 
 def test_inbound_splits_chunks_into_segments() -> None:
@@ -406,5 +429,6 @@ def test_bool_bytes_other_than_0_or_1_are_refused() -> None:
     flag = spec(name="flags", dtype=tensor_pb2.DATA_TYPE_BOOL, shape=(3,))
     with pytest.raises(WireError, match="'flags': bool bytes must be 0 or 1"):
         read([start(), manifest(flag), chunk(0, b"\x01\x02\x00")])
-    got = read([start(), manifest(flag), chunk(0, b"\x01\x00\x01")])
-    assert got.state(MODEL)["flags"].tolist() == [True, False, True]  # type: ignore[attr-defined]
+    state = read([start(), manifest(flag), chunk(0, b"\x01\x00\x01")]).state(MODEL)
+    assert state is not None
+    assert state["flags"].tolist() == [True, False, True]
