@@ -3,18 +3,19 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 LOCK := requirements/dev.lock
 ORACLE := .oracle/.installed
-SOURCES := server client_sdk tests examples benchmarks scripts
+SOURCES := server client_sdk demo tests examples benchmarks scripts
 
 .PHONY: setup lock proto check-proto check-container check-k8s lint format test compat demo example bench serve ci clean
 
 setup: $(STAMP)
 
-# Every package at the version of requirements/dev.lock (all of .[dev,demo], transitive ones included);
+# Every package at the version of requirements/dev.lock (all of .[dev,demo], transitive ones included),
+# and the demo's Flower App (demo/, editable: its dependencies are the demo extra's);
 # the check fails first when the lock no longer meets requirements/constraints.txt (run make lock).
-$(STAMP): pyproject.toml requirements/constraints.txt $(LOCK)
+$(STAMP): pyproject.toml demo/pyproject.toml requirements/constraints.txt $(LOCK)
 	python3 scripts/check_lock.py --lock-only
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet -c $(LOCK) -e ".[dev,demo]"
+	.venv/bin/pip install --quiet -c $(LOCK) -e ".[dev,demo]" -e ./demo
 	touch $(STAMP)
 
 lock:  ## re-resolve requirements/dev.lock after a change to pyproject.toml or requirements/constraints.txt
@@ -67,8 +68,8 @@ test-fast: setup  ## the inner loop, under a minute: every test not marked slow 
 compat:  ## the suite in users' environments: FL4Health 0.4.2's own (Python 3.10, numpy 1, protobuf 4) and others
 	scripts/compat.sh
 
-demo: setup  ## the main job: a real federated run (service, coordinator, 3 clients) over loopback gRPC
-	.venv/bin/paramsel demo
+demo: setup  ## the main job: the demo's Flower App (paramsel serve, a SuperLink on the Simulation Engine, 3 clients)
+	.venv/bin/paramsel-demo
 
 example: setup  ## the FL4Health-style example client against a separately started paramsel serve
 	scripts/example.sh

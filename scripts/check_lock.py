@@ -7,7 +7,8 @@ The lock alone: every pin of requirements/constraints.txt is the lock's version 
 met by the CPU build ``2.13.0+cpu``), torch is a CPU build, and no CUDA package (nvidia-*, triton)
 is in it. The environment: the distributions in its site-packages are the lock's, at the lock's
 versions, none missing and none extra - what ``pip freeze`` shows, with setuptools and without the
-project's own editable install (paramsel) and pip, which the venv brings and nothing requires.
+project's own editable installs (paramsel, and the demo's Flower App, paramsel-demo) and pip, which the
+venv brings and nothing requires.
 Standard library only (packaging is used when it is there), so any Python 3.10+ runs it.
 """
 
@@ -23,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "dev.lock"
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
-# In every venv but pinned by no one: the installer itself. The project is installed from the checkout.
-NOT_LOCKED = {"pip", "paramsel"}
+# In every venv but pinned by no one: the installer itself. The project and its demo are installed from
+# the checkout.
+NOT_LOCKED = {"pip", "paramsel", "paramsel-demo"}
 CUDA_PREFIXES = ("nvidia-", "triton", "cuda-")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#\\]+)")
 

@@ -1,19 +1,20 @@
 """The dependency rule between paramsel's packages (CONTRIBUTING.md, "Layout and dependency rule").
 
 ``paramsel`` is one namespace package assembled from two roots: ``server/`` (paramsel.engine,
-paramsel.server) and ``client_sdk/`` (paramsel.client, paramsel.wire, paramsel.demo, and paramsel.v1,
-generated from proto/). The folders are not the layers; the packages are:
+paramsel.server) and ``client_sdk/`` (paramsel.client, paramsel.wire, and paramsel.v1, generated from
+proto/). The folders are not the layers; the packages are:
 
 - ``paramsel.v1`` (generated) imports nothing of paramsel but itself;
 - ``paramsel.wire`` (the codec both sides share) imports only ``paramsel.v1``, and no grpc;
 - ``paramsel.engine`` (the computation) imports nothing of paramsel but itself, and no grpc or protobuf;
-- ``paramsel.server`` may import engine, wire and v1; never ``paramsel.client`` or ``paramsel.demo``, except
-  in the function bodies listed in :data:`SERVER_SEAMS`, each with its reason;
+- ``paramsel.server`` may import engine, wire and v1; never ``paramsel.client``, except in the function
+  bodies listed in :data:`SERVER_SEAMS`, each with its reason;
 - ``paramsel.client`` may import wire and v1; ``paramsel.server`` and ``paramsel.engine`` only in the
   functions of one seam module, :data:`CLIENT_SEAM` (the embedded server, and the engine for what the
-  SDK computes in process), so that the SDK imports without either;
-- ``paramsel.demo`` may import client, wire, v1 and server (it runs servers); not the engine. Today it
-  imports only the SDK, inside its role functions.
+  SDK computes in process), so that the SDK imports without either.
+
+The demo (``demo/paramsel_demo``, a Flower App of its own, outside the package) is a user of the SDK: of
+paramsel it imports ``paramsel.client`` only (it starts ``paramsel serve`` as a program, not by import).
 
 Imports are read from the source (ast), every ``.py`` under the two roots; an import under
 ``if TYPE_CHECKING:`` counts as a module-level one unless a seam lists it. A subprocess test checks what
@@ -37,6 +38,7 @@ from paramsel.server.app import RunningServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ROOTS = ("server", "client_sdk")
+DEMO_PACKAGE = ROOT / "demo" / "paramsel_demo"
 
 ALLOWED: dict[str, set[str]] = {
     "paramsel.v1": {"paramsel.v1"},
@@ -44,7 +46,6 @@ ALLOWED: dict[str, set[str]] = {
     "paramsel.engine": {"paramsel.engine"},
     "paramsel.server": {"paramsel.server", "paramsel.engine", "paramsel.wire", "paramsel.v1"},
     "paramsel.client": {"paramsel.client", "paramsel.wire", "paramsel.v1"},
-    "paramsel.demo": {"paramsel.demo", "paramsel.client", "paramsel.wire", "paramsel.v1", "paramsel.server"},
 }
 """What each package may import at module level (itself included)."""
 
@@ -55,10 +56,6 @@ FORBIDDEN_THIRD_PARTY: dict[str, tuple[str, ...]] = {
 """Outside packages a layer may not import anywhere, lazily or not."""
 
 SERVER_SEAMS: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("paramsel.server.cli", "_parser"): (
-        {"paramsel.demo"},
-        "`paramsel demo` and its roles are the demo package's subcommands of the one `paramsel` program",
-    ),
     ("paramsel.server.cli", "_health"): (
         {"paramsel.client"},
         "`paramsel health` takes the SDK's Connection settings (TLS, certificate, token) as flags",
@@ -194,26 +191,41 @@ def test_no_forbidden_third_party_imports() -> None:
 
 
 def test_every_listed_seam_is_used_and_commented() -> None:
-    used = {
-        (imp.importer, imp.scope)
-        for _, imp in IMPORTS
-        if _layer(imp.target) in ("paramsel.client", "paramsel.demo")
-    }
+    used = {(imp.importer, imp.scope) for _, imp in IMPORTS if _layer(imp.target) == "paramsel.client"}
     for (module, scope), (_, why) in SERVER_SEAMS.items():
         assert why
         assert (module, scope) in used, f"stale seam {module}:{scope}: remove it from SERVER_SEAMS"
-    # Each lazy import of the SDK or the demo in the server says why: a "seam" comment on its line or
-    # in the five lines above it (a group of imports shares one).
+    # Each lazy import of the SDK in the server says why: a "seam" comment on its line or in the five
+    # lines above it (a group of imports shares one).
     for path, imp in IMPORTS:
         if _layer(imp.importer) != "paramsel.server" or imp.scope in ("", "TYPE_CHECKING"):
             continue
-        if _layer(imp.target) not in ("paramsel.client", "paramsel.demo"):
+        if _layer(imp.target) != "paramsel.client":
             continue
         lines = path.read_text().splitlines()[max(0, imp.line - 6) : imp.line]
         assert any("seam" in line.lower() for line in lines), f"{path.relative_to(ROOT)}:{imp.line}"
     seam = [imp for _, imp in IMPORTS if imp.importer == CLIENT_SEAM]
     assert any(_layer(imp.target) == "paramsel.server" for imp in seam)
     assert any(_layer(imp.target) == "paramsel.engine" for imp in seam)
+
+
+def test_the_demo_uses_only_the_sdk() -> None:
+    """The demo's Flower App imports, of paramsel, only the SDK (anywhere, lazily or not)."""
+    paths = sorted(DEMO_PACKAGE.rglob("*.py"))
+    assert paths, DEMO_PACKAGE
+    broken = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "paramsel" and _layer(name) != "paramsel.client":
+                    broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}")
+    assert not broken, "\n".join(broken)
 
 
 def _loaded_after(code: str) -> dict[str, bool]:

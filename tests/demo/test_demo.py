@@ -1,92 +1,96 @@
-"""``paramsel demo``: real short runs as processes, the coordinator protocol's refusals, the non-IID split."""
+"""The demo's Flower App (demo/): real short runs of ``paramsel-demo`` as processes (paramsel serve, a
+Flower SuperLink on the Simulation Engine, the ServerApp and ClientApps), the ServerApp's strategy on
+hand-made replies, the payload records, the non-IID split, and the app's files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
+from flwr.app import Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 
 from paramsel.client import aggregate_sparse_coo, pack_compact, unpack_compact
-from paramsel.demo.coordinator import Coordinator, CoordinatorServer, service_aggregator
-from paramsel.demo.data import label_skew_split, load_shard
-from paramsel.demo.protocol import (
+from paramsel.server.app import RunningServer
+from paramsel_demo.server_app import DemoRunError, ParamselFedAvg, Recorder
+from paramsel_demo.settings import (
     COMPACT_PAYLOAD,
     DENSE_RUN,
-    PACKED_LIST,
-    SERVICE,
     SPARSE_RUN,
-    SUBMIT,
-    CoordinatorStub,
-    DemoConfig,
-    Message,
+    STATE_DICT,
+    DemoSettings,
+)
+from paramsel_demo.task import label_skew_split, load_shard
+from paramsel_demo.wire import (
+    METRICS,
+    PAYLOAD,
+    arrays_record,
     compact_arrays,
     compact_payload,
-    decode,
-    encode,
+    record_arrays,
 )
-from paramsel.server.app import RunningServer
 
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "demo"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHORT_RUN = ["--clients", "2", "--rounds", "2", "--seed", "7"]
+MODEL_PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10
 
 
-def _demo(out: Path, *, target: str | None) -> subprocess.CompletedProcess[str]:
+def _demo(out: Path, *args: str, target: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``paramsel-demo`` in a process of its own, as ``make demo`` runs it."""
     env = {k: v for k, v in os.environ.items() if k != "PARAMSEL_TARGET"}
     if target is not None:
         env["PARAMSEL_TARGET"] = target
     return subprocess.run(
-        [sys.executable, "-m", "paramsel.server.cli", "demo", *SHORT_RUN, "--out", str(out)],
+        [sys.executable, "-m", "paramsel_demo", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=840,
         check=False,
     )
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """2 clients, 2 rounds; ``paramsel demo`` starts its own ``paramsel serve``."""
-    out = tmp_path_factory.mktemp("demo")
-    return _demo(out, target=None), out
-
-
-def _figures(out: Path) -> dict[str, Any]:
-    figures: dict[str, Any] = json.loads((out / "figures.json").read_text(encoding="utf-8"))
-    return figures
-
-
-@pytest.mark.slow  # `paramsel demo` runs: processes that train
-def test_short_run_writes_every_round_table_and_plot(
-    short_run: tuple[subprocess.CompletedProcess[str], Path],
-) -> None:
-    proc, out = short_run
+@pytest.mark.slow  # paramsel serve, a SuperLink, Ray and the apps: real processes that train
+@pytest.mark.timeout(900)
+def test_a_short_run_prints_the_table_and_writes_the_figures_and_plot(tmp_path: Path) -> None:
+    proc = _demo(tmp_path, *SHORT_RUN)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "paramsel serve is up at 127.0.0.1:" in proc.stdout
-    assert "round | accuracy" in proc.stdout
+    assert re.search(r"paramsel serve is up at 127\.0\.0\.1:\d+", proc.stdout)
+    assert "Flower SuperLink (Simulation Engine) at 127.0.0.1:" in proc.stdout
+    assert "round | accuracy    loss    sent B    recv B" in proc.stdout
+    assert re.search(r"^\s+2 \|\s+[01]\.\d{4}", proc.stdout, re.MULTILINE), proc.stdout
+    assert "sparse as FL4Health's packed lists" in proc.stdout
     assert "dense FedAvg: final held-out accuracy" in proc.stdout
-    figures = _figures(out)
-    assert figures["config"]["clients"] == 2
-    assert figures["config"]["rounds"] == 2
+    assert "federated rounds" in proc.stderr  # the progress bar
+    figures: dict[str, Any] = json.loads((tmp_path / "figures.json").read_text(encoding="utf-8"))
+    assert figures["config"] == dataclasses.asdict(DemoSettings(clients=2, rounds=2, seed=7))
     assert set(figures["runs"]) == {SPARSE_RUN, DENSE_RUN}
     for run in figures["runs"].values():
         assert 0.0 <= run["initial"]["accuracy"] <= 1.0
+        assert run["initial"]["loss"] > 0
         assert [r["round"] for r in run["rounds"]] == [1, 2]
         for r in run["rounds"]:
             assert 0.0 <= r["accuracy"] <= 1.0
             assert len(r["accuracy_per_client"]) == 2
             assert all(0.0 <= a <= 1.0 for a in r["accuracy_per_client"])
             assert all(b > 0 for b in r["bytes_sent_per_client"] + r["bytes_received_per_client"])
+            assert r["loss"] > 0
+            assert r["train_loss"] > 0
+    # Every client starts from the same seeded model and evaluates on the same held-out split.
+    assert figures["runs"][SPARSE_RUN]["initial"] == figures["runs"][DENSE_RUN]["initial"]
     assert figures["runs"][SPARSE_RUN]["payload"] == COMPACT_PAYLOAD
-    assert figures["runs"][DENSE_RUN]["payload"] == PACKED_LIST
+    assert figures["runs"][DENSE_RUN]["payload"] == STATE_DICT
     sparse, dense = figures["runs"][SPARSE_RUN]["rounds"], figures["runs"][DENSE_RUN]["rounds"]
     for s, d in zip(sparse, dense, strict=True):
         # the compact payloads, both ways, are well under the dense model (and the aggregate's union)
@@ -95,113 +99,55 @@ def test_short_run_writes_every_round_table_and_plot(
         # the same selections as FL4Health's packed lists: 20 B per value instead of about 4.7 B
         assert s["fl4health_list_bytes_sent"] > 2 * s["bytes_sent"]
         assert s["fl4health_list_bytes_received"] > 2 * s["bytes_received"]
-        # a dense run exchanges FL4Health's packed list itself
-        assert d["fl4health_list_bytes_sent"] == d["bytes_sent"]
-        assert d["fl4health_list_bytes_received"] == d["bytes_received"]
+        # dense: the whole float32 model both ways, every round
+        assert d["bytes_sent_per_client"] == [MODEL_PARAMETERS * 4] * 2
+        assert d["bytes_received_per_client"] == [MODEL_PARAMETERS * 4] * 2
     assert sparse[-1]["cumulative_bytes"] < dense[-1]["cumulative_bytes"]
-    # dense: the whole float32 model (2410 parameters) plus the names array, both ways, every round
-    assert all(b >= 2410 * 4 for b in dense[0]["bytes_sent_per_client"])
-    assert "sparse as FL4Health's packed lists" in proc.stdout
-    plot = (out / "accuracy_vs_bytes.png").read_bytes()
-    assert plot.startswith(PNG_SIGNATURE)
+    assert (tmp_path / "accuracy_vs_bytes.png").read_bytes().startswith(PNG_SIGNATURE)
+    progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [p["event"] for p in progress] == ["start", "round", "round", "round", "round", "done"]
+    for log in ("paramsel-serve.log", "superlink.log", "flwr-run.log"):
+        assert (tmp_path / "logs" / log).is_file(), log
 
 
-@pytest.mark.slow  # `paramsel demo` runs: processes that train
-def test_same_seed_same_figures_through_a_running_service(
-    short_run: tuple[subprocess.CompletedProcess[str], Path], server: RunningServer, tmp_path: Path
-) -> None:
-    """The second run uses ``$PARAMSEL_TARGET`` (the test session's server) instead of its own."""
-    first_proc, first_out = short_run
-    assert first_proc.returncode == 0, first_proc.stdout + first_proc.stderr
-    proc = _demo(tmp_path, target=server.target)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"using the paramsel service at {server.target}" in proc.stdout
-    assert "paramsel serve is up" not in proc.stdout
-    assert _figures(tmp_path) == _figures(first_out)
+@pytest.mark.slow  # a SuperLink, Ray and the apps: real processes
+@pytest.mark.timeout(900)
+def test_a_failing_server_app_makes_the_command_fail(tmp_path: Path) -> None:
+    """Nothing listens at the paramsel target: every client's push fails, the ServerApp raises, the run
+    ends finished:failed (though `flwr run --stream` exits 0), and so the command exits 1."""
+    proc = _demo(tmp_path, "--rounds", "1", "--no-dense-baseline", target="127.0.0.1:1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "using the paramsel service at 127.0.0.1:1" in proc.stdout
+    assert "the Flower run ended finished:failed" in proc.stderr
+    assert "training of round 1 of run 'sparse'" in proc.stderr
+    assert "UNAVAILABLE" in proc.stderr
+    assert not (tmp_path / "figures.json").exists()
+    assert "final held-out accuracy" not in proc.stdout
 
 
-@pytest.fixture
-def coordinator(server: RunningServer) -> Iterator[CoordinatorStub]:
-    config = DemoConfig(clients=2, rounds=2)
-    # Every aggregate is made before the submit that completes its round returns, so a fetch of it never
-    # waits: the round timeout only bounds the fetch of a round nobody submitted, which must time out.
-    running = CoordinatorServer(Coordinator(config, service_aggregator(server.target), round_timeout=1.0))
-    running.start()
-    try:
-        with CoordinatorStub(running.target) as stub:
-            yield stub
-    finally:
-        running.stop(0)
+def test_bad_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    proc = _demo(tmp_path, "--sparsity", "1.5")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "sparsity must be in (0, 1], got 1.5" in proc.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started
 
 
-def _layer(values: list[float]) -> list[np.ndarray]:
-    return [np.array(values, dtype=np.float32), np.array(["w"])]
+# -- the ServerApp's strategy on hand-made replies --------------------------------------------------
 
 
-def _refused(call: Any, code: grpc.StatusCode, *words: str) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    error: Any = caught.value
-    assert error.code() == code, error.details()
-    for word in words:
-        assert word in error.details()
-
-
-def test_coordinator_refuses_wrong_round_and_duplicate_client(coordinator: CoordinatorStub) -> None:
-    stub = coordinator
-    assert stub.config().clients == 2
-    _refused(
-        lambda: stub.submit(DENSE_RUN, 2, 0, 10, _layer([1.0, 2.0])),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "round 2",
-        "has not started",
-        "at round 1",
+def _message(content: RecordDict | None = None, error: Error | None = None, node: int = 1) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
     )
-    stub.submit(DENSE_RUN, 1, 0, 1, _layer([1.0, 2.0]))
-    _refused(
-        lambda: stub.submit(DENSE_RUN, 1, 0, 1, _layer([1.0, 2.0])),
-        grpc.StatusCode.ALREADY_EXISTS,
-        "client 0 already submitted round 1",
-    )
-    _refused(
-        lambda: stub.submit(DENSE_RUN, 1, 2, 1, _layer([1.0, 2.0])),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "client index 2",
-    )
-    _refused(
-        lambda: stub.submit("bogus", 1, 1, 1, _layer([1.0, 2.0])),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "unknown run",
-    )
-    _refused(
-        lambda: stub.report(
-            DENSE_RUN,
-            1,
-            0,
-            accuracy=0.5,
-            loss=1.0,
-            train_loss=1.0,
-            bytes_sent=1,
-            bytes_received=1,
-            fl4health_list_bytes_sent=1,
-            fl4health_list_bytes_received=1,
-        ),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "not been aggregated",
-    )
-    stub.submit(DENSE_RUN, 1, 1, 3, _layer([3.0, 4.0]))  # the last one in: aggregated through the service
-    values, names = stub.fetch(DENSE_RUN, 1, timeout=60)
-    np.testing.assert_array_equal(values, np.array([2.5, 3.5], dtype=np.float32))  # weighted by 1 and 3
-    assert names.tolist() == ["w"]
-    _refused(
-        lambda: stub.submit(DENSE_RUN, 1, 1, 3, _layer([3.0, 4.0])),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "round 1",
-        "already aggregated",
-    )
-    _refused(
-        lambda: stub.fetch(DENSE_RUN, 2, timeout=60), grpc.StatusCode.DEADLINE_EXCEEDED, "0 of 2 clients"
-    )
+    return make_message(metadata, content=content, error=error)
 
 
 def _selection(values: list[float], flat: list[int]) -> list[np.ndarray]:
@@ -215,58 +161,128 @@ def _selection(values: list[float], flat: list[int]) -> list[np.ndarray]:
     ]
 
 
-def test_top_k_runs_exchange_compact_payloads(coordinator: CoordinatorStub, server: RunningServer) -> None:
-    """Submissions are compact payloads, expanded for the aggregation; the aggregate goes back compactly."""
-    stub = coordinator
+def _train_reply(client: int, examples: int, packed: list[np.ndarray]) -> Message:
+    metrics = MetricRecord(
+        {
+            "client": client,
+            "num-examples": examples,
+            "train-loss": 1.0,
+            "bytes-sent": 1,
+            "fl4health-list-bytes-sent": 1,
+            "initial-accuracy": 0.1,
+            "initial-loss": 2.0,
+        }
+    )
+    payload = arrays_record(compact_arrays(pack_compact(packed)))
+    return _message(RecordDict({PAYLOAD: payload, METRICS: metrics}), node=client + 10)
+
+
+def _strategy(server: RunningServer) -> ParamselFedAvg:
+    settings = DemoSettings(clients=2, rounds=1, dense_baseline=False)
+    return ParamselFedAvg(settings, SPARSE_RUN, Recorder(settings, None), server.target)
+
+
+def test_the_strategy_aggregates_compact_payloads_through_the_service(server: RunningServer) -> None:
     first, second = _selection([1.0, 2.0], [0, 5]), _selection([4.0, 8.0, 16.0], [5, 6, 11])
-    _refused(
-        lambda: stub.submit(SPARSE_RUN, 1, 0, 1, first),  # a packed list, not a compact payload
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "malformed compact payload",
-        "one 1-d uint8 array",
-    )
-    _refused(
-        lambda: stub.submit(SPARSE_RUN, 1, 0, 1, compact_arrays(b"\xff\xff\xff")),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "malformed compact payload",
-        "not a paramsel compact payload",
-    )
-    stub.submit(SPARSE_RUN, 1, 0, 1, compact_arrays(pack_compact(first)))
-    stub.submit(SPARSE_RUN, 1, 1, 3, compact_arrays(pack_compact(second)))
-    got = stub.fetch(SPARSE_RUN, 1, timeout=60)
+    replies = [_train_reply(1, 3, second), _train_reply(0, 1, first)]  # in any order
+    arrays, metrics = _strategy(server).aggregate_train(1, replies)
+    assert arrays is not None
+    assert metrics is not None
+    assert metrics["train-loss"] == 1.0
+    got = record_arrays(arrays)
     want = aggregate_sparse_coo([(first, 1), (second, 3)], target=server.target)
-    assert len(got) == 1
-    assert got[0].dtype == np.uint8
     assert compact_payload(got) == pack_compact(want)
     for mine, theirs in zip(unpack_compact(compact_payload(got)), want, strict=True):
         assert mine.dtype == theirs.dtype
         np.testing.assert_array_equal(mine, theirs)
 
 
-def test_coordinator_refuses_malformed_messages(coordinator: CoordinatorStub) -> None:
-    with grpc.insecure_channel(coordinator.target) as channel:
-        raw = channel.unary_unary(f"/{SERVICE}/{SUBMIT}", request_serializer=None, response_deserializer=None)
-        _refused(lambda: raw(b"not numpy", timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "malformed message")
-        missing = encode(Message.of({"run": DENSE_RUN, "round": 1}, _layer([1.0])))
-        _refused(lambda: raw(missing, timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "no field 'client'")
+def test_the_strategy_raises_on_a_client_error_or_a_missing_reply(server: RunningServer) -> None:
+    strategy = _strategy(server)
+    reason = (
+        "Traceback ...\nray::ClientAppActor.run()\nException ClientAppException occurred. Message: boom'>"
+    )
+    failed = _message(error=Error(code=0, reason=reason), node=7)
+    with pytest.raises(
+        DemoRunError, match=r"training of round 1 of run 'sparse': 1 of 2 clients failed: boom \(nodes 7\)"
+    ):
+        strategy.aggregate_train(1, [_train_reply(0, 1, _selection([1.0], [0])), failed])
+    with pytest.raises(DemoRunError, match=r"replies from clients \[0\] of 2"):
+        strategy.aggregate_train(1, [_train_reply(0, 1, _selection([1.0], [0]))])
+    with pytest.raises(DemoRunError, match="two replies from client 0"):
+        strategy.aggregate_train(1, [_train_reply(0, 1, _selection([1.0], [0]))] * 2)
 
 
-def test_message_round_trip_needs_no_pickle() -> None:
+# -- payloads, settings and the app's files ---------------------------------------------------------
+
+
+def test_payload_records_keep_order_dtypes_and_names() -> None:
     arrays: list[np.ndarray] = [
         np.arange(6, dtype=np.float32).reshape(2, 3),
         np.array([[0, 1], [1, 2]], dtype=np.int64),
         np.zeros((0, 2), dtype=np.int64),
+        *[np.zeros(1, dtype=np.float16)] * 9,  # keys 0 ... 12: sorted by number, not as text
         np.array(["fc1.weight", "fc2.bias"]),
     ]
-    message = decode(encode(Message.of({"run": "sparse", "round": 3, "accuracy": 0.5}, arrays)))
-    assert message.get_str("run") == "sparse"
-    assert message.get_int("round") == 3
-    assert message.get_float("accuracy") == 0.5
-    for got, want in zip(message.arrays, arrays, strict=True):
+    for got, want in zip(record_arrays(arrays_record(arrays)), arrays, strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match="pickle"):
-        encode(Message.of({}, [np.array([{"a": 1}], dtype=object)]))
+    with pytest.raises(ValueError, match="one 1-d uint8 array"):
+        compact_payload(arrays)
+    assert compact_payload(compact_arrays(b"\x01\x02")) == b"\x01\x02"
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    parsed: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    return parsed
+
+
+def _app_config() -> dict[str, Any]:
+    return _toml(DEMO / "pyproject.toml")
+
+
+def test_the_app_config_holds_the_defaults_and_every_key_the_launcher_sets() -> None:
+    config = _app_config()
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "paramsel_demo.server_app:app",
+        "clientapp": "paramsel_demo.client_app:app",
+    }
+    run_config = app["config"]
+    assert DemoSettings.from_run_config(run_config) == DemoSettings()
+    # `flwr run --run-config` may only override keys the app declares
+    launched = {*DemoSettings().run_config(), "paramsel-target", "out-dir"}
+    assert launched <= set(run_config)
+
+
+def _name(requirement: str) -> str:
+    match = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert match, requirement
+    return match.group(0).lower()
+
+
+def test_the_demo_extra_lists_the_apps_dependencies_beyond_the_sdk() -> None:
+    """demo/pyproject.toml holds the app's dependencies; the root's `demo` extra repeats those the SDK
+    does not bring, with the same ranges, so that requirements/dev.lock pins them."""
+    root = _toml(ROOT / "pyproject.toml")["project"]
+    sdk = {_name(r) for r in root["dependencies"]}
+    extra = set(root["optional-dependencies"]["demo"])
+    app = set(_app_config()["project"]["dependencies"])
+    assert {_name(r) for r in app} >= {"paramsel", "flwr"}
+    assert {r for r in app if _name(r) not in sdk | {"paramsel"}} == extra
+
+
+def test_no_hand_written_grpc_method_paths_in_the_demo() -> None:
+    """The demo talks Flower's Message API and paramsel's SDK; no home-made rpc."""
+    for path in sorted(DEMO.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"[\"'`]/[\w.]+\.v\d+\.\w+/\w+", text), path
+        assert "unary_unary" not in text
+        assert "generic_rpc_handlers" not in text
+
+
+# -- the data ---------------------------------------------------------------------------------------
 
 
 def test_label_skew_split_by_hand() -> None:

@@ -102,11 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_health_tls(h)
     h.set_defaults(run=_health, usage=h.format_usage)
-    # Seam: `paramsel demo` and its roles are the demo package's subcommands (their own imports are
-    # lazy); registered here so that one `paramsel` program carries them.
-    from paramsel.demo.cli import register as register_demo
-
-    register_demo(commands)
     return parser
 
 
@@ -141,7 +136,7 @@ def _add_health_tls(h: argparse.ArgumentParser) -> None:
 
 
 def _add_limits(s: argparse.ArgumentParser, defaults: ServerConfig) -> None:
-    """Sized for 2 cores and 24 GiB: four calls at once, 12 GiB of declared tensor data among them."""
+    """The defaults (config.Limits) suit 2 cores and 24 GiB: 16 calls at once, 12 GiB in flight among them."""
     s.add_argument(
         "--max-concurrent-calls",
         type=int,

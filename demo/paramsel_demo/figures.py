@@ -1,12 +1,13 @@
 """The demo's figures: per round and run, held-out accuracy, loss and the bytes every client exchanged.
 
-Bytes are those of the payloads a client actually sends to the coordinator (its selection) and receives
-from it (the aggregate), ``protocol.payload_bytes``: for a top-k run the length of paramsel's compact
-payload (values, Elias-Fano or bitmap positions, framing); for the other runs the sum of ``nbytes`` over
-the arrays of FL4Health's packed list (whole layers and the names), the payload Flower would carry. The
-``.npy`` framing of the demo's messages is not counted. Beside them, ``fl4health_list_bytes_sent`` and
-``fl4health_list_bytes_received`` count the same selections as FL4Health's packed lists (values, int64
-COO indices, shapes, names), which is what a top-k run would exchange without paramsel's encoding.
+Bytes are those of the payloads a ClientApp actually sends to the ServerApp (its selection, in the train
+reply) and receives from it (the aggregate, in the evaluate message), ``wire.payload_bytes``: for a top-k
+run the length of paramsel's compact payload (values, Elias-Fano or bitmap positions, framing); for a
+whole-layer run the sum of ``nbytes`` over the arrays of FL4Health's packed list (layers and the names);
+for the dense run the model's arrays. Flower's own framing of the messages is not counted. Beside them,
+``fl4health_list_bytes_sent`` and ``fl4health_list_bytes_received`` count the same selections as
+FL4Health's packed lists (values, int64 COO indices, shapes, names), which is what a top-k run would
+exchange without paramsel's encoding.
 
 The figures hold nothing that varies between runs with the same seed (no timings), so two such runs
 write identical ``figures.json`` files.
@@ -16,21 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paramsel.demo.protocol import COMPACT_PAYLOAD, DENSE_RUN, DemoConfig
+from paramsel_demo.settings import COMPACT_PAYLOAD, DENSE_RUN, DemoSettings
 
 FIGURES_FILE = "figures.json"
 PLOT_FILE = "accuracy_vs_bytes.png"
+PROGRESS_FILE = "progress.jsonl"
 BYTES_COUNTED = (
-    "bytes of the payload a client sends to the coordinator and receives from it (the aggregate): for "
+    "bytes of the payload a ClientApp sends to the ServerApp and receives from it (the aggregate): for "
     "top-k runs the length of paramsel's compact payload (values, Elias-Fano or bitmap positions, "
-    "framing), for the others the sum of nbytes of the arrays of the FL4Health packed list (layers, "
-    "names); the demo's message framing not counted. fl4health_list_bytes_*: the same selections as "
-    "FL4Health's packed lists (values, int64 COO indices, shapes, names)"
+    "framing), for whole-layer runs the sum of nbytes of the arrays of the FL4Health packed list (layers, "
+    "names), for the dense run the model's arrays; Flower's message framing not counted. "
+    "fl4health_list_bytes_*: the same selections as FL4Health's packed lists (values, int64 COO indices, "
+    "shapes, names)"
 )
 
 
@@ -42,9 +46,9 @@ class ClientReport:
     loss: float
     train_loss: float
     bytes_sent: int
-    """Bytes of the payload sent to the coordinator (compact, or the packed list's arrays)."""
+    """Bytes of the payload sent to the ServerApp (compact, or the arrays of a packed list or state)."""
     bytes_received: int
-    """Bytes of the payload received from the coordinator (the aggregate)."""
+    """Bytes of the payload received from the ServerApp (the aggregate)."""
     fl4health_list_bytes_sent: int
     """Bytes of the same selection as FL4Health's packed list."""
     fl4health_list_bytes_received: int
@@ -58,15 +62,15 @@ def _mean(values: list[float] | list[int]) -> float:
     return sum(values) / len(values)
 
 
-def build_figures(config: DemoConfig, reports: Reports) -> dict[str, Any]:
+def build_figures(settings: DemoSettings, reports: Reports) -> dict[str, Any]:
     """The JSON-ready figures of a complete demo: every run, every round, every client."""
     runs: dict[str, Any] = {}
-    clients = range(config.clients)
-    for run in config.runs:
+    clients = range(settings.clients)
+    for run in settings.runs:
         initial = [reports[(run, 0)][c] for c in clients]
-        cumulative = [0] * config.clients
+        cumulative = [0] * settings.clients
         rounds = []
-        for round_number in range(1, config.rounds + 1):
+        for round_number in range(1, settings.rounds + 1):
             got = [reports[(run, round_number)][c] for c in clients]
             for c, report in enumerate(got):
                 cumulative[c] += report.bytes_sent + report.bytes_received
@@ -88,16 +92,16 @@ def build_figures(config: DemoConfig, reports: Reports) -> dict[str, Any]:
                 }
             )
         runs[run] = {
-            "exchange": config.describe(run),
-            "layout": config.layout(run),
-            "payload": config.payload(run),
+            "exchange": settings.describe(run),
+            "layout": settings.layout(run),
+            "payload": settings.payload(run),
             "initial": {
                 "accuracy": _mean([r.accuracy for r in initial]),
                 "loss": _mean([r.loss for r in initial]),
             },
             "rounds": rounds,
         }
-    return {"config": dataclasses.asdict(config), "bytes_counted": BYTES_COUNTED, "runs": runs}
+    return {"config": dataclasses.asdict(settings), "bytes_counted": BYTES_COUNTED, "runs": runs}
 
 
 def format_table(figures: Mapping[str, Any]) -> str:
@@ -151,7 +155,7 @@ def _totals(run: Mapping[str, Any], prefix: str = "") -> tuple[float, float]:
 def _bytes_legend(runs: Mapping[str, Any]) -> list[str]:
     """What the byte columns count, and what FL4Health's packed lists would take for any compact run."""
     kinds = "; ".join(f"{name}: {run['payload']}" for name, run in runs.items())
-    lines = [f"bytes: mean per client of the payloads sent to / received from the coordinator ({kinds})"]
+    lines = [f"bytes: mean per client of the payloads sent to / received from the ServerApp ({kinds})"]
     for name, run in runs.items():
         if run["payload"] == COMPACT_PAYLOAD:
             sent, received = _totals(run, "fl4health_list_")
@@ -212,3 +216,24 @@ def write_outputs(figures: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     figures_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     plot(figures, plot_path)
     return figures_path, plot_path
+
+
+def append_progress(out: Path, record: Mapping[str, Any]) -> None:
+    """Appends one JSON line to ``out/progress.jsonl``: what ``paramsel-demo`` follows for its bar."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / PROGRESS_FILE).open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps({**record, "time": time.time()}) + "\n")
+        stream.flush()
+
+
+def read_progress(out: Path) -> list[dict[str, Any]]:
+    """The complete lines of ``out/progress.jsonl`` so far (none when it does not exist yet)."""
+    try:
+        text = (out / PROGRESS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    records: list[dict[str, Any]] = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            records.append(json.loads(line))
+    return records
