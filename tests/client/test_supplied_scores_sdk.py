@@ -188,16 +188,29 @@ def test_the_sdk_refuses_scores_that_do_not_go_with_the_criterion(server: Runnin
     assert refused.value.status is StatusCode.INVALID_ARGUMENT
 
 
+def test_only_the_scored_tensors_take_part_in_the_scores_order(server: RunningServer) -> None:
+    """As in FL4Health: scores for b and w (in that order) and none for steps. N = 8, k = ceil(4) = 4; in
+    decreasing order 8, 7, 4, 3, so the threshold is 3: b [7, 8] and w [3, -4], b listed first."""
+
+    def b_then_w(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        return {"b": state["b"].abs(), "w": state["w"].abs()}
+
+    exchanger = SparseCooParameterExchanger(0.5, b_then_w, target=server.target)
+    expected = [[7.0, 8.0], [3.0, -4.0], [[0], [1]], [[1, 0], [1, 2]], [2], [2, 3], ["b", "w"]]
+    assert _as_lists(exchanger.push_parameters(_model())) == expected
+    assert _as_lists(unpack_compact(exchanger.push_compact(_model()))) == expected
+
+
 @pytest.mark.parametrize(
     ("scores", "message"),
     [
-        (lambda m, i: {"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "no tensor for 'steps'"),
         (lambda m, i: {**magnitudes(m, i), "extra": torch.zeros(1)}, "SECTION_SCORES 'extra'"),
         (lambda m, i: {**magnitudes(m, i), "b": torch.zeros(1, 2)}, "shape [1, 2] differs"),
         (lambda m, i: {**magnitudes(m, i), "b": torch.tensor([1.0, float("nan")])}, "NaN or infinite"),
         (lambda m, i: {}, "needs the caller's scores"),
     ],
-    ids=["missing", "extra", "shape", "nan", "none"],
+    ids=["extra", "shape", "nan", "none"],
 )
 def test_the_service_refuses_scores_that_do_not_fit_the_model(
     server: RunningServer, scores: Any, message: str

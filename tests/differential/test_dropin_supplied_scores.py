@@ -1,7 +1,7 @@
 """A caller's own score function, its scores sent to the service (``ScoreFunction.SUPPLIED``): paramsel's
 ``SparseCooParameterExchanger`` against FL4Health's, bit for bit, for scores of every kind a score
 function returns - integer scores for the int64 ``num_batches_tracked`` buffers beside float32 ones,
-float64, float16, bool, ties - through the embedded server and a separate ``paramsel serve``."""
+float64, float16, bool, ties, scores for some tensors only and in an order of their own - through the embedded server and a separate ``paramsel serve``."""
 
 from __future__ import annotations
 
@@ -38,8 +38,15 @@ def negative_entries(model: nn.Module, initial_model: nn.Module | None) -> dict[
     return {name: t < 0 for name, t in _state(model).items()}
 
 
+def weights_only_reversed(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Scores for the weights alone, last tensor first: FL4Health selects among the scored tensors only,
+    in the scores' order."""
+    return {name: t.abs() for name, t in reversed(_state(model).items()) if name.endswith("weight")}
+
+
 FUNCTIONS = {
     "magnitude": magnitude,
+    "weights_only_reversed": weights_only_reversed,
     "change_in_float64": change_in_float64,
     "rounded_in_float16": rounded_in_float16,
     "negative_entries": negative_entries,

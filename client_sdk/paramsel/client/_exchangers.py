@@ -83,9 +83,9 @@ class SparseCooParameterExchanger:
     FL4Health calls it, ``(model, initial_model) -> {name: scores}``) runs here, and its scores are sent
     to the service with the model, which selects their top-k with the same rules
     (``ScoreFunction.SUPPLIED``; the initial model is not sent); so does a subclass's own
-    ``generate_parameter_scores``. The scores must name every model tensor, and only those, with its
-    shape: anything else is refused with INVALID_ARGUMENT (FL4Health fails on extra names or other
-    shapes, and leaves a tensor without scores out of the selection).
+    ``generate_parameter_scores``. As in FL4Health, only the tensors the scores name take part, in the
+    scores' order; a name the model lacks, or scores of another shape, are refused with INVALID_ARGUMENT
+    (FL4Health fails on them too).
 
     As in FL4Health, every attribute (``sparsity_level``, ``score_gen_function``, ``parameter_packer``
     and the options above) is read when a call is made: assigning one takes effect at the next call.
@@ -170,13 +170,18 @@ class SparseCooParameterExchanger:
         criterion = self.criterion
         if criterion is None:  # the caller's own scores, computed here: the service selects their top-k
             supplied = TopK(float(self.sparsity_level), ScoreFunction.SUPPLIED, bool(self.exact_k))
+            scores = self.generate_parameter_scores(model, initial_model)
+            state = state_of(model)
+            # As FL4Health: the scored tensors only, in the scores' order (k counts their entries). A
+            # name the model lacks is sent on for the service to refuse; no scores at all, likewise.
+            scored = {name: state[name] for name in scores if name in state} or state
             return self.client.select(
                 supplied,
-                state_of(model),
+                scored,
                 None,  # not needed: the scores are all the service compares
                 value_dtype=value_dtype,
                 keep_frames=keep_frames,
-                scores=self.generate_parameter_scores(model, initial_model),
+                scores=scores,
             )
         return self.client.select(
             criterion,
