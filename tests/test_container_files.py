@@ -1,7 +1,7 @@
-"""The Dockerfile and docker-compose.yml: linted by real tools, and checked for what issue 4 asks.
+"""The Dockerfile and docker-compose.yml: linted by real tools, and checked for what issues 4 and 12 ask.
 
-There is no Docker engine here; hadolint and the compose-spec schema stand in for ``docker build`` and
-``docker compose config``.
+These need no Docker engine: hadolint, the compose-spec schema and Compose's own ``config`` (when its
+binary is here) check the files; ``make compose-demo`` (scripts/compose_ci.sh) builds and runs them.
 """
 
 from __future__ import annotations
@@ -67,42 +67,82 @@ def test_check_container_script_passes() -> None:
     assert "ok -- validation done" in result.stdout
 
 
-def test_multi_stage_on_pinned_slim_python() -> None:
-    stages = _stages()
-    assert len(stages) >= 2
-    for stage in stages:
+def _stage_names() -> list[str]:
+    return [stage[0][1].split()[-1] if " AS " in stage[0][1].upper() else "" for stage in _stages()]
+
+
+def _stage(name: str) -> list[tuple[str, str]]:
+    return _stages()[_stage_names().index(name)]
+
+
+def test_stages_on_pinned_slim_python_and_the_server_is_the_default_target() -> None:
+    names = _stage_names()
+    assert names == ["builder", "demo-builder", "runtime", "demo", "server"]
+    for stage in _stages():
         image = stage[0][1].split()[0]
-        assert image == BASE_IMAGE, f"FROM {image}: every stage uses {BASE_IMAGE}"
-    assert stages[0][0][1] == f"{BASE_IMAGE} AS builder"
+        assert image == BASE_IMAGE or image in names, f"FROM {image}: every base is {BASE_IMAGE} or a stage"
+    assert _stage("builder")[0][1] == f"{BASE_IMAGE} AS builder"
+    assert _stage("runtime")[0][1] == f"{BASE_IMAGE} AS runtime"
+    assert _stage("demo-builder")[0][1] == "builder AS demo-builder"
+    assert names[-1] == "server", "`docker build .` builds the last stage: the server image"
 
 
 def test_builder_installs_cpu_torch_and_a_wheel_of_paramsel_into_a_venv() -> None:
-    builder = " ; ".join(args for k, args in _stages()[0] if k == "RUN")
+    builder = " ; ".join(args for k, args in _stage("builder") if k == "RUN")
     assert "python -m venv /opt/venv" in builder
-    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in builder
+    assert "pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in builder
+    lock = (ROOT / "requirements" / "dev.lock").read_text()
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
-    assert "torch==2.13.0\n" in constraints, "the image's torch is the one CI tests"
+    assert "torch==2.13.0+cpu\n" in lock, "the image's torch is the one CI tests"
+    assert "torch==2.13.0\n" in constraints
     assert "pip wheel --no-deps --wheel-dir /wheels ." in builder
-    # the wheel with the demo extra: the compose file runs the demo's roles from this image
-    assert 'pip install --constraint requirements/constraints.txt "${wheel}[demo]"' in builder
-    assert "for wheel in /wheels/paramsel-*.whl" in builder
+    # the server's venv: paramsel alone at the lock's versions, without torch's compile-time packages
+    assert 'pip install --constraint requirements/dev.lock "${wheel}";' in builder
+    assert "pip uninstall --yes sympy mpmath networkx" in builder
+    demo = " ; ".join(args for k, args in _stage("demo-builder") if k == "RUN")
+    assert 'pip install --constraint requirements/dev.lock "${wheel}[demo]"' in demo
+    assert "pip check" in demo
 
 
-def test_final_stage_copies_only_the_venv_and_runs_as_non_root() -> None:
-    final = _stages()[-1]
-    copies = [args for k, args in final if k == "COPY"]
-    assert copies == ["--from=builder /opt/venv /opt/venv"]
-    assert not any(k == "RUN" and "pip" in args for k, args in final), "nothing installed in the final stage"
-    user = _only(final, "USER").split(":")[0]
+def test_a_filled_wheelhouse_is_the_only_source_of_the_build() -> None:
+    """With wheels in wheelhouse/, pip gets --no-index and the wheelhouse as its only source."""
+    builder = _stage("builder")
+    copies = [args for k, args in builder if k == "COPY"]
+    # torch's wheel alone first (its layer survives a change to the others), then the whole wheelhouse
+    assert copies.index("wheelhouse/README.md wheelhouse/torch-* /wheelhouse/") < copies.index(
+        "wheelhouse/ /wheelhouse/"
+    )
+    keywords = list(builder)
+    torch_install = next(i for i, (k, a) in enumerate(keywords) if k == "RUN" and "torch==" in a)
+    assert torch_install < keywords.index(("COPY", "wheelhouse/ /wheelhouse/"))
+    assert torch_install < keywords.index(("COPY", "requirements/dev.lock requirements/dev.lock"))
+    rule = next(args for k, args in builder if k == "RUN" and "/wheelhouse" in args)
+    assert "find /wheelhouse -name '*.whl'" in rule
+    assert "no-index = true" in rule
+    assert "find-links = /wheelhouse" in rule
+    assert "> /etc/pip.conf" in rule
+    committed = sorted(p.name for p in (ROOT / "wheelhouse").iterdir() if not p.name.endswith(".whl"))
+    assert "README.md" in committed, "the folder exists in a checkout, so that COPY finds it"
+    assert "!wheelhouse/README.md" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_images_copy_only_a_venv_and_run_as_non_root() -> None:
+    for stage, builder in (("server", "builder"), ("demo", "demo-builder")):
+        final = _stage(stage)
+        copies = [args for k, args in final if k == "COPY"]
+        assert copies == [f"--from={builder} /opt/venv /opt/venv"], stage
+        assert not any(k == "RUN" for k, _ in final), f"{stage}: nothing installed in a final stage"
+    runtime = _stage("runtime")
+    assert not any(k == "COPY" for k, _ in runtime)
+    user = _only(runtime, "USER").split(":")[0]
     assert user not in ("root", "0")
-    keywords = [k for k, _ in final]
+    keywords = [k for k, _ in runtime]
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
 
 
 def test_entrypoint_cmd_port_signal_and_healthcheck() -> None:
-    final = _stages()[-1]
+    final = _stage("runtime")
     assert _only(final, "EXPOSE") == "50051"
-    assert json.loads(_only(final, "ENTRYPOINT")) == ["paramsel"]
     assert json.loads(_only(final, "CMD")) == ["serve", "--host", "0.0.0.0", "--port", "50051"]
     assert _only(final, "STOPSIGNAL") == "SIGTERM"
     healthcheck = _only(final, "HEALTHCHECK")
@@ -115,6 +155,38 @@ def test_entrypoint_cmd_port_signal_and_healthcheck() -> None:
     assert "grpc_health_probe" not in (ROOT / "Dockerfile").read_text()
 
 
+@pytest.mark.parametrize(
+    ("arguments", "paramsel_gets"),
+    [
+        ([], ["serve", "--host", "0.0.0.0", "--port", "50051"]),
+        (["--help"], ["--help"]),
+        (["paramsel", "--help"], ["--help"]),
+        (["serve", "--port", "6000"], ["serve", "--port", "6000"]),
+        (["paramsel", "health", "--target", "x:1"], ["health", "--target", "x:1"]),
+        (["health", "paramsel"], ["health", "paramsel"]),
+    ],
+)
+def test_entrypoint_takes_paramsels_arguments_with_or_without_paramsel_first(
+    tmp_path: Path, arguments: list[str], paramsel_gets: list[str]
+) -> None:
+    """`docker run IMAGE ARGS`: the ENTRYPOINT, run by /bin/sh as docker runs it, with a stand-in
+    `paramsel` that prints what it was given."""
+    entrypoint = json.loads(_only(_stage("runtime"), "ENTRYPOINT"))
+    cmd = json.loads(_only(_stage("runtime"), "CMD"))
+    fake = tmp_path / "paramsel"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [*entrypoint, *(arguments or cmd)],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        check=True,
+        timeout=30,
+    )
+    assert result.stdout.splitlines() == paramsel_gets
+
+
 def test_build_context_has_what_the_builder_copies() -> None:
     """The .dockerignore is an allowlist: each path the builder COPYs must be on it."""
     allowed = {
@@ -122,11 +194,13 @@ def test_build_context_has_what_the_builder_copies() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
-    for keyword, args in _stages()[0]:
+    for keyword, args in _stage("builder"):
         if keyword == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
-                assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
-                assert (ROOT / source).exists(), source
+                path = source.rstrip("/")
+                parents = {path, *(str(p) for p in Path(path).parents)}
+                assert parents & allowed, f"COPY {source} is excluded by .dockerignore"
+                assert "*" in source or (ROOT / source).exists(), source
 
 
 def _compose() -> dict[str, Any]:
@@ -149,10 +223,13 @@ def test_compose_services_network_and_commands() -> None:
     assert compose["networks"] == {"fednet": {}}
     for name, service in services.items():
         assert service["networks"] == ["fednet"], name
-        assert service["image"] == services["paramsel"]["image"], name
         assert "ports" not in service, f"{name}: the federation stays on the private network"
+    # The lean server image serves; the demo image runs the demo's roles. Both are targets of the
+    # Dockerfile, named by the compose file, so that `up` builds them rather than pulling.
+    assert services["paramsel"]["image"] == "paramsel:0.1.0"
+    assert services["paramsel"]["build"]["target"] == "server"
     coordinator = services["coordinator"]
-    # The image's ENTRYPOINT is `paramsel`: `command` is everything after it.
+    # The images' ENTRYPOINT is `paramsel`: `command` is everything after it.
     assert coordinator["command"] == [
         "demo-coordinator",
         "--host",
@@ -163,6 +240,8 @@ def test_compose_services_network_and_commands() -> None:
         "3",
         "--rounds",
         "10",
+        "--out",
+        "demo-output",
     ]
     assert coordinator["environment"] == {"PARAMSEL_TARGET": "paramsel:50051"}
     for index in range(3):
@@ -173,9 +252,77 @@ def test_compose_services_network_and_commands() -> None:
             "PARAMSEL_COORDINATOR": "coordinator:7000",
         }
     for name in ("coordinator", "client-0", "client-1", "client-2"):
+        assert services[name]["image"] == "paramsel-demo:0.1.0", name
+        assert services[name]["build"]["target"] == "demo", name
         assert services[name]["depends_on"]["paramsel"] == {"condition": "service_healthy"}, name
         # The image's HEALTHCHECK probes a paramsel server on 50051, which these containers do not run.
         assert services[name]["healthcheck"] == {"disable": True}, name
+
+
+def test_compose_roles_tell_the_ci_what_to_expect() -> None:
+    """scripts/compose_ci.sh reads what each service must do from its label: jobs run to their end."""
+    services = _compose()["services"]
+    roles = {name: service["labels"]["paramsel.ci.role"] for name, service in services.items()}
+    assert roles == {
+        "paramsel": "service",
+        "coordinator": "job",
+        "client-0": "job",
+        "client-1": "job",
+        "client-2": "job",
+    }
+
+
+def test_compose_demo_outputs_go_to_a_host_folder_the_coordinator_can_write() -> None:
+    coordinator = _compose()["services"]["coordinator"]
+    command = coordinator["command"]
+    out = command[command.index("--out") + 1]
+    (volume,) = coordinator["volumes"]
+    assert volume["type"] == "bind"
+    assert volume["source"] == "${PARAMSEL_DEMO_OUT:-./demo-output}"
+    # The images' WORKDIR is /home/paramsel; --out is relative to it.
+    assert _only(_stage("runtime"), "WORKDIR") == "/home/paramsel"
+    assert volume["target"] == f"/home/paramsel/{out}"
+    # A missing folder fails `up` at once, rather than becoming a root-owned folder the run cannot write.
+    assert volume["bind"] == {"create_host_path": False}
+    # By default the coordinator is the images' user; PARAMSEL_DEMO_USER makes it the caller.
+    user = re.fullmatch(r"\$\{PARAMSEL_DEMO_USER:-(\d+:\d+)\}", coordinator["user"])
+    assert user, coordinator["user"]
+    assert user.group(1) == _only(_stage("runtime"), "USER")
+    assert "demo-output/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def _docker_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### With Docker")
+    return readme[start : readme.index("\n#", start + 1)]
+
+
+def test_minimum_engine_and_compose_are_stated_alike_everywhere() -> None:
+    """x-requires is what scripts check (compose_ci.sh asserts the engine and Compose it runs against
+    it); the compose file's header and the README state the same numbers."""
+    requires = _compose()["x-requires"]
+    assert requires == {"engine": "25.0", "compose": "2.20.2"}
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    docker_section = _docker_section()
+    for text in (header, docker_section):
+        assert f"Docker Engine >= {requires['engine']}" in text or f"Engine ≥ {requires['engine']}" in text
+        assert f"Compose v2 >= {requires['compose']}" in text or f"Compose ≥ {requires['compose']}" in text
+    engine_script = (ROOT / "scripts" / "docker_engine.sh").read_text()
+    assert f"[{requires['compose']}]=" in engine_script, "docker_engine.sh can fetch the minimum Compose"
+
+
+def test_readme_builds_and_runs_the_images_the_compose_file_names() -> None:
+    docker_section = _docker_section()
+    services = _compose()["services"]
+    images = {s["image"]: s["build"]["target"] for s in services.values()}
+    built = re.findall(r"docker build --target (\S+) -t (\S+) \.", docker_section)
+    assert built, "the README shows how to build each image"
+    assert {tag: target for target, tag in built} == images
+    for tag in re.findall(r"docker run (?:[^`\n]*? )?(paramsel\S*:\S+)", docker_section):
+        assert tag in images, f"README runs {tag}, which the compose file does not name"
+    # `up --exit-code-from` implies --abort-on-container-exit: a client's exit would stop the run.
+    assert "up --build --exit-code-from" not in docker_section
+    assert "docker compose wait coordinator" in docker_section
 
 
 def test_compose_server_drains_within_its_stop_grace_period() -> None:
