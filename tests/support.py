@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import torch
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 
 from paramsel.server import ServerConfig, create_server
 from paramsel.server.app import SERVICE_NAME, RunningServer
@@ -430,3 +432,21 @@ class PeakGrowth:
             self._sampler.join()
             peak = self._seen
         self.growth = peak - self.before
+
+
+class StateModule(nn.Module):
+    """A module whose state is exactly the given tensors, in order (floats as parameters, others as buffers)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                self.register_parameter(name, nn.Parameter(tensor.clone(), requires_grad=False))
+            else:
+                self.register_buffer(name, tensor.clone())
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """nn.Module's, typed: every attribute it adds is one of its tensors."""
+        tensor = super().__getattr__(name)
+        assert isinstance(tensor, torch.Tensor)
+        return tensor

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from support import StateModule
 from torch import nn
 
 from paramsel.client import (
@@ -24,24 +25,6 @@ from paramsel.client import (
     unpack_compact,
 )
 from paramsel.server.app import RunningServer
-
-
-class StateModule(nn.Module):
-    """A module whose state is exactly the given tensors, in order (floats as parameters, others as buffers)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for name, tensor in state.items():
-            if tensor.is_floating_point():
-                self.register_parameter(name, nn.Parameter(tensor.clone(), requires_grad=False))
-            else:
-                self.register_buffer(name, tensor.clone())
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        """nn.Module's, typed: every attribute it adds is one of its tensors."""
-        tensor = super().__getattr__(name)
-        assert isinstance(tensor, torch.Tensor)
-        return tensor
 
 
 def _tie_model() -> StateModule:
@@ -322,11 +305,12 @@ def test_fl4health_own_function_is_served(server: RunningServer) -> None:
 
 
 def test_a_callers_own_scores_are_checked() -> None:
-    def missing(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
-        return {"w": torch.zeros(2, 2)}
+    # Scores for w alone take part alone (as in FL4Health); scores of another shape are refused.
+    def misshapen(model: nn.Module, initial_model: nn.Module | None) -> dict[str, torch.Tensor]:
+        return {"w": torch.zeros(4)}
 
-    with pytest.raises(ParamselError, match="no tensor for 'b'") as refused:
-        SparseCooParameterExchanger(0.5, missing).push_parameters(_tie_model())
+    with pytest.raises(ParamselError, match=r"SECTION_SCORES 'w': shape \[4\] differs") as refused:
+        SparseCooParameterExchanger(0.5, misshapen).push_parameters(_tie_model())
     assert refused.value.status == StatusCode.INVALID_ARGUMENT
 
 

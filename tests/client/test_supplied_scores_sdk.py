@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support import StateModule
 from torch import nn
 
 import paramsel.client._client as client_module
@@ -41,18 +42,6 @@ from paramsel.client import (
 from paramsel.server.app import RunningServer
 from paramsel.v1 import tensor_pb2
 from paramsel.wire.streams import write_frames
-
-
-class StateModule(nn.Module):
-    """A module whose state is exactly the given tensors, in order (floats as parameters, others as buffers)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for name, tensor in state.items():
-            if tensor.is_floating_point():
-                self.register_parameter(name, nn.Parameter(tensor.clone(), requires_grad=False))
-            else:
-                self.register_buffer(name, tensor.clone())
 
 
 def _model() -> StateModule:
