@@ -1,7 +1,7 @@
 # paramsel in containers: two images from this file (README.md's Docker section; docker-compose.yml runs both).
 #
 #   docker build --target server -t paramsel:0.1.0 .        paramsel serve, and nothing else (the default target)
-#   docker build --target demo -t paramsel-demo:0.1.0 .     the same plus the demo's dependencies
+#   docker build --target demo -t paramsel-demo:0.1.0 .     the same plus the demo's Flower App (paramsel-demo)
 #   docker run -p 50051:50051 paramsel:0.1.0                serve; `docker run paramsel:0.1.0 --help` and
 #                                                           `docker run paramsel:0.1.0 paramsel --help` both work
 #
@@ -20,7 +20,7 @@
 #
 # Stages: builder (a venv with paramsel serve's packages), demo-builder (that venv plus the demo extra),
 # runtime (the non-root user, the health check and the entrypoint, on the same slim base), then demo and
-# server: runtime plus one venv. Only the venv reaches an image.
+# server: runtime plus one venv (and, for demo, the Flower App's folder). Only those reach an image.
 
 FROM python:3.11-slim-bookworm AS builder
 
@@ -63,12 +63,19 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
     && python -c "import paramsel.engine, paramsel.server.app, torch; assert torch.version.cuda is None"
 
 
-# The demo's venv: the same plus the demo extra (its dependencies: scikit-learn, matplotlib, ...) and
-# what the uninstall above left out, so that `pip check` passes here.
+# The demo's venv: the same plus the demo extra (its dependencies: flwr[simulation], scikit-learn,
+# matplotlib, ...) and what the uninstall above left out, so that `pip check` passes here. Then the
+# demo's Flower App (demo/) in /opt/paramsel-demo, installed editable with no dependencies (they are
+# the extra's): `paramsel-demo` finds the app's folder (its pyproject.toml, which `flwr run` packages)
+# beside its package, as in a checkout. The demo image copies the venv and that folder, nothing else.
 FROM builder AS demo-builder
 
+COPY demo/ /opt/paramsel-demo/
 RUN for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/dev.lock "${wheel}[demo]"; done \
-    && pip check
+    && pip install --no-deps --editable /opt/paramsel-demo \
+    && pip check \
+    && paramsel-demo --help >/dev/null \
+    && python -c "import flwr, paramsel_demo.server_app, paramsel_demo.client_app"
 
 
 FROM python:3.11-slim-bookworm AS runtime
@@ -113,12 +120,13 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "50051"]
 FROM runtime AS demo
 
 LABEL org.opencontainers.image.title="paramsel-demo" \
-      org.opencontainers.image.description="paramsel and its demo's coordinator and clients (scikit-learn, matplotlib)"
+      org.opencontainers.image.description="paramsel and its demo's Flower App (paramsel-demo: flwr, scikit-learn, matplotlib)"
 
 # matplotlib's cache, writable whatever user the demo runs as (docker-compose.yml: PARAMSEL_DEMO_USER).
 ENV MPLCONFIGDIR=/tmp/matplotlib
 
 COPY --from=demo-builder /opt/venv /opt/venv
+COPY --from=demo-builder /opt/paramsel-demo /opt/paramsel-demo
 
 
 # The default target, last: `docker build .` gives the server image.

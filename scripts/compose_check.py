@@ -318,7 +318,7 @@ def check_outputs(out: Path, *, min_accuracy: float) -> str:
 def broken(config: Mapping[str, Any], kind: str, *, out: str | None = None) -> dict[str, Any]:
     """A deliberately broken copy of a resolved config, for the self-test of these checks.
 
-    job-fails: the first job (by name; a client of today's demo) exits 1 at once. no-output: no service mounts ``out``, the
+    job-fails: the first job (by name; today's only one, the demo) exits 1 at once. no-output: no service mounts ``out``, the
     outputs' host folder, and a run has 2 rounds (`--rounds`), so that it is over soon."""
     copy: dict[str, Any] = json.loads(json.dumps(config))
     copy.pop("name", None)

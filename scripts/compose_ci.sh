@@ -206,7 +206,7 @@ run_project() {
 step "docker compose up: the demo (logs: $logs)"
 rm -rf "$out"
 mkdir -p "$out"
-# The coordinator runs as the image's user 10001 (the compose default); a non-root caller runs it as
+# The demo runs as the image's user 10001 (the compose default); a non-root caller runs it as
 # itself instead, so that the figures are its own.
 if [ "$(id -u)" = 0 ]; then
     chown 10001:10001 "$out"
@@ -219,7 +219,7 @@ run_project paramsel-ci || { echo "compose_ci: the demo run failed" >&2; exit 1;
 echo "demo: $((SECONDS - demo_started)) s up to down"
 "${check[@]}" figures "$out"
 grep -q "final held-out accuracy" "$logs/paramsel-ci.log" \
-    || { echo "compose_ci: the coordinator did not report the final accuracy" >&2; exit 1; }
+    || { echo "compose_ci: the demo did not report the final accuracy" >&2; exit 1; }
 echo "outputs after compose down: $(find "$out" -mindepth 1 -printf '%f ')"
 
 # ------------------------------------------------------------------------------------- 6. self-test

@@ -55,12 +55,10 @@ def _container(service: str, state: str = "running", exit_code: int = 0, health:
 
 
 def _running(**overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """A container per service of the compose file, each running, healthy when it has a health check."""
     containers = {
-        "paramsel": _container("paramsel", health="healthy"),
-        "coordinator": _container("coordinator"),
-        "client-0": _container("client-0"),
-        "client-1": _container("client-1"),
-        "client-2": _container("client-2"),
+        name: _container(name, health="healthy" if cc.expectations(_compose_file())[name].healthcheck else "")
+        for name in _compose_file()["services"]
     }
     containers.update(overrides)
     return list(containers.values())
@@ -70,10 +68,11 @@ def test_roles_come_from_the_compose_files_labels() -> None:
     wanted = cc.expectations(_compose_file())
     assert {name: (e.role, e.healthcheck) for name, e in wanted.items()} == {
         "paramsel": ("service", True),
-        "coordinator": ("job", False),
-        "client-0": ("job", False),
-        "client-1": ("job", False),
-        "client-2": ("job", False),
+        "superlink": ("service", True),
+        "superexec-serverapp": ("service", False),
+        **{f"supernode-{i}": ("service", True) for i in range(3)},
+        **{f"superexec-{i}": ("service", False) for i in range(3)},
+        "demo": ("job", False),
     }
 
 
@@ -88,21 +87,27 @@ def test_the_run_is_over_when_every_job_exited_0() -> None:
     wanted = cc.expectations(_compose_file())
     progress = cc.Progress()
     assert not cc.assess(wanted, _running(), progress)
-    assert progress.healthy == {"paramsel"}
-    # the clients finish first: the run is not over until the coordinator has too
-    clients_done = {f"client-{i}": _container(f"client-{i}", "exited") for i in range(3)}
-    assert not cc.assess(wanted, _running(**clients_done), progress)
-    assert cc.assess(
-        wanted, _running(**clients_done, coordinator=_container("coordinator", "exited")), progress
-    )
+    assert progress.healthy == {"paramsel", "superlink", "supernode-0", "supernode-1", "supernode-2"}
+    assert cc.assess(wanted, _running(demo=_container("demo", "exited")), progress)
+
+
+def test_with_several_jobs_the_run_is_over_when_the_last_one_exited_0() -> None:
+    job = {"labels": {"paramsel.ci.role": "job"}}
+    services = {"paramsel": _compose_file()["services"]["paramsel"], "a": job, "b": job}
+    wanted = cc.expectations({"services": services})
+    progress = cc.Progress()
+    serve = _container("paramsel", health="healthy")
+    a_done = [serve, _container("a", "exited"), _container("b")]
+    assert not cc.assess(wanted, a_done, progress)
+    assert cc.assess(wanted, [serve, _container("a", "exited"), _container("b", "exited")], progress)
 
 
 @pytest.mark.parametrize(
     ("override", "reason"),
     [
-        ({"client-1": _container("client-1", "exited", 1)}, "p-client-1-1: job exited 1"),
-        ({"coordinator": _container("coordinator", "exited", 2)}, "job exited 2"),
-        ({"client-0": _container("client-0", "dead", 137)}, "job is dead"),
+        ({"demo": _container("demo", "exited", 1)}, "p-demo-1: job exited 1"),
+        ({"demo": _container("demo", "exited", 2)}, "job exited 2"),
+        ({"demo": _container("demo", "dead", 137)}, "job is dead"),
         ({"paramsel": _container("paramsel", "exited", 0)}, "service is exited 0 while the jobs run"),
         ({"paramsel": _container("paramsel", health="unhealthy")}, "turned unhealthy"),
     ],
@@ -113,19 +118,17 @@ def test_a_broken_promise_fails_at_once(override: dict[str, Any], reason: str) -
 
 
 def test_a_service_that_never_showed_healthy_fails_the_run() -> None:
-    finished = {
-        name: _container(name, "exited") for name in ("coordinator", "client-0", "client-1", "client-2")
-    }
+    finished = {"demo": _container("demo", "exited")}
     starting = _container("paramsel", health="starting")
     with pytest.raises(cc.CheckError, match=r"never showed healthy"):
         cc.assess(cc.expectations(_compose_file()), _running(**finished, paramsel=starting), cc.Progress())
 
 
 def test_after_stop_every_container_must_have_exited_0() -> None:
-    stopped = [_container(name, "exited") for name in ("paramsel", "coordinator")]
+    stopped = [_container(name, "exited") for name in ("paramsel", "demo")]
     cc.assess_stopped(stopped)
     with pytest.raises(cc.CheckError, match="p-paramsel-1: exited 137"):
-        cc.assess_stopped([_container("paramsel", "exited", 137), _container("coordinator", "exited")])
+        cc.assess_stopped([_container("paramsel", "exited", 137), _container("demo", "exited")])
     with pytest.raises(cc.CheckError, match="no containers"):
         cc.assess_stopped([])
 
@@ -236,15 +239,16 @@ def test_broken_copies_for_the_self_test() -> None:
     config = _resolved("/host/out")
     failing = cc.broken(config, "job-fails")
     assert "name" not in failing
-    assert failing["services"]["client-0"]["entrypoint"][-1].endswith("exit 1")
-    assert failing["services"]["client-0"]["command"] is None
-    assert failing["services"]["client-1"] == config["services"]["client-1"]
+    assert failing["services"]["demo"]["entrypoint"][-1].endswith("exit 1")
+    assert failing["services"]["demo"]["command"] is None
+    assert failing["services"]["paramsel"] == config["services"]["paramsel"]
 
     silent = cc.broken(config, "no-output", out="/host/out")
-    assert silent["services"]["coordinator"]["volumes"] == []
-    command = silent["services"]["coordinator"]["command"]
+    assert silent["services"]["demo"]["volumes"] == []
+    assert silent["services"]["superexec-serverapp"]["volumes"] == [], "where the ServerApp writes"
+    command = silent["services"]["demo"]["command"]
     assert command[command.index("--rounds") + 1] == "2"
-    assert config["services"]["coordinator"]["volumes"], "the original is left as it was"
+    assert config["services"]["demo"]["volumes"], "the original is left as it was"
     with pytest.raises(cc.CheckError, match="no service mounts /elsewhere"):
         cc.broken(config, "no-output", out="/elsewhere")
 
@@ -285,25 +289,22 @@ def _run_wait(tmp_path: Path, polls: list[list[dict[str, Any]]]) -> subprocess.C
 
 
 def test_wait_returns_0_when_the_federation_is_over(tmp_path: Path) -> None:
-    clients_done = {f"client-{i}": _container(f"client-{i}", "exited") for i in range(3)}
     result = _run_wait(
         tmp_path,
         [
             _running(paramsel=_container("paramsel", health="starting")),
             _running(),
-            _running(**clients_done),
-            _running(**clients_done, coordinator=_container("coordinator", "exited")),
+            _running(demo=_container("demo", "exited")),
         ],
     )
     assert result.returncode == 0, result.stderr
-    assert "p-coordinator-1: exited 0" in result.stdout
+    assert "p-demo-1: exited 0" in result.stdout
     assert "every job exited 0" in result.stdout
 
 
 def test_wait_fails_at_the_first_job_that_exits_non_zero(tmp_path: Path) -> None:
-    """A client that fails while the coordinator still waits for it: caught at once, not at the
-    coordinator's timeout, with the culprit's last lines."""
-    result = _run_wait(tmp_path, [_running(), _running(**{"client-2": _container("client-2", "exited", 1)})])
+    """A job that fails: caught at the next poll, not at the timeout, with the culprit's last lines."""
+    result = _run_wait(tmp_path, [_running(), _running(demo=_container("demo", "exited", 1))])
     assert result.returncode == 1
-    assert "FAILED: p-client-2-1: job exited 1" in result.stderr
-    assert "last words of logs --tail 40 p-client-2-1" in result.stderr
+    assert "FAILED: p-demo-1: job exited 1" in result.stderr
+    assert "last words of logs --tail 40 p-demo-1" in result.stderr

@@ -101,6 +101,10 @@ def test_builder_installs_cpu_torch_and_a_wheel_of_paramsel_into_a_venv() -> Non
     assert "pip uninstall --yes sympy mpmath networkx" in builder
     demo = " ; ".join(args for k, args in _stage("demo-builder") if k == "RUN")
     assert 'pip install --constraint requirements/dev.lock "${wheel}[demo]"' in demo
+    # the Flower App: editable in the folder the demo image keeps, so that paramsel-demo finds its
+    # pyproject.toml beside its package; its dependencies are the extra's, already installed
+    assert ("COPY", "demo/ /opt/paramsel-demo/") in _stage("demo-builder")
+    assert "pip install --no-deps --editable /opt/paramsel-demo" in demo
     assert "pip check" in demo
 
 
@@ -127,10 +131,13 @@ def test_a_filled_wheelhouse_is_the_only_source_of_the_build() -> None:
 
 
 def test_images_copy_only_a_venv_and_run_as_non_root() -> None:
-    for stage, builder in (("server", "builder"), ("demo", "demo-builder")):
+    for stage, builder, extra in (
+        ("server", "builder", []),
+        ("demo", "demo-builder", ["--from=demo-builder /opt/paramsel-demo /opt/paramsel-demo"]),
+    ):
         final = _stage(stage)
         copies = [args for k, args in final if k == "COPY"]
-        assert copies == [f"--from={builder} /opt/venv /opt/venv"], stage
+        assert copies == [f"--from={builder} /opt/venv /opt/venv", *extra], stage
         assert not any(k == "RUN" for k, _ in final), f"{stage}: nothing installed in a final stage"
     runtime = _stage("runtime")
     assert not any(k == "COPY" for k, _ in runtime)
@@ -194,7 +201,7 @@ def test_build_context_has_what_the_builder_copies() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
-    for keyword, args in _stage("builder"):
+    for keyword, args in _stage("builder") + _stage("demo-builder"):
         if keyword == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
                 path = source.rstrip("/")
@@ -216,78 +223,101 @@ def _seconds(duration: str) -> float:
     return float(duration[:-1])
 
 
+FLOWER_SERVICES = {
+    "superlink": "flower-superlink",
+    "superexec-serverapp": "flower-superexec",
+    **{f"supernode-{i}": "flower-supernode" for i in range(3)},
+    **{f"superexec-{i}": "flower-superexec" for i in range(3)},
+}
+
+
 def test_compose_services_network_and_commands() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"paramsel", "coordinator", "client-0", "client-1", "client-2"}
+    assert set(services) == {"paramsel", "demo", *FLOWER_SERVICES}
     assert compose["networks"] == {"fednet": {}}
     for name, service in services.items():
         assert service["networks"] == ["fednet"], name
         assert "ports" not in service, f"{name}: the federation stays on the private network"
-    # The lean server image serves; the demo image runs the demo's roles. Both are targets of the
-    # Dockerfile, named by the compose file, so that `up` builds them rather than pulling.
+    # The lean server image serves; the demo image runs Flower and the demo's Flower App. Both are
+    # targets of the Dockerfile, named by the compose file, so that `up` builds them rather than pulling.
     assert services["paramsel"]["image"] == "paramsel:0.1.0"
     assert services["paramsel"]["build"]["target"] == "server"
-    coordinator = services["coordinator"]
-    # The images' ENTRYPOINT is `paramsel`: `command` is everything after it.
-    assert coordinator["command"] == [
-        "demo-coordinator",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "7000",
-        "--clients",
-        "3",
-        "--rounds",
-        "10",
-        "--out",
-        "demo-output",
-    ]
-    assert coordinator["environment"] == {"PARAMSEL_TARGET": "paramsel:50051"}
-    for index in range(3):
-        client = services[f"client-{index}"]
-        assert client["command"] == ["demo-client", "--index", str(index), "--clients", "3"]
-        assert client["environment"] == {
-            "PARAMSEL_TARGET": "paramsel:50051",
-            "PARAMSEL_COORDINATOR": "coordinator:7000",
-        }
-    for name in ("coordinator", "client-0", "client-1", "client-2"):
+    for name in ("demo", *FLOWER_SERVICES):
         assert services[name]["image"] == "paramsel-demo:0.1.0", name
         assert services[name]["build"]["target"] == "demo", name
-        assert services[name]["depends_on"]["paramsel"] == {"condition": "service_healthy"}, name
-        # The image's HEALTHCHECK probes a paramsel server on 50051, which these containers do not run.
-        assert services[name]["healthcheck"] == {"disable": True}, name
+        assert services[name]["init"] is True, f"{name}: its stop signal is forwarded, its children reaped"
+    for name, program in FLOWER_SERVICES.items():
+        assert services[name]["entrypoint"] == [program], name
+        # Flower's programs exit 143 on SIGTERM and 0 on SIGINT (tests/test_compose_processes.py).
+        assert services[name]["stop_signal"] == "SIGINT", name
+        assert "--insecure" in services[name]["command"], name
+    link = services["superlink"]["command"]
+    assert "--disable-runtime-dependency-installation" in link, "the image has the app's packages"
+    assert link[link.index("--isolation") + 1] == "process", "the ServerApp runs in its own SuperExec"
+    link_address = f"superlink:{link[link.index('--port') + 1]}"
+    for i in range(3):
+        node = services[f"supernode-{i}"]["command"]
+        assert node[node.index("--superlink") + 1] == link_address
+        assert node[node.index("--isolation") + 1] == "process"
+        assert node[node.index("--node-config") + 1] == f"partition-id={i} num-partitions=3"
+        runtime = services[f"superexec-{i}"]["command"]
+        assert (
+            runtime[runtime.index("--runtime-api-address") + 1]
+            == f"supernode-{i}:{node[node.index('--port') + 1]}"
+        )
+        assert services[f"superexec-{i}"]["depends_on"][f"supernode-{i}"] == {"condition": "service_healthy"}
+    serverapp = services["superexec-serverapp"]["command"]
+    assert serverapp[serverapp.index("--runtime-api-address") + 1] == link_address
+    # The job: the launcher against that SuperLink, its clients as many as the SuperNodes; it reads the
+    # service's address from PARAMSEL_TARGET and passes it to every app in the run config.
+    demo = services["demo"]
+    assert demo["entrypoint"] == ["paramsel-demo"]
+    from paramsel_demo import launcher
+
+    assert launcher.ENV_TARGET == "PARAMSEL_TARGET"
+    assert demo["environment"]["PARAMSEL_TARGET"] == "paramsel:50051"
+    options = launcher._parser().parse_args(demo["command"])
+    assert options.superlink == link_address
+    assert options.clients == 3
+    assert 1 <= options.rounds <= 3, "CI's run stays short"
+    for name in services:
+        if name not in ("paramsel", "demo"):
+            assert name in demo["depends_on"], f"the job starts after {name}"
+    for name in ("paramsel", "superlink", "supernode-0", "supernode-1", "supernode-2"):
+        assert demo["depends_on"][name] == {"condition": "service_healthy"}, name
+    # The image's HEALTHCHECK probes a paramsel server on 50051, which these containers do not run:
+    # each has its own (Flower's GET /health on its port) or none.
+    for name in ("demo", *FLOWER_SERVICES):
+        check = services[name]["healthcheck"]
+        assert check.get("disable") or "/health" in " ".join(check["test"]), name
 
 
 def test_compose_roles_tell_the_ci_what_to_expect() -> None:
     """scripts/compose_ci.sh reads what each service must do from its label: jobs run to their end."""
     services = _compose()["services"]
     roles = {name: service["labels"]["paramsel.ci.role"] for name, service in services.items()}
-    assert roles == {
-        "paramsel": "service",
-        "coordinator": "job",
-        "client-0": "job",
-        "client-1": "job",
-        "client-2": "job",
-    }
+    assert roles == {"paramsel": "service", "demo": "job", **dict.fromkeys(FLOWER_SERVICES, "service")}
 
 
-def test_compose_demo_outputs_go_to_a_host_folder_the_coordinator_can_write() -> None:
-    coordinator = _compose()["services"]["coordinator"]
-    command = coordinator["command"]
+def test_compose_demo_outputs_go_to_a_host_folder_the_serverapp_and_the_demo_share() -> None:
+    services = _compose()["services"]
+    command = services["demo"]["command"]
     out = command[command.index("--out") + 1]
-    (volume,) = coordinator["volumes"]
-    assert volume["type"] == "bind"
-    assert volume["source"] == "${PARAMSEL_DEMO_OUT:-./demo-output}"
-    # The images' WORKDIR is /home/paramsel; --out is relative to it.
+    for name in ("demo", "superexec-serverapp"):
+        service = services[name]
+        (volume,) = service["volumes"]
+        assert volume["type"] == "bind"
+        assert volume["source"] == "${PARAMSEL_DEMO_OUT:-./demo-output}"
+        # The ServerApp writes where the job's --out says (the run config's out-dir): the same path.
+        assert volume["target"] == out == "/home/paramsel/demo-output", name
+        # A missing folder fails `up` at once, not a root-owned folder the run cannot write.
+        assert volume["bind"] == {"create_host_path": False}
+        # By default the images' user; PARAMSEL_DEMO_USER makes it the caller.
+        user = re.fullmatch(r"\$\{PARAMSEL_DEMO_USER:-(\d+:\d+)\}", service["user"])
+        assert user, service["user"]
+        assert user.group(1) == _only(_stage("runtime"), "USER")
     assert _only(_stage("runtime"), "WORKDIR") == "/home/paramsel"
-    assert volume["target"] == f"/home/paramsel/{out}"
-    # A missing folder fails `up` at once, rather than becoming a root-owned folder the run cannot write.
-    assert volume["bind"] == {"create_host_path": False}
-    # By default the coordinator is the images' user; PARAMSEL_DEMO_USER makes it the caller.
-    user = re.fullmatch(r"\$\{PARAMSEL_DEMO_USER:-(\d+:\d+)\}", coordinator["user"])
-    assert user, coordinator["user"]
-    assert user.group(1) == _only(_stage("runtime"), "USER")
     assert "demo-output/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
@@ -320,9 +350,9 @@ def test_readme_builds_and_runs_the_images_the_compose_file_names() -> None:
     assert {tag: target for target, tag in built} == images
     for tag in re.findall(r"docker run (?:[^`\n]*? )?(paramsel\S*:\S+)", docker_section):
         assert tag in images, f"README runs {tag}, which the compose file does not name"
-    # `up --exit-code-from` implies --abort-on-container-exit: a client's exit would stop the run.
+    # `up --exit-code-from` implies --abort-on-container-exit: serve is stopped at once, its drain unseen.
     assert "up --build --exit-code-from" not in docker_section
-    assert "docker compose wait coordinator" in docker_section
+    assert "docker compose wait demo" in docker_section
 
 
 def test_compose_server_drains_within_its_stop_grace_period() -> None:

@@ -10,6 +10,11 @@
    ServerApp fails): anything but ``finished:completed`` is a failure, and so is a missing figures file;
 5. the table of the figures the ServerApp wrote, then every process it started is stopped.
 
+With ``--superlink HOST:PORT`` it runs the app on Flower's Deployment Engine instead: a SuperLink that
+is already running (with its SuperNodes and SuperExecs, e.g. docker-compose.yml's), so 1. and 2. are
+skipped and ``$PARAMSEL_TARGET`` must name a service every node can reach. ``--out`` is then a folder
+the ServerApp writes too (the same path on its machine: a shared volume).
+
 Every process's output goes to a log file under ``OUT/logs``. Exit status: 0 when the federation
 completed, 1 when it failed, 2 for bad options.
 """
@@ -196,12 +201,12 @@ def _wait_superlink(superlink: Child, port: int) -> None:
     _wait_for("the SuperLink", healthy, superlink)
 
 
-def _flower_home(home: Path, port: int) -> None:
-    """FLWR_HOME's config.toml: one SuperLink connection, the local simulation SuperLink."""
+def _flower_home(home: Path, address: str) -> None:
+    """FLWR_HOME's config.toml: one SuperLink connection, the SuperLink at ``address``."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n',
         encoding="utf-8",
     )
 
@@ -268,8 +273,17 @@ def _follow(run: Child, out: Path, total: int, deadline: float) -> None:
             time.sleep(0.25)
 
 
-def run_demo(settings: DemoSettings, *, out: Path, timeout: float, app: Path, workers: int = 1) -> int:
-    """The whole demo; 0 when the federation completed and the figures are written, else 1."""
+def run_demo(
+    settings: DemoSettings,
+    *,
+    out: Path,
+    timeout: float,
+    app: Path,
+    workers: int = 1,
+    superlink: str | None = None,
+) -> int:
+    """The whole demo; 0 when the federation completed and the figures are written, else 1.
+    ``superlink``: the address of a running SuperLink (Deployment Engine), instead of starting one."""
     started = time.monotonic()
     out = out.resolve()
     logs = out / "logs"
@@ -298,17 +312,22 @@ def run_demo(settings: DemoSettings, *, out: Path, timeout: float, app: Path, wo
             # Both start at once: each takes seconds to import what it needs.
             given = os.environ.get(ENV_TARGET)
             service = None if given else _start_serve(env, logs, children)
-            superlink, port = _start_superlink(env, logs, children)
+            local = None if superlink else _start_superlink(env, logs, children)
             if service is None:
                 target = str(given)
                 print(f"using the paramsel service at {target} (${ENV_TARGET})", flush=True)
             else:
                 target = _serve_address(service)
                 print(f"paramsel serve is up at {target}", flush=True)
-            _wait_superlink(superlink, port)
-            _flower_home(scratch / "flwr", port)
+            if local is not None:
+                _wait_superlink(*local)
+                address = f"127.0.0.1:{local[1]}"
+            else:
+                address = str(superlink)
+            _flower_home(scratch / "flwr", address)
+            engine = "Deployment Engine" if superlink else "Simulation Engine"
             print(
-                f"Flower SuperLink (Simulation Engine) at 127.0.0.1:{port}; {settings.clients} clients, "
+                f"Flower SuperLink ({engine}) at {address}; {settings.clients} clients, "
                 f"{settings.rounds} rounds, runs: {', '.join(settings.describe(r) for r in settings.runs)}",
                 flush=True,
             )
@@ -323,8 +342,7 @@ def run_demo(settings: DemoSettings, *, out: Path, timeout: float, app: Path, wo
                     "--stream",
                     "--run-config",
                     str(overrides),
-                    "--federation-config",
-                    _federation_config(settings, workers),
+                    *([] if superlink else ["--federation-config", _federation_config(settings, workers)]),
                 ],
                 env,
                 logs / "flwr-run.log",
@@ -339,7 +357,7 @@ def run_demo(settings: DemoSettings, *, out: Path, timeout: float, app: Path, wo
                 raise DemoError(f"the Flower run ended {status}: {details or _tail(run.log)}")
             if not (out / FIGURES_FILE).is_file():
                 raise DemoError(
-                    f"the ServerApp completed but wrote no {out / FIGURES_FILE}\n{_tail(run.log)}"
+                    f"the ServerApp completed, but {out / FIGURES_FILE} is missing\n{_tail(run.log)}"
                 )
         except DemoError as failure:
             print(f"paramsel-demo failed: {failure}", file=sys.stderr, flush=True)
@@ -431,6 +449,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        help="run on this running SuperLink (Flower's Deployment Engine: its SuperNodes and SuperExecs "
+        "started elsewhere) instead of starting one on the Simulation Engine; needs $PARAMSEL_TARGET",
+    )
+    parser.add_argument(
         "--app",
         type=Path,
         default=app_dir(),
@@ -465,8 +489,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.superlink and not os.environ.get(ENV_TARGET):
+        print(
+            f"paramsel-demo: --superlink needs ${ENV_TARGET}, a service every node reaches", file=sys.stderr
+        )
+        return 2
     try:
-        return run_demo(settings, out=args.out, timeout=args.timeout, app=args.app, workers=args.workers)
+        return run_demo(
+            settings,
+            out=args.out,
+            timeout=args.timeout,
+            app=args.app,
+            workers=args.workers,
+            superlink=args.superlink,
+        )
     except KeyboardInterrupt:  # the processes it started are stopped by then
         print("paramsel-demo: interrupted", file=sys.stderr)
         return 130

@@ -132,6 +132,15 @@ def test_bad_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "logs").exists()  # nothing was started
 
 
+def test_a_running_superlink_needs_a_paramsel_service_every_node_reaches(tmp_path: Path) -> None:
+    """--superlink (the Deployment Engine, docker-compose.yml's job): the launcher starts neither serve
+    nor a SuperLink, so the service must be named; a server of its own on loopback would not do."""
+    proc = _demo(tmp_path, "--superlink", "superlink:8000")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--superlink needs $PARAMSEL_TARGET" in proc.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
 # -- the ServerApp's strategy on hand-made replies --------------------------------------------------
 
 
