@@ -82,13 +82,14 @@ def version(name):
 print(f"   python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names))
 PY
   # From outside the checkout, so that `paramsel` is the installed package, not the source tree.
-  # tests/flower runs the Flower example and tests/demo the demo's Flower App, which need flwr 1.41
-  # (absent beside FL4Health's 1.18), and the demo Ray and the app itself; contract, container,
+  # tests/flower runs the Flower example, and tests/demo and tests/test_compose_processes.py the demo's
+  # Flower App, which need flwr 1.41 (absent beside FL4Health's 1.18), and the demo Ray and the app itself; contract, container,
   # Kubernetes and Node.js checks are about files and tools, not the Python environment, and run in
   # the main job.
   (cd "$venv" && "$py" -m pytest "$root/tests" -p no:cacheprovider -q --rootdir "$root" \
     -c "$root/pyproject.toml" --ignore="$root/tests/differential" --ignore="$root/tests/flower" \
-    --ignore="$root/tests/demo" --ignore="$root/tests/test_contract.py" \
+    --ignore="$root/tests/demo" --ignore="$root/tests/test_compose_processes.py" \
+    --ignore="$root/tests/test_contract.py" \
     --ignore="$root/tests/test_container_files.py" --ignore="$root/tests/test_node_client.py" \
     --ignore="$root/tests/test_kubernetes_manifests.py") || status=1
   (cd "$venv" && PYTHONPATH=$oracle_path PARAMSEL_REQUIRE_ORACLE=1 "$py" -m pytest "$root/tests/differential" \
