@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
+from support import free_port
 
 pytestmark = pytest.mark.slow  # the docker-compose services as processes, a whole federated run
 
@@ -40,12 +40,6 @@ def _compose_check() -> ModuleType:
     sys.modules["compose_check"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _interpolate(value: Any) -> str:
@@ -72,7 +66,7 @@ def _plan(services: dict[str, Any], tmp_path: Path) -> dict[str, tuple[list[str]
     for name, service in services.items():
         command = [_interpolate(arg) for arg in service.get("command") or []]
         if "--port" in command:
-            ports[name] = (command[command.index("--port") + 1], str(_free_port()))
+            ports[name] = (command[command.index("--port") + 1], str(free_port()))
 
     def local(value: str) -> str:
         for other, (inside, outside) in ports.items():
