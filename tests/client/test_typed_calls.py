@@ -91,7 +91,8 @@ def test_server_info_is_typed(server: RunningServer) -> None:
     assert set(info.score_functions) == set(ScoreFunction)
     assert set(info.payload_kinds) == set(PayloadKind)
     assert all(isinstance(e, PositionEncoding) for e in info.position_encodings)
-    assert info.criteria == ("top_k", "drift_threshold", "drift_percentage", "fed_pm")
+    assert info.criteria == ("top_k", "drift_threshold", "drift_percentage", "fed_pm", "sparse_update")
+    assert PositionEncoding.SEEDED in info.position_encodings
     assert isinstance(info.raw, service_pb2.GetServerInfoResponse)
     assert info.raw.api_package == info.api_package == "paramsel.v1"
 

@@ -73,6 +73,31 @@ def test_scatter_needs_a_matching_base() -> None:
         pull_sparse(MODEL, payload, mode=PullMode.SCATTER, base={"a": torch.zeros(2, 3, dtype=torch.float64)})
 
 
+def test_add_adds_the_densified_payload_to_the_base() -> None:
+    # Position 4 twice: 1 + 3 = 4 (summed first), added to 5; position 1: 7 + 2. Elsewhere base + 0,
+    # which turns -0.0 into +0.0.
+    base = {"a": torch.tensor([[1.0, 7.0, -0.0], [4.0, 5.0, 6.0]])}
+    pulled = pull_sparse(
+        MODEL, [sparse("a", (2, 3), [1.0, 2.0, 3.0], [4, 1, 4])], mode=PullMode.ADD, base=base
+    )
+    assert pulled["a"].tolist() == [[1.0, 9.0, 0.0], [4.0, 9.0, 6.0]]
+    assert math.copysign(1.0, float(pulled["a"][0, 2])) == 1.0
+    assert base["a"].tolist() == [[1.0, 7.0, -0.0], [4.0, 5.0, 6.0]]  # the base itself is untouched
+
+
+def test_add_casts_the_sum_to_the_model_dtype_before_adding() -> None:
+    # int64 model: the float sum 2.5 + 0.75 = 3.25 becomes 3, then 10 + 3.
+    base = {"n": torch.tensor([10, 20])}
+    pulled = pull_sparse(MODEL, [sparse("n", (2,), [2.5, 0.75], [0, 0])], mode=PullMode.ADD, base=base)
+    assert (pulled["n"].dtype, pulled["n"].tolist()) == (torch.int64, [13, 20])
+
+
+def test_add_needs_a_matching_base() -> None:
+    payload = [sparse("a", (2, 3), [1.0], [0])]
+    with pytest.raises(InvalidArgument, match="scatter or add pull needs the current value of tensor 'a'"):
+        pull_sparse(MODEL, payload, mode=PullMode.ADD)
+
+
 @pytest.mark.parametrize("position", [6, -1])
 def test_out_of_range_position_names_tensor_and_position(position: int) -> None:
     with pytest.raises(InvalidArgument, match=rf"'a' has position {position}\b"):

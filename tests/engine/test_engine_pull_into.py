@@ -28,6 +28,12 @@ def test_scatter_keeps_the_rest() -> None:
     assert w.tolist() == [[7.0, 1.0, 1.0], [1.0, 8.0, 1.0]]
 
 
+def test_add_adds_in_place() -> None:
+    w = torch.ones(2, 3)
+    pull_sparse_into({"w": w}, _payload([0, 4], [7.0, 8.0]), mode=PullMode.ADD)
+    assert w.tolist() == [[8.0, 1.0, 1.0], [1.0, 9.0, 1.0]]
+
+
 def test_duplicates_and_disorder_take_the_general_path() -> None:
     # FL4Health's densifying pull sums duplicates: 1 + 2 at position 3, and order does not matter.
     w = torch.full((2, 3), 9.0)

@@ -73,6 +73,12 @@ DRIFT_THRESHOLD = criteria_pb2.Criterion(
     drift_threshold=criteria_pb2.DriftThresholdCriterion(norm_threshold=1e-9)
 )
 FED_PM = criteria_pb2.Criterion(fed_pm=criteria_pb2.FedPmCriterion(seed=7))
+UPDATE_TOP10 = criteria_pb2.Criterion(sparse_update=criteria_pb2.SparseUpdateCriterion(sparsity_level=0.1))
+UPDATE_RANDOM10 = criteria_pb2.Criterion(
+    sparse_update=criteria_pb2.SparseUpdateCriterion(
+        sparsity_level=0.1, selection=criteria_pb2.UPDATE_SELECTION_RANDOM_K, seed=3
+    )
+)
 
 
 def frames(
@@ -392,6 +398,12 @@ def _case(name: str) -> tuple[str, criteria_pb2.Criterion, dict[str, torch.Tenso
         return "Select", FED_PM, as_scores(_model(f32)), None, {}
     if name == "push-fedpm-int8":
         return "Push", FED_PM, as_scores(_model(i8)), None, {}
+    if name == "select-update-top10-float32":
+        return "Select", UPDATE_TOP10, _later(f32), _model(f32), {}
+    if name == "push-update-random10-float32-as-float16":
+        return "Push", UPDATE_RANDOM10, _later(f32), _model(f32), {"value_dtype": F16}
+    if name == "select-update-random10-compact":
+        return "Select", UPDATE_RANDOM10, _later(f32), _model(f32), {"position_encoding": COMPACT}
     raise AssertionError(name)
 
 
@@ -410,6 +422,9 @@ CASES = [
     "push-drift-int8",
     "select-fedpm-float32",
     "push-fedpm-int8",
+    "select-update-top10-float32",
+    "push-update-random10-float32-as-float16",
+    "select-update-random10-compact",
 ]
 
 

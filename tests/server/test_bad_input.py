@@ -31,6 +31,7 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 MODEL = tensor_pb2.SECTION_MODEL
 INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
+RESIDUAL = tensor_pb2.SECTION_RESIDUAL
 PAYLOAD = tensor_pb2.SECTION_PAYLOAD
 BASE = tensor_pb2.SECTION_BASE
 RESULT = tensor_pb2.SECTION_RESULT
@@ -41,6 +42,8 @@ SPARSE_KIND = service_pb2.PAYLOAD_KIND_SPARSE_COO
 LAYERS_KIND = service_pb2.PAYLOAD_KIND_LAYERS
 FEDPM_KIND = service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES
 SCATTER = service_pb2.PULL_MODE_SCATTER
+ADD = service_pb2.PULL_MODE_ADD
+SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
 CHUNK = 1 << 20
 CALL_TIMEOUT = 60  # seconds: a hang fails as DEADLINE_EXCEEDED (a loaded machine does not)
 NAN = math.nan
@@ -74,6 +77,12 @@ def fed_pm(seed: int = 0) -> Any:
     return crit(fed_pm=criteria_pb2.FedPmCriterion(seed=seed))
 
 
+def sparse_update(level: float = 0.5, selection: int = 0, seed: int = 0) -> Any:
+    return crit(
+        sparse_update=criteria_pb2.SparseUpdateCriterion(sparsity_level=level, selection=selection, seed=seed)  # type: ignore[arg-type]
+    )
+
+
 CHANGE = top_k(0.5, criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE)
 
 
@@ -96,12 +105,15 @@ def select(
     initial: dict[str, torch.Tensor] | None = None,
     *,
     chunk_size: int = CHUNK,
+    residual: dict[str, torch.Tensor] | None = None,
     **start: Any,
 ) -> Frames:
     """A valid Select request stream (default: top-k 0.5 of W)."""
     dense = [(MODEL, list((W if model is None else model).items()))]
     if initial is not None:
         dense.append((INITIAL, list(initial.items())))
+    if residual is not None:
+        dense.append((RESIDUAL, list(residual.items())))
     first = ("start", service_pb2.SelectStart(criterion=top_k() if criterion is None else criterion, **start))
     return list(write_frames(service_pb2.SelectRequest, first, chunk_size=chunk_size, dense=dense))
 
@@ -373,6 +385,50 @@ MODEL_CASES = [
         "initial model",
         code=PRECONDITION,
     ),
+    # sparse updates and their residual
+    bad(
+        "residual_with_top_k",
+        select(residual={"a": vec(0, 0, 0, 0)}),
+        "SECTION_RESIDUAL 'a'",
+        "only for criterion.sparse_update",
+    ),
+    bad(
+        "residual_unknown_name",
+        select(sparse_update(), W, W0, residual={"zz": vec(0)}),
+        "SECTION_RESIDUAL 'zz'",
+        "declares no tensor",
+    ),
+    bad(
+        "residual_shape",
+        select(sparse_update(), W, W0, residual={"a": torch.zeros(2, 2)}),
+        "SECTION_RESIDUAL 'a'",
+        "shape [2, 2]",
+    ),
+    bad(
+        "residual_dtype",
+        select(sparse_update(), W, W0, residual={"a": vec(0, 0, 0, 0, dtype=torch.float16)}),
+        "SECTION_RESIDUAL 'a'",
+        "torch.float16",
+    ),
+    bad(
+        "update_bool_model",
+        select(sparse_update(), {"a": torch.tensor([True])}, {"a": torch.tensor([False])}),
+        "SECTION_MODEL 'a'",
+        "bool",
+    ),
+    bad("update_selection_99", select(sparse_update(0.5, 99), W, W0), "sparse_update.selection", "99"),
+    *[
+        bad(f"update_sparsity_{v}", select(sparse_update(v, s), W, W0), "sparsity_level")
+        for v in (0.0, 1.5, NAN)
+        for s in (1, 2)
+    ],
+    bad(
+        "no_initial_sparse_update",
+        select(sparse_update()),
+        "sparse_update",
+        "initial model",
+        code=PRECONDITION,
+    ),
     # RESOURCE_EXHAUSTED on the session server (8 GiB limit): 4 TiB declared, nothing allocated
     bad("declares_4_tib", with_spec(GOOD, 1, shape=[2**20, 2**20]), "8589934592 bytes", code=EXHAUSTED),
 ]
@@ -394,6 +450,17 @@ def test_select_rejects_unknown_position_encoding(channel: grpc.Channel, encodin
         select(position_encoding=encoding),
         INVALID,
         ("start.position_encoding", str(encoding)),
+    )
+
+
+@pytest.mark.parametrize("criterion", [top_k(), sparse_update(), fed_pm()], ids=["top_k", "update", "fed_pm"])
+def test_select_rejects_seeded_but_for_random_k(channel: grpc.Channel, criterion: Any) -> None:
+    expect(
+        channel,
+        "Select",
+        select(criterion, W, W0, position_encoding=SEEDED),
+        INVALID,
+        ("start.position_encoding", "POSITION_ENCODING_SEEDED", "UPDATE_SELECTION_RANDOM_K"),
     )
 
 
@@ -465,6 +532,28 @@ PULL_CASES = [
         "SCATTER",
     ),
     bad("scatter_with_fedpm", pull(dense=[("w", ONES / 2)], kind=FEDPM_KIND, mode=SCATTER), "start.mode"),
+    bad(
+        "add_with_layers",
+        pull(dense=[("w", ONES)], kind=LAYERS_KIND, mode=ADD),
+        "start.mode",
+        "PULL_MODE_ADD",
+        "'w'",
+    ),
+    bad("add_with_fedpm", pull(dense=[("w", ONES / 2)], kind=FEDPM_KIND, mode=ADD), "PULL_MODE_ADD", "'w'"),
+    bad("add_without_base", pull(sparse=W_00, mode=ADD), "'w'", "base"),
+    bad(
+        "seeded_position_bytes",
+        with_spec(PULL_GOOD, 2, position_encoding=SEEDED, nnz=2, position_seed=1),
+        "'w'",
+        "positions_size_bytes is 32",
+    ),
+    bad(
+        "seeded_nnz_over_numel",
+        with_spec(PULL_GOOD, 2, position_encoding=SEEDED, nnz=13, positions_size_bytes=0, position_seed=1),
+        "'w'",
+        "nnz 13 exceeds the tensor's 12 elements",
+    ),
+    bad("seed_with_coo", with_spec(PULL_GOOD, 2, position_seed=5), "'w'", "position_seed is set (5)"),
     bad(
         "base_shape",
         pull(sparse=W_00, mode=SCATTER, base=[("w", torch.ones(4, 3))]),
@@ -667,7 +756,7 @@ def _outcome(channel: grpc.Channel, rpc: str, frames: Frames) -> grpc.StatusCode
 
 # Garbage: frames of every kind with small random fields, in any order.
 names = st.sampled_from(["", "a", "b"])
-sections = st.sampled_from([0, 1, 2, 3, 4, 5, 99])
+sections = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 99])
 dtypes = st.sampled_from([0, *ITEMSIZE, 11, 99])
 shapes = st.lists(st.integers(-2, 4), max_size=3)
 fractions = st.sampled_from([0.0, 0.1, 0.5, 1.0, 1.5, -1.0, NAN, INF]) | st.floats()
@@ -677,6 +766,7 @@ criteria = st.one_of(
     st.builds(drift_threshold, fractions),
     st.builds(drift_percentage, fractions),
     st.builds(fed_pm, st.integers(0, 2**64 - 1)),
+    st.builds(sparse_update, fractions, st.integers(0, 3), st.integers(0, 2**64 - 1)),
 )
 specs = st.builds(tensor_pb2.TensorSpec, name=names, dtype=dtypes, shape=shapes)
 sparse_specs = st.builds(
@@ -685,8 +775,9 @@ sparse_specs = st.builds(
     dtype=dtypes,
     shape=shapes,
     nnz=st.integers(-1, 4),
-    position_encoding=st.sampled_from([0, 1, 2, 99]),
+    position_encoding=st.sampled_from([0, 1, 2, 6, 99]),
     positions_size_bytes=st.integers(-8, 64),
+    position_seed=st.sampled_from([0, 1, 2**64 - 1]),
 )
 chunks = st.builds(
     tensor_pb2.Chunk, section=sections, offset_bytes=st.integers(-4, 64), data=st.binary(max_size=48)
@@ -707,7 +798,9 @@ garbage = st.one_of(
         _stream(
             service_pb2.SelectRequest,
             start=st.builds(
-                service_pb2.SelectStart, criterion=criteria, position_encoding=st.sampled_from([0, 1, 2, 99])
+                service_pb2.SelectStart,
+                criterion=criteria,
+                position_encoding=st.sampled_from([0, 1, 2, 5, 6, 99]),
             ),
             tensors=st.builds(
                 tensor_pb2.TensorManifest, section=sections, tensors=st.lists(specs, max_size=3)
@@ -730,7 +823,7 @@ garbage = st.one_of(
         st.just("Pull"),
         _stream(
             service_pb2.PullRequest,
-            start=st.builds(service_pb2.PullStart, payload_kind=st.integers(0, 4), mode=st.integers(0, 3)),
+            start=st.builds(service_pb2.PullStart, payload_kind=st.integers(0, 4), mode=st.integers(0, 4)),
             layout=st.builds(tensor_pb2.StateLayout, tensors=st.lists(specs, max_size=3)),
             tensors=st.builds(
                 tensor_pb2.TensorManifest, section=sections, tensors=st.lists(specs, max_size=2)
@@ -761,6 +854,7 @@ sane_criteria = st.one_of(
     st.builds(drift_threshold, st.floats(min_value=1e-6, max_value=10.0)),
     st.builds(drift_percentage, valid_fractions),
     st.builds(fed_pm, st.integers(0, 2**64 - 1)),
+    st.builds(sparse_update, valid_fractions, st.integers(1, 2), st.integers(0, 2**64 - 1)),
 )
 small_shapes = st.lists(st.integers(0, 3), max_size=2)
 wire_dtypes = st.sampled_from(sorted(ITEMSIZE))
@@ -783,12 +877,14 @@ def well_framed_models(draw: Callable[..., Any]) -> tuple[str, Frames]:
     pool = ["a", "b", "x.weight_scores", "bias_scores"]
     model = _layout(draw, pool)
     initial = draw(st.sampled_from([None, model, _layout(draw, pool)]))
+    residual = draw(st.sampled_from([None, model, _layout(draw, pool)]))
     declared = [(MODEL, model)] + ([(INITIAL, initial)] if initial is not None else [])
+    declared += [(RESIDUAL, residual)] if residual is not None else []
     size = draw(st.integers(1, 40))
     frames = [
         service_pb2.SelectRequest(
             start=service_pb2.SelectStart(
-                criterion=draw(sane_criteria | criteria), position_encoding=draw(st.integers(0, 2))
+                criterion=draw(sane_criteria | criteria), position_encoding=draw(st.integers(0, 6))
             )
         ),
         *(manifest(*s, section=section) for section, s in declared),
@@ -815,7 +911,7 @@ def test_well_framed_models_never_unknown_or_internal(
 def well_framed_pulls(draw: Callable[..., Any]) -> Frames:
     layout = _layout(draw, ["a", "b", "c.bias_scores"])
     by_name = {s.name: s for s in layout}
-    kind, mode = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    kind, mode = draw(st.integers(1, 3)), draw(st.integers(0, 3))
     targets = draw(st.lists(st.sampled_from([*by_name, "zz"]), max_size=3, unique=True))
     frames = [preq(start={"payload_kind": kind, "mode": mode}), preq(layout={"tensors": layout})]
     data = b""
@@ -826,10 +922,10 @@ def well_framed_pulls(draw: Callable[..., Any]) -> Frames:
             shape = list(by_name[name].shape) if same else draw(small_shapes)
             dtype, encoding, nnz = (
                 draw(wire_dtypes),
-                draw(st.sampled_from([COO, FLAT])),
+                draw(st.sampled_from([COO, FLAT, SEEDED])),
                 draw(st.integers(0, 4)),
             )
-            count = nnz * (len(shape) if encoding == COO else 1)
+            count = 0 if encoding == SEEDED else nnz * (len(shape) if encoding == COO else 1)
             positions = draw(
                 st.lists(st.integers(-1, max(math.prod(shape), 1)), min_size=count, max_size=count)
             )
@@ -841,6 +937,7 @@ def well_framed_pulls(draw: Callable[..., Any]) -> Frames:
                     nnz=nnz,
                     position_encoding=encoding,
                     positions_size_bytes=8 * count,
+                    position_seed=draw(st.integers(0, 2**64 - 1)) if encoding == SEEDED else 0,
                 )
             )
             data += draw(st.binary(min_size=nnz * ITEMSIZE[dtype], max_size=nnz * ITEMSIZE[dtype]))
@@ -852,7 +949,7 @@ def well_framed_pulls(draw: Callable[..., Any]) -> Frames:
         data = _data(draw, payload)
     size = draw(st.integers(1, 40))
     chunk_list = [preq(chunk=c) for c in chunk_frames(PAYLOAD, [memoryview(data)], size)]
-    if mode == SCATTER and draw(st.booleans()):
+    if mode in (SCATTER, ADD) and draw(st.booleans()):
         base = [s for s in layout if s.name in targets]
         frames.append(preq(tensors={"section": BASE, "tensors": base}))
         chunk_list += [preq(chunk=c) for c in chunk_frames(BASE, [memoryview(_data(draw, base))], size)]

@@ -24,6 +24,8 @@ def test_server_info_describes_the_contract(server: RunningServer) -> None:
     criteria = criteria_pb2.Criterion.DESCRIPTOR.oneofs_by_name["kind"].fields
     assert list(info.criteria) == [field.name for field in criteria]
     assert "fed_pm" in info.criteria
+    assert list(info.criteria) == ["top_k", "drift_threshold", "drift_percentage", "fed_pm", "sparse_update"]
+    assert PositionEncoding.SEEDED in info.position_encodings
     assert info.max_chunk_size_bytes == 3 << 20
     assert info.max_call_bytes == server.config.max_call_bytes
     assert not info.requires_token

@@ -178,11 +178,11 @@ def test_choose_encoding() -> None:
     assert choose_encoding(COMPACT, 1, ()) == EF  # 1 byte each
     assert choose_encoding(COMPACT, 5_000_000, (50_000_000,)) == EF
     assert choose_encoding(COMPACT, 20_000_000, (50_000_000,)) == BITMAP
-    for encoding in (COO, FLAT, BITMAP, EF):
+    for encoding in (COO, FLAT, BITMAP, EF, tensor_pb2.POSITION_ENCODING_SEEDED):
         assert choose_encoding(encoding, 3, (4,)) == encoding
     assert choose_encoding(tensor_pb2.POSITION_ENCODING_UNSPECIFIED, 3, (4,)) == COO
-    with pytest.raises(WireError, match="unknown position encoding 6"):
-        choose_encoding(6, 3, (4,))
+    with pytest.raises(WireError, match="unknown position encoding 7"):
+        choose_encoding(7, 3, (4,))
     with pytest.raises(WireError, match="nnz 5 exceeds"):
         choose_encoding(COMPACT, 5, (4,))
 

@@ -14,15 +14,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparamsel/v1/criteria.proto\x12\x0bparamsel.v1\"l\n\rTopKCriterion\x12\x16\n\x0esparsity_level\x18\x01 \x01(\x01\x12\x32\n\x0escore_function\x18\x02 \x01(\x0e\x32\x1a.paramsel.v1.ScoreFunction\x12\x0f\n\x07\x65xact_k\x18\x03 \x01(\x08\"\x8d\x01\n\x17\x44riftThresholdCriterion\x12\x16\n\x0enorm_threshold\x18\x01 \x01(\x01\x12\x16\n\tnormalize\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x11select_drift_more\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x14\n\x12_select_drift_more\"\x93\x01\n\x18\x44riftPercentageCriterion\x12\x1b\n\x13\x65xchange_percentage\x18\x01 \x01(\x01\x12\x16\n\tnormalize\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x11select_drift_more\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x14\n\x12_select_drift_more\",\n\x0e\x46\x65\x64PmCriterion\x12\x11\n\x04seed\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xf3\x01\n\tCriterion\x12+\n\x05top_k\x18\x01 \x01(\x0b\x32\x1a.paramsel.v1.TopKCriterionH\x00\x12?\n\x0f\x64rift_threshold\x18\x02 \x01(\x0b\x32$.paramsel.v1.DriftThresholdCriterionH\x00\x12\x41\n\x10\x64rift_percentage\x18\x03 \x01(\x0b\x32%.paramsel.v1.DriftPercentageCriterionH\x00\x12-\n\x06\x66\x65\x64_pm\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.FedPmCriterionH\x00\x42\x06\n\x04kind*\xe5\x02\n\rScoreFunction\x12\x1e\n\x1aSCORE_FUNCTION_UNSPECIFIED\x10\x00\x12*\n&SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE\x10\x01\x12+\n\'SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE\x10\x02\x12+\n\'SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE\x10\x03\x12,\n(SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE\x10\x04\x12\x30\n,SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE\x10\x05\x12\x31\n-SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE\x10\x06\x12\x1b\n\x17SCORE_FUNCTION_SUPPLIED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparamsel/v1/criteria.proto\x12\x0bparamsel.v1\"l\n\rTopKCriterion\x12\x16\n\x0esparsity_level\x18\x01 \x01(\x01\x12\x32\n\x0escore_function\x18\x02 \x01(\x0e\x32\x1a.paramsel.v1.ScoreFunction\x12\x0f\n\x07\x65xact_k\x18\x03 \x01(\x08\"\x8d\x01\n\x17\x44riftThresholdCriterion\x12\x16\n\x0enorm_threshold\x18\x01 \x01(\x01\x12\x16\n\tnormalize\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x11select_drift_more\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x14\n\x12_select_drift_more\"\x93\x01\n\x18\x44riftPercentageCriterion\x12\x1b\n\x13\x65xchange_percentage\x18\x01 \x01(\x01\x12\x16\n\tnormalize\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x11select_drift_more\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x14\n\x12_select_drift_more\"B\n\x0e\x46\x65\x64PmCriterion\x12\x11\n\x04seed\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cpacked_masks\x18\x02 \x01(\x08\x42\x07\n\x05_seed\"\x7f\n\x15SparseUpdateCriterion\x12\x16\n\x0esparsity_level\x18\x01 \x01(\x01\x12/\n\tselection\x18\x02 \x01(\x0e\x32\x1c.paramsel.v1.UpdateSelection\x12\x0f\n\x07\x65xact_k\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xb0\x02\n\tCriterion\x12+\n\x05top_k\x18\x01 \x01(\x0b\x32\x1a.paramsel.v1.TopKCriterionH\x00\x12?\n\x0f\x64rift_threshold\x18\x02 \x01(\x0b\x32$.paramsel.v1.DriftThresholdCriterionH\x00\x12\x41\n\x10\x64rift_percentage\x18\x03 \x01(\x0b\x32%.paramsel.v1.DriftPercentageCriterionH\x00\x12-\n\x06\x66\x65\x64_pm\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.FedPmCriterionH\x00\x12;\n\rsparse_update\x18\x05 \x01(\x0b\x32\".paramsel.v1.SparseUpdateCriterionH\x00\x42\x06\n\x04kind*\xe5\x02\n\rScoreFunction\x12\x1e\n\x1aSCORE_FUNCTION_UNSPECIFIED\x10\x00\x12*\n&SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE\x10\x01\x12+\n\'SCORE_FUNCTION_SMALLEST_FINAL_MAGNITUDE\x10\x02\x12+\n\'SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE\x10\x03\x12,\n(SCORE_FUNCTION_SMALLEST_MAGNITUDE_CHANGE\x10\x04\x12\x30\n,SCORE_FUNCTION_LARGEST_INCREASE_IN_MAGNITUDE\x10\x05\x12\x31\n-SCORE_FUNCTION_SMALLEST_INCREASE_IN_MAGNITUDE\x10\x06\x12\x1b\n\x17SCORE_FUNCTION_SUPPLIED\x10\x07*n\n\x0fUpdateSelection\x12 \n\x1cUPDATE_SELECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPDATE_SELECTION_TOP_K\x10\x01\x12\x1d\n\x19UPDATE_SELECTION_RANDOM_K\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramsel.v1.criteria_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_SCOREFUNCTION']._serialized_start=740
-  _globals['_SCOREFUNCTION']._serialized_end=1097
+  _globals['_SCOREFUNCTION']._serialized_start=952
+  _globals['_SCOREFUNCTION']._serialized_end=1309
+  _globals['_UPDATESELECTION']._serialized_start=1311
+  _globals['_UPDATESELECTION']._serialized_end=1421
   _globals['_TOPKCRITERION']._serialized_start=43
   _globals['_TOPKCRITERION']._serialized_end=151
   _globals['_DRIFTTHRESHOLDCRITERION']._serialized_start=154
@@ -30,7 +32,9 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_DRIFTPERCENTAGECRITERION']._serialized_start=298
   _globals['_DRIFTPERCENTAGECRITERION']._serialized_end=445
   _globals['_FEDPMCRITERION']._serialized_start=447
-  _globals['_FEDPMCRITERION']._serialized_end=491
-  _globals['_CRITERION']._serialized_start=494
-  _globals['_CRITERION']._serialized_end=737
+  _globals['_FEDPMCRITERION']._serialized_end=513
+  _globals['_SPARSEUPDATECRITERION']._serialized_start=515
+  _globals['_SPARSEUPDATECRITERION']._serialized_end=642
+  _globals['_CRITERION']._serialized_start=645
+  _globals['_CRITERION']._serialized_end=949
 # @@protoc_insertion_point(module_scope)

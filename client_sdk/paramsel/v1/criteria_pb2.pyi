@@ -85,6 +85,56 @@ refused with INVALID_ARGUMENT at the same point.
 """
 global___ScoreFunction = ScoreFunction
 
+class _UpdateSelection:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _UpdateSelectionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_UpdateSelection.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    UPDATE_SELECTION_UNSPECIFIED: _UpdateSelection.ValueType  # 0
+    """Not set: UPDATE_SELECTION_TOP_K."""
+    UPDATE_SELECTION_TOP_K: _UpdateSelection.ValueType  # 1
+    """The k = ceil(N x sparsity_level) entries of largest |u| over the whole state (N its entries, the
+    product rounded as TopKCriterion's), by TopKCriterion's rule with |u| as the scores: ties at the
+    threshold included unless exact_k; of the selected entries, those that are not exact zeros, of
+    tensors with at least one dimension, are sent, positions in increasing row-major order.
+    """
+    UPDATE_SELECTION_RANDOM_K: _UpdateSelection.ValueType  # 2
+    """Seeded random-k, per tensor: of every tensor with at least one dimension and n >= 1 entries, the
+    k_t = ceil(n x sparsity_level) flat row-major positions (the product rounded as TopKCriterion's)
+    whose keys are smallest, all of them sent, zeros included, in increasing order. The tensor's seed is
+    s_j = (seed + j) mod 2^64, j its index in SECTION_MODEL's declaration order (every tensor counted,
+    from 0), and the key of position i is SplitMix64's output number i (from 0) when seeded with s_j:
+      z = (s_j + (i + 1) x 0x9E3779B97F4A7C15) mod 2^64; z = (z ^ (z >> 30)) x 0xBF58476D1CE4E5B9;
+      z = (z ^ (z >> 27)) x 0x94D049BB133111EB; key = z ^ (z >> 31)   (products mod 2^64).
+    The keys of one tensor are all distinct, so the positions are a function of (s_j, n, k_t) alone:
+    answers in POSITION_ENCODING_SEEDED carry s_j and k_t instead of positions (see PositionEncoding).
+    """
+
+class UpdateSelection(_UpdateSelection, metaclass=_UpdateSelectionEnumTypeWrapper):
+    """How SparseUpdateCriterion picks the entries of the update it sends."""
+
+UPDATE_SELECTION_UNSPECIFIED: UpdateSelection.ValueType  # 0
+"""Not set: UPDATE_SELECTION_TOP_K."""
+UPDATE_SELECTION_TOP_K: UpdateSelection.ValueType  # 1
+"""The k = ceil(N x sparsity_level) entries of largest |u| over the whole state (N its entries, the
+product rounded as TopKCriterion's), by TopKCriterion's rule with |u| as the scores: ties at the
+threshold included unless exact_k; of the selected entries, those that are not exact zeros, of
+tensors with at least one dimension, are sent, positions in increasing row-major order.
+"""
+UPDATE_SELECTION_RANDOM_K: UpdateSelection.ValueType  # 2
+"""Seeded random-k, per tensor: of every tensor with at least one dimension and n >= 1 entries, the
+k_t = ceil(n x sparsity_level) flat row-major positions (the product rounded as TopKCriterion's)
+whose keys are smallest, all of them sent, zeros included, in increasing order. The tensor's seed is
+s_j = (seed + j) mod 2^64, j its index in SECTION_MODEL's declaration order (every tensor counted,
+from 0), and the key of position i is SplitMix64's output number i (from 0) when seeded with s_j:
+  z = (s_j + (i + 1) x 0x9E3779B97F4A7C15) mod 2^64; z = (z ^ (z >> 30)) x 0xBF58476D1CE4E5B9;
+  z = (z ^ (z >> 27)) x 0x94D049BB133111EB; key = z ^ (z >> 31)   (products mod 2^64).
+The keys of one tensor are all distinct, so the positions are a function of (s_j, n, k_t) alone:
+answers in POSITION_ENCODING_SEEDED carry s_j and k_t instead of positions (see PositionEncoding).
+"""
+global___UpdateSelection = UpdateSelection
+
 @typing.final
 class TopKCriterion(google.protobuf.message.Message):
     """Top-k selection of individual entries (FL4Health SparseCooParameterExchanger): k = ceil(N x
@@ -211,20 +261,74 @@ class FedPmCriterion(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     SEED_FIELD_NUMBER: builtins.int
+    PACKED_MASKS_FIELD_NUMBER: builtins.int
     seed: builtins.int
     """Seed of the sampler; the same seed and scores give the same masks. When unset the server draws
     one and reports it in the response.
+    """
+    packed_masks: builtins.bool
+    """Beyond FL4Health, opt-in: each mask travels at 1 bit per entry, as a DATA_TYPE_UINT8 tensor of
+    shape [ceil(n / 8)] named after its score tensor (n its entries): entry i (row-major) is bit i % 8,
+    counted from the least significant, of byte i / 8; the unused high bits of the last byte are 0.
+    The caller knows each mask's shape: its score tensor's. False keeps FL4Health's int64 masks.
     """
     def __init__(
         self,
         *,
         seed: builtins.int | None = ...,
+        packed_masks: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_seed", b"_seed", "seed", b"seed"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_seed", b"_seed", "seed", b"seed"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_seed", b"_seed", "packed_masks", b"packed_masks", "seed", b"seed"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_seed", b"_seed"]) -> typing.Literal["seed"] | None: ...
 
 global___FedPmCriterion = FedPmCriterion
+
+@typing.final
+class SparseUpdateCriterion(google.protobuf.message.Message):
+    """Beyond FL4Health, opt-in: sparse *updates* with error feedback (Stich et al. 2018; Lin et al. 2018).
+    Selects entries of the update u = (w - w0) + r instead of entries of w: w the current model
+    (SECTION_MODEL), w0 the initial model (SECTION_INITIAL_MODEL or named by digest; required), r the
+    residual the caller carried from its previous round (SECTION_RESIDUAL; optional, per tensor: a model
+    tensor without one has r = 0). Arithmetic: w - w0, then + r, each in the model tensor's dtype (as
+    torch computes it elementwise, so every language that rounds IEEE 754 the same way gets the same
+    bits); bool tensors are refused with INVALID_ARGUMENT. The answer (SELECTION_KIND_SPARSE_UPDATE) holds
+    the selected values of u as sparse tensors, cast to value_dtype when one is asked for.
+    Error feedback, the caller's side (the server keeps nothing between calls): the next residual is u
+    minus what was sent, read back as the receiver reads it (each sent value cast to the model tensor's
+    dtype) at the positions sent, and u everywhere else. A receiver applies the averaged update with
+    PULL_MODE_ADD.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    SPARSITY_LEVEL_FIELD_NUMBER: builtins.int
+    SELECTION_FIELD_NUMBER: builtins.int
+    EXACT_K_FIELD_NUMBER: builtins.int
+    SEED_FIELD_NUMBER: builtins.int
+    sparsity_level: builtins.float
+    """Fraction of entries to send, in (0, 1]."""
+    selection: global___UpdateSelection.ValueType
+    """Top-k by |u| (default) or seeded random-k."""
+    exact_k: builtins.bool
+    """UPDATE_SELECTION_TOP_K only: exactly k entries, ties at the threshold taken in state order, then
+    row-major (as TopKCriterion.exact_k).
+    """
+    seed: builtins.int
+    """UPDATE_SELECTION_RANDOM_K only: the seed every client of a round shares (so that they send the
+    same positions), and that changes from round to round (else the same positions are sent forever).
+    """
+    def __init__(
+        self,
+        *,
+        sparsity_level: builtins.float = ...,
+        selection: global___UpdateSelection.ValueType = ...,
+        exact_k: builtins.bool = ...,
+        seed: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["exact_k", b"exact_k", "seed", b"seed", "selection", b"selection", "sparsity_level", b"sparsity_level"]) -> None: ...
+
+global___SparseUpdateCriterion = SparseUpdateCriterion
 
 @typing.final
 class Criterion(google.protobuf.message.Message):
@@ -236,6 +340,7 @@ class Criterion(google.protobuf.message.Message):
     DRIFT_THRESHOLD_FIELD_NUMBER: builtins.int
     DRIFT_PERCENTAGE_FIELD_NUMBER: builtins.int
     FED_PM_FIELD_NUMBER: builtins.int
+    SPARSE_UPDATE_FIELD_NUMBER: builtins.int
     @property
     def top_k(self) -> global___TopKCriterion:
         """Top-k entries by score, sent as sparse COO tensors."""
@@ -252,6 +357,10 @@ class Criterion(google.protobuf.message.Message):
     def fed_pm(self) -> global___FedPmCriterion:
         """FedPM mask sampling."""
 
+    @property
+    def sparse_update(self) -> global___SparseUpdateCriterion:
+        """Sparse updates with error feedback (beyond FL4Health)."""
+
     def __init__(
         self,
         *,
@@ -259,9 +368,10 @@ class Criterion(google.protobuf.message.Message):
         drift_threshold: global___DriftThresholdCriterion | None = ...,
         drift_percentage: global___DriftPercentageCriterion | None = ...,
         fed_pm: global___FedPmCriterion | None = ...,
+        sparse_update: global___SparseUpdateCriterion | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "top_k", b"top_k"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["kind", b"kind"]) -> typing.Literal["top_k", "drift_threshold", "drift_percentage", "fed_pm"] | None: ...
+    def HasField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "sparse_update", b"sparse_update", "top_k", b"top_k"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["drift_percentage", b"drift_percentage", "drift_threshold", b"drift_threshold", "fed_pm", b"fed_pm", "kind", b"kind", "sparse_update", b"sparse_update", "top_k", b"top_k"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["kind", b"kind"]) -> typing.Literal["top_k", "drift_threshold", "drift_percentage", "fed_pm", "sparse_update"] | None: ...
 
 global___Criterion = Criterion

@@ -16,19 +16,21 @@ from paramsel.v1 import criteria_pb2 as paramsel_dot_v1_dot_criteria__pb2
 from paramsel.v1 import tensor_pb2 as paramsel_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramsel/v1/service.proto\x12\x0bparamsel.v1\x1a\x1aparamsel/v1/criteria.proto\x1a\x18paramsel/v1/tensor.proto\"\xf9\x01\n\x0bSelectStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12\x38\n\x11position_encoding\x18\x02 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x04 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.paramsel.v1.DataType\"\x98\x01\n\rSelectRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.paramsel.v1.SelectStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"r\n\x0bTopKSummary\x12\x15\n\rtotal_entries\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x03\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10selected_entries\x18\x04 \x01(\x03\x12\x14\n\x0csent_entries\x18\x05 \x01(\x03\"B\n\x0cLayerSummary\x12\x14\n\x0ctotal_layers\x18\x01 \x01(\x03\x12\x0e\n\x06\x64rifts\x18\x02 \x03(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9e\x01\n\x0fSelectionHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.paramsel.v1.SelectionKind\x12)\n\x05top_k\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.TopKSummaryH\x00\x12+\n\x06layers\x18\x03 \x01(\x0b\x32\x19.paramsel.v1.LayerSummaryH\x00\x42\t\n\x07summary\"\xd5\x01\n\x0eSelectResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x91\x01\n\tPushStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12!\n\x19response_chunk_size_bytes\x18\x02 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x03 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\"\x94\x01\n\x0bPushRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PushStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x9c\x01\n\x0cPushResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x83\x01\n\tPullStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.PullMode\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\"\xf7\x01\n\x0bPullRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PullStartH\x00\x12*\n\x06layout\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.StateLayoutH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"%\n\nPullHeader\x12\x17\n\x0f\x63hanged_tensors\x18\x01 \x01(\x03\"\x97\x01\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramsel.v1.PullHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"?\n\x10SelectionPayload\x12+\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1b.paramsel.v1.SelectResponse\"\xc1\x01\n\x0e\x41ggregateStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12\x15\n\x08weighted\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x38\n\x11position_encoding\x18\x03 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x04 \x01(\x03\x42\x0b\n\t_weighted\"$\n\x0c\x43ontribution\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\"\x88\x02\n\x10\x41ggregateRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.paramsel.v1.AggregateStartH\x00\x12\x31\n\x0c\x63ontribution\x18\x02 \x01(\x0b\x32\x19.paramsel.v1.ContributionH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"9\n\x0f\x41ggregateHeader\x12\x15\n\rcontributions\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\"\xd8\x01\n\x11\x41ggregateResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.AggregateHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x16\n\x14GetServerInfoRequest\"\xf0\x02\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_package\x18\x02 \x01(\t\x12\x39\n\x12position_encodings\x18\x03 \x03(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12)\n\ndata_types\x18\x04 \x03(\x0e\x32\x15.paramsel.v1.DataType\x12\x33\n\x0fscore_functions\x18\x05 \x03(\x0e\x32\x1a.paramsel.v1.ScoreFunction\x12\x10\n\x08\x63riteria\x18\x06 \x03(\t\x12/\n\rpayload_kinds\x18\x07 \x03(\x0e\x32\x18.paramsel.v1.PayloadKind\x12\x1c\n\x14max_chunk_size_bytes\x18\x08 \x01(\x03\x12\x16\n\x0emax_call_bytes\x18\t \x01(\x03\x12\x16\n\x0erequires_token\x18\n \x01(\x08*\x89\x01\n\rSelectionKind\x12\x1e\n\x1aSELECTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19SELECTION_KIND_SPARSE_COO\x10\x01\x12\x19\n\x15SELECTION_KIND_LAYERS\x10\x02\x12\x1e\n\x1aSELECTION_KIND_FEDPM_MASKS\x10\x03*S\n\x08PullMode\x12\x19\n\x15PULL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_MODE_REPLACE\x10\x01\x12\x15\n\x11PULL_MODE_SCATTER\x10\x02*\x87\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_KIND_SPARSE_COO\x10\x01\x12\x17\n\x13PAYLOAD_KIND_LAYERS\x10\x02\x12$\n PAYLOAD_KIND_FEDPM_PROBABILITIES\x10\x03\x32\x8c\x03\n\x19ParameterSelectionService\x12\x45\n\x06Select\x12\x1a.paramsel.v1.SelectRequest\x1a\x1b.paramsel.v1.SelectResponse(\x01\x30\x01\x12?\n\x04Push\x12\x18.paramsel.v1.PushRequest\x1a\x19.paramsel.v1.PushResponse(\x01\x30\x01\x12?\n\x04Pull\x12\x18.paramsel.v1.PullRequest\x1a\x19.paramsel.v1.PullResponse(\x01\x30\x01\x12N\n\tAggregate\x12\x1d.paramsel.v1.AggregateRequest\x1a\x1e.paramsel.v1.AggregateResponse(\x01\x30\x01\x12V\n\rGetServerInfo\x12!.paramsel.v1.GetServerInfoRequest\x1a\".paramsel.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramsel/v1/service.proto\x12\x0bparamsel.v1\x1a\x1aparamsel/v1/criteria.proto\x1a\x18paramsel/v1/tensor.proto\"\xf9\x01\n\x0bSelectStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12\x38\n\x11position_encoding\x18\x02 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x04 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.paramsel.v1.DataType\"\x98\x01\n\rSelectRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.paramsel.v1.SelectStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"r\n\x0bTopKSummary\x12\x15\n\rtotal_entries\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x03\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10selected_entries\x18\x04 \x01(\x03\x12\x14\n\x0csent_entries\x18\x05 \x01(\x03\"B\n\x0cLayerSummary\x12\x14\n\x0ctotal_layers\x18\x01 \x01(\x03\x12\x0e\n\x06\x64rifts\x18\x02 \x03(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9e\x01\n\x0fSelectionHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.paramsel.v1.SelectionKind\x12)\n\x05top_k\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.TopKSummaryH\x00\x12+\n\x06layers\x18\x03 \x01(\x0b\x32\x19.paramsel.v1.LayerSummaryH\x00\x42\t\n\x07summary\"\xd5\x01\n\x0eSelectResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\xbd\x01\n\tPushStart\x12)\n\tcriterion\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.Criterion\x12!\n\x19response_chunk_size_bytes\x18\x02 \x01(\x03\x12\x36\n\x14initial_model_digest\x18\x03 \x01(\x0b\x32\x18.paramsel.v1.ModelDigest\x12*\n\x0bvalue_dtype\x18\x04 \x01(\x0e\x32\x15.paramsel.v1.DataType\"\x94\x01\n\x0bPushRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PushStartH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x9c\x01\n\x0cPushResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.SelectionHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x83\x01\n\tPullStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.PullMode\x12!\n\x19response_chunk_size_bytes\x18\x03 \x01(\x03\"\xf7\x01\n\x0bPullRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.paramsel.v1.PullStartH\x00\x12*\n\x06layout\x18\x02 \x01(\x0b\x32\x18.paramsel.v1.StateLayoutH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"%\n\nPullHeader\x12\x17\n\x0f\x63hanged_tensors\x18\x01 \x01(\x03\"\x97\x01\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramsel.v1.PullHeaderH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"?\n\x10SelectionPayload\x12+\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1b.paramsel.v1.SelectResponse\"\x98\x02\n\x0e\x41ggregateStart\x12.\n\x0cpayload_kind\x18\x01 \x01(\x0e\x32\x18.paramsel.v1.PayloadKind\x12\x15\n\x08weighted\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x38\n\x11position_encoding\x18\x03 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12!\n\x19response_chunk_size_bytes\x18\x04 \x01(\x03\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.paramsel.v1.DataType\x12)\n\taveraging\x18\x06 \x01(\x0e\x32\x16.paramsel.v1.AveragingB\x0b\n\t_weighted\"$\n\x0c\x43ontribution\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\"\x88\x02\n\x10\x41ggregateRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.paramsel.v1.AggregateStartH\x00\x12\x31\n\x0c\x63ontribution\x18\x02 \x01(\x0b\x32\x19.paramsel.v1.ContributionH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12\x35\n\x0esparse_tensors\x18\x04 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"9\n\x0f\x41ggregateHeader\x12\x15\n\rcontributions\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\"\xd8\x01\n\x11\x41ggregateResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramsel.v1.AggregateHeaderH\x00\x12\x35\n\x0esparse_tensors\x18\x02 \x01(\x0b\x32\x1b.paramsel.v1.SparseManifestH\x00\x12.\n\x07tensors\x18\x03 \x01(\x0b\x32\x1b.paramsel.v1.TensorManifestH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.paramsel.v1.ChunkH\x00\x42\x07\n\x05\x66rame\"\x16\n\x14GetServerInfoRequest\"\xf0\x02\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_package\x18\x02 \x01(\t\x12\x39\n\x12position_encodings\x18\x03 \x03(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12)\n\ndata_types\x18\x04 \x03(\x0e\x32\x15.paramsel.v1.DataType\x12\x33\n\x0fscore_functions\x18\x05 \x03(\x0e\x32\x1a.paramsel.v1.ScoreFunction\x12\x10\n\x08\x63riteria\x18\x06 \x03(\t\x12/\n\rpayload_kinds\x18\x07 \x03(\x0e\x32\x18.paramsel.v1.PayloadKind\x12\x1c\n\x14max_chunk_size_bytes\x18\x08 \x01(\x03\x12\x16\n\x0emax_call_bytes\x18\t \x01(\x03\x12\x16\n\x0erequires_token\x18\n \x01(\x08*\xab\x01\n\rSelectionKind\x12\x1e\n\x1aSELECTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19SELECTION_KIND_SPARSE_COO\x10\x01\x12\x19\n\x15SELECTION_KIND_LAYERS\x10\x02\x12\x1e\n\x1aSELECTION_KIND_FEDPM_MASKS\x10\x03\x12 \n\x1cSELECTION_KIND_SPARSE_UPDATE\x10\x04*f\n\x08PullMode\x12\x19\n\x15PULL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_MODE_REPLACE\x10\x01\x12\x15\n\x11PULL_MODE_SCATTER\x10\x02\x12\x11\n\rPULL_MODE_ADD\x10\x03*\x87\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_KIND_SPARSE_COO\x10\x01\x12\x17\n\x13PAYLOAD_KIND_LAYERS\x10\x02\x12$\n PAYLOAD_KIND_FEDPM_PROBABILITIES\x10\x03*^\n\tAveraging\x12\x19\n\x15\x41VERAGING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41VERAGING_PER_TENSOR\x10\x01\x12\x1c\n\x18\x41VERAGING_PER_COORDINATE\x10\x02\x32\x8c\x03\n\x19ParameterSelectionService\x12\x45\n\x06Select\x12\x1a.paramsel.v1.SelectRequest\x1a\x1b.paramsel.v1.SelectResponse(\x01\x30\x01\x12?\n\x04Push\x12\x18.paramsel.v1.PushRequest\x1a\x19.paramsel.v1.PushResponse(\x01\x30\x01\x12?\n\x04Pull\x12\x18.paramsel.v1.PullRequest\x1a\x19.paramsel.v1.PullResponse(\x01\x30\x01\x12N\n\tAggregate\x12\x1d.paramsel.v1.AggregateRequest\x1a\x1e.paramsel.v1.AggregateResponse(\x01\x30\x01\x12V\n\rGetServerInfo\x12!.paramsel.v1.GetServerInfoRequest\x1a\".paramsel.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramsel.v1.service_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_SELECTIONKIND']._serialized_start=3339
-  _globals['_SELECTIONKIND']._serialized_end=3476
-  _globals['_PULLMODE']._serialized_start=3478
-  _globals['_PULLMODE']._serialized_end=3561
-  _globals['_PAYLOADKIND']._serialized_start=3564
-  _globals['_PAYLOADKIND']._serialized_end=3699
+  _globals['_SELECTIONKIND']._serialized_start=3470
+  _globals['_SELECTIONKIND']._serialized_end=3641
+  _globals['_PULLMODE']._serialized_start=3643
+  _globals['_PULLMODE']._serialized_end=3745
+  _globals['_PAYLOADKIND']._serialized_start=3748
+  _globals['_PAYLOADKIND']._serialized_end=3883
+  _globals['_AVERAGING']._serialized_start=3885
+  _globals['_AVERAGING']._serialized_end=3979
   _globals['_SELECTSTART']._serialized_start=97
   _globals['_SELECTSTART']._serialized_end=346
   _globals['_SELECTREQUEST']._serialized_start=349
@@ -42,35 +44,35 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_SELECTRESPONSE']._serialized_start=849
   _globals['_SELECTRESPONSE']._serialized_end=1062
   _globals['_PUSHSTART']._serialized_start=1065
-  _globals['_PUSHSTART']._serialized_end=1210
-  _globals['_PUSHREQUEST']._serialized_start=1213
-  _globals['_PUSHREQUEST']._serialized_end=1361
-  _globals['_PUSHRESPONSE']._serialized_start=1364
-  _globals['_PUSHRESPONSE']._serialized_end=1520
-  _globals['_PULLSTART']._serialized_start=1523
-  _globals['_PULLSTART']._serialized_end=1654
-  _globals['_PULLREQUEST']._serialized_start=1657
-  _globals['_PULLREQUEST']._serialized_end=1904
-  _globals['_PULLHEADER']._serialized_start=1906
-  _globals['_PULLHEADER']._serialized_end=1943
-  _globals['_PULLRESPONSE']._serialized_start=1946
-  _globals['_PULLRESPONSE']._serialized_end=2097
-  _globals['_SELECTIONPAYLOAD']._serialized_start=2099
-  _globals['_SELECTIONPAYLOAD']._serialized_end=2162
-  _globals['_AGGREGATESTART']._serialized_start=2165
-  _globals['_AGGREGATESTART']._serialized_end=2358
-  _globals['_CONTRIBUTION']._serialized_start=2360
-  _globals['_CONTRIBUTION']._serialized_end=2396
-  _globals['_AGGREGATEREQUEST']._serialized_start=2399
-  _globals['_AGGREGATEREQUEST']._serialized_end=2663
-  _globals['_AGGREGATEHEADER']._serialized_start=2665
-  _globals['_AGGREGATEHEADER']._serialized_end=2722
-  _globals['_AGGREGATERESPONSE']._serialized_start=2725
-  _globals['_AGGREGATERESPONSE']._serialized_end=2941
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2943
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2965
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2968
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=3336
-  _globals['_PARAMETERSELECTIONSERVICE']._serialized_start=3702
-  _globals['_PARAMETERSELECTIONSERVICE']._serialized_end=4098
+  _globals['_PUSHSTART']._serialized_end=1254
+  _globals['_PUSHREQUEST']._serialized_start=1257
+  _globals['_PUSHREQUEST']._serialized_end=1405
+  _globals['_PUSHRESPONSE']._serialized_start=1408
+  _globals['_PUSHRESPONSE']._serialized_end=1564
+  _globals['_PULLSTART']._serialized_start=1567
+  _globals['_PULLSTART']._serialized_end=1698
+  _globals['_PULLREQUEST']._serialized_start=1701
+  _globals['_PULLREQUEST']._serialized_end=1948
+  _globals['_PULLHEADER']._serialized_start=1950
+  _globals['_PULLHEADER']._serialized_end=1987
+  _globals['_PULLRESPONSE']._serialized_start=1990
+  _globals['_PULLRESPONSE']._serialized_end=2141
+  _globals['_SELECTIONPAYLOAD']._serialized_start=2143
+  _globals['_SELECTIONPAYLOAD']._serialized_end=2206
+  _globals['_AGGREGATESTART']._serialized_start=2209
+  _globals['_AGGREGATESTART']._serialized_end=2489
+  _globals['_CONTRIBUTION']._serialized_start=2491
+  _globals['_CONTRIBUTION']._serialized_end=2527
+  _globals['_AGGREGATEREQUEST']._serialized_start=2530
+  _globals['_AGGREGATEREQUEST']._serialized_end=2794
+  _globals['_AGGREGATEHEADER']._serialized_start=2796
+  _globals['_AGGREGATEHEADER']._serialized_end=2853
+  _globals['_AGGREGATERESPONSE']._serialized_start=2856
+  _globals['_AGGREGATERESPONSE']._serialized_end=3072
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=3074
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=3096
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=3099
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=3467
+  _globals['_PARAMETERSELECTIONSERVICE']._serialized_start=3982
+  _globals['_PARAMETERSELECTIONSERVICE']._serialized_end=4378
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,11 @@ class _SelectionKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._
     SELECTION_KIND_LAYERS: _SelectionKind.ValueType  # 2
     """Whole tensors (the drift criteria)."""
     SELECTION_KIND_FEDPM_MASKS: _SelectionKind.ValueType  # 3
-    """Whole int64 0/1 mask tensors (FedPmCriterion)."""
+    """Whole int64 0/1 mask tensors (FedPmCriterion), or uint8 tensors of 1-bit masks (packed_masks)."""
+    SELECTION_KIND_SPARSE_UPDATE: _SelectionKind.ValueType  # 4
+    """Entries of an update as sparse COO tensors (SparseUpdateCriterion), summarised by TopKSummary (for
+    random-k, threshold is 0 and selected_entries the sum of the tensors' k_t).
+    """
 
 class SelectionKind(_SelectionKind, metaclass=_SelectionKindEnumTypeWrapper):
     """Kind of result a selection produced."""
@@ -46,7 +50,11 @@ SELECTION_KIND_SPARSE_COO: SelectionKind.ValueType  # 1
 SELECTION_KIND_LAYERS: SelectionKind.ValueType  # 2
 """Whole tensors (the drift criteria)."""
 SELECTION_KIND_FEDPM_MASKS: SelectionKind.ValueType  # 3
-"""Whole int64 0/1 mask tensors (FedPmCriterion)."""
+"""Whole int64 0/1 mask tensors (FedPmCriterion), or uint8 tensors of 1-bit masks (packed_masks)."""
+SELECTION_KIND_SPARSE_UPDATE: SelectionKind.ValueType  # 4
+"""Entries of an update as sparse COO tensors (SparseUpdateCriterion), summarised by TopKSummary (for
+random-k, threshold is 0 and selected_entries the sum of the tensors' k_t).
+"""
 global___SelectionKind = SelectionKind
 
 class _PullMode:
@@ -68,6 +76,12 @@ class _PullModeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumT
     values' dtype) and the sum replaces the base value there: it is neither added to it nor is the
     last value kept.
     """
+    PULL_MODE_ADD: _PullMode.ValueType  # 3
+    """Sparse payloads only, beyond FL4Health: the payload is an update (SparseUpdateCriterion, averaged
+    by Aggregate) added to the current values, which travel in SECTION_BASE as in scatter mode. Each
+    named tensor becomes base + densified payload: values sent for one position more than once are
+    summed in the values' dtype, the sum cast to the model's dtype, then added to the base in it.
+    """
 
 class PullMode(_PullMode, metaclass=_PullModeEnumTypeWrapper):
     """How a payload is applied to the model."""
@@ -84,6 +98,12 @@ PULL_MODE_SCATTER: PullMode.ValueType  # 2
 values travel in SECTION_BASE. Values sent for one position more than once are summed (in the
 values' dtype) and the sum replaces the base value there: it is neither added to it nor is the
 last value kept.
+"""
+PULL_MODE_ADD: PullMode.ValueType  # 3
+"""Sparse payloads only, beyond FL4Health: the payload is an update (SparseUpdateCriterion, averaged
+by Aggregate) added to the current values, which travel in SECTION_BASE as in scatter mode. Each
+named tensor becomes base + densified payload: values sent for one position more than once are
+summed in the values' dtype, the sum cast to the model's dtype, then added to the base in it.
 """
 global___PullMode = PullMode
 
@@ -114,6 +134,60 @@ PAYLOAD_KIND_LAYERS: PayloadKind.ValueType  # 2
 PAYLOAD_KIND_FEDPM_PROBABILITIES: PayloadKind.ValueType  # 3
 """FedPM probabilities: whole tensors mapped through the inverse sigmoid -log(1/x - 1)."""
 global___PayloadKind = PayloadKind
+
+class _Averaging:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _AveragingEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_Averaging.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    AVERAGING_UNSPECIFIED: _Averaging.ValueType  # 0
+    """Not set: AVERAGING_PER_TENSOR."""
+    AVERAGING_PER_TENSOR: _Averaging.ValueType  # 1
+    """FL4Health's FedAvgSparseCooTensor: each tensor averaged over the clients that sent the tensor,
+    positions a client did not send counting as zeros (see Aggregate).
+    """
+    AVERAGING_PER_COORDINATE: _Averaging.ValueType  # 2
+    """Beyond FL4Health, sparse payloads only: each coordinate averaged over the contributions that sent
+    that coordinate. A contribution sends a position when its positions list it (zero values
+    included; values listed for one position more than once are summed in their dtype and count once).
+    Per name and position p, over the contributions c that sent p, in the order of Aggregate's Order:
+    weighted, sum(x_c[p] x n_c) / sum(n_c); unweighted, sum(x_c[p]) / (number of such c); each value
+    widened to IEEE 754 binary64 exactly, n_c as binary64, products and sums rounded in binary64 left
+    to right, one division; then cast (round to nearest even) to the answer's dtype: value_dtype when
+    set, else torch.promote_types of the name's contribution dtypes, float32 when that is an integer
+    type or bool. One name's contributions must declare one shape (INVALID_ARGUMENT otherwise); a name
+    one contribution declares more than once counts as one more contribution per declaration, as under
+    AVERAGING_PER_TENSOR. The answer lists every position some contribution sent, in increasing order,
+    zero averages included. Memory: float64 sums and weights over the name's shape, or over the positions
+    sent when they are fewer than half its entries, plus the answer.
+    """
+
+class Averaging(_Averaging, metaclass=_AveragingEnumTypeWrapper):
+    """How Aggregate averages sparse contributions."""
+
+AVERAGING_UNSPECIFIED: Averaging.ValueType  # 0
+"""Not set: AVERAGING_PER_TENSOR."""
+AVERAGING_PER_TENSOR: Averaging.ValueType  # 1
+"""FL4Health's FedAvgSparseCooTensor: each tensor averaged over the clients that sent the tensor,
+positions a client did not send counting as zeros (see Aggregate).
+"""
+AVERAGING_PER_COORDINATE: Averaging.ValueType  # 2
+"""Beyond FL4Health, sparse payloads only: each coordinate averaged over the contributions that sent
+that coordinate. A contribution sends a position when its positions list it (zero values
+included; values listed for one position more than once are summed in their dtype and count once).
+Per name and position p, over the contributions c that sent p, in the order of Aggregate's Order:
+weighted, sum(x_c[p] x n_c) / sum(n_c); unweighted, sum(x_c[p]) / (number of such c); each value
+widened to IEEE 754 binary64 exactly, n_c as binary64, products and sums rounded in binary64 left
+to right, one division; then cast (round to nearest even) to the answer's dtype: value_dtype when
+set, else torch.promote_types of the name's contribution dtypes, float32 when that is an integer
+type or bool. One name's contributions must declare one shape (INVALID_ARGUMENT otherwise); a name
+one contribution declares more than once counts as one more contribution per declaration, as under
+AVERAGING_PER_TENSOR. The answer lists every position some contribution sent, in increasing order,
+zero averages included. Memory: float64 sums and weights over the name's shape, or over the positions
+sent when they are fewer than half its entries, plus the answer.
+"""
+global___Averaging = Averaging
 
 @typing.final
 class SelectStart(google.protobuf.message.Message):
@@ -171,13 +245,13 @@ class SelectRequest(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL and (SCORE_FUNCTION_SUPPLIED only)
-        SECTION_SCORES.
+        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL, (SCORE_FUNCTION_SUPPLIED only)
+        SECTION_SCORES and (SparseUpdateCriterion only) SECTION_RESIDUAL.
         """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
-        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL or SECTION_SCORES."""
+        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL, SECTION_SCORES or SECTION_RESIDUAL."""
 
     def __init__(
         self,
@@ -337,8 +411,13 @@ class PushStart(google.protobuf.message.Message):
     CRITERION_FIELD_NUMBER: builtins.int
     RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
     INITIAL_MODEL_DIGEST_FIELD_NUMBER: builtins.int
+    VALUE_DTYPE_FIELD_NUMBER: builtins.int
     response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
+    value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType
+    """Send float values as this dtype (DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16; lossy): top-k and update
+    values, whole layers. Unset: each tensor's own dtype. Integer tensors are never converted.
+    """
     @property
     def criterion(self) -> paramsel.v1.criteria_pb2.Criterion:
         """What to select."""
@@ -353,9 +432,10 @@ class PushStart(google.protobuf.message.Message):
         criterion: paramsel.v1.criteria_pb2.Criterion | None = ...,
         response_chunk_size_bytes: builtins.int = ...,
         initial_model_digest: paramsel.v1.tensor_pb2.ModelDigest | None = ...,
+        value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "response_chunk_size_bytes", b"response_chunk_size_bytes"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["criterion", b"criterion", "initial_model_digest", b"initial_model_digest", "response_chunk_size_bytes", b"response_chunk_size_bytes", "value_dtype", b"value_dtype"]) -> None: ...
 
 global___PushStart = PushStart
 
@@ -374,13 +454,13 @@ class PushRequest(google.protobuf.message.Message):
 
     @property
     def tensors(self) -> paramsel.v1.tensor_pb2.TensorManifest:
-        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL and (SCORE_FUNCTION_SUPPLIED only)
-        SECTION_SCORES.
+        """Declares tensors of SECTION_MODEL, SECTION_INITIAL_MODEL, (SCORE_FUNCTION_SUPPLIED only)
+        SECTION_SCORES and (SparseUpdateCriterion only) SECTION_RESIDUAL.
         """
 
     @property
     def chunk(self) -> paramsel.v1.tensor_pb2.Chunk:
-        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL or SECTION_SCORES."""
+        """Bytes of SECTION_MODEL, SECTION_INITIAL_MODEL, SECTION_SCORES or SECTION_RESIDUAL."""
 
     def __init__(
         self,
@@ -592,16 +672,25 @@ class AggregateStart(google.protobuf.message.Message):
     WEIGHTED_FIELD_NUMBER: builtins.int
     POSITION_ENCODING_FIELD_NUMBER: builtins.int
     RESPONSE_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    VALUE_DTYPE_FIELD_NUMBER: builtins.int
+    AVERAGING_FIELD_NUMBER: builtins.int
     payload_kind: global___PayloadKind.ValueType
     """What the contributions hold: PAYLOAD_KIND_SPARSE_COO or PAYLOAD_KIND_LAYERS."""
     weighted: builtins.bool
     """Weight each contribution by its example count (true, the default) or count clients equally."""
     position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType
     """How to encode the positions of a sparse aggregate (unset: COO_INT64). POSITION_ENCODING_COMPACT is
-    accepted: per tensor, BITMAP or ELIAS_FANO, whichever is smaller (ELIAS_FANO on a tie).
+    accepted: per tensor, BITMAP or ELIAS_FANO, whichever is smaller (ELIAS_FANO on a tie); with
+    AVERAGING_PER_COORDINATE, SEEDED for a name whose every contribution sent the same seeded positions.
     """
     response_chunk_size_bytes: builtins.int
     """Largest tensor payload per response message; 0 means the server's default (1 MiB). At most 3 MiB."""
+    value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType
+    """Send the answer's float values as this dtype (DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16; lossy),
+    rounded from the average's own dtype. Unset: the average's own dtype.
+    """
+    averaging: global___Averaging.ValueType
+    """Per tensor (FL4Health's, the default) or per coordinate (sparse payloads only)."""
     def __init__(
         self,
         *,
@@ -609,9 +698,11 @@ class AggregateStart(google.protobuf.message.Message):
         weighted: builtins.bool | None = ...,
         position_encoding: paramsel.v1.tensor_pb2.PositionEncoding.ValueType = ...,
         response_chunk_size_bytes: builtins.int = ...,
+        value_dtype: paramsel.v1.tensor_pb2.DataType.ValueType = ...,
+        averaging: global___Averaging.ValueType = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_weighted", b"_weighted", "weighted", b"weighted"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_weighted", b"_weighted", "payload_kind", b"payload_kind", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "weighted", b"weighted"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_weighted", b"_weighted", "averaging", b"averaging", "payload_kind", b"payload_kind", "position_encoding", b"position_encoding", "response_chunk_size_bytes", b"response_chunk_size_bytes", "value_dtype", b"value_dtype", "weighted", b"weighted"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_weighted", b"_weighted"]) -> typing.Literal["weighted"] | None: ...
 
 global___AggregateStart = AggregateStart

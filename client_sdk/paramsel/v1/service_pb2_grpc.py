@@ -106,8 +106,9 @@ class ParameterSelectionServiceServicer(object):
 
     def Select(self, request_iterator, context):
         """Selects what to exchange this round and returns it typed: sparse COO tensors for TopKCriterion,
-        whole tensors for the layer and FedPM criteria. TopKCriterion with SCORE_FUNCTION_SUPPLIED takes the
-        caller's scores in SECTION_SCORES (see ScoreFunction).
+        whole tensors for the layer and FedPM criteria, an update's entries as sparse COO tensors for
+        SparseUpdateCriterion. TopKCriterion with SCORE_FUNCTION_SUPPLIED takes the caller's scores in
+        SECTION_SCORES (see ScoreFunction); SparseUpdateCriterion the caller's residual in SECTION_RESIDUAL.
         Memory (see the service comment): top-k counts each model tensor's scores in the dtype the score
         function gives them (none when written over an initial model sent without a digest, or when the
         caller sends them in SECTION_SCORES: they are then counted as upload) and their copy in the dtype
@@ -132,7 +133,8 @@ class ParameterSelectionServiceServicer(object):
         int64 of shape [ndim], the dense shape. Each tensor's name is so declared three times.
         - layers: [arrays...], the selected whole tensors in the model's dtypes, in result order (state
         order for DriftThresholdCriterion, drift order for DriftPercentageCriterion).
-        - FedPM: [masks...], int64 0/1 masks in state order.
+        - FedPM: [masks...], int64 0/1 masks in state order (packed_masks: the uint8 1-bit masks).
+        - SparseUpdateCriterion: as top-k, with the update's values.
         Memory: as Select, the indices counted as (entries, ndim) int64. Errors: see the service comment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -144,7 +146,8 @@ class ParameterSelectionServiceServicer(object):
         the payload names - changed or not (a sparse tensor that sends no entries comes back all zeros in
         replace mode, as its base in scatter mode) - in payload order, in the model's dtypes and shapes;
         tensors the payload does not name are not returned. Payload values of another dtype are cast to the
-        model's, as FL4Health's load_state_dict does. In PULL_MODE_SCATTER, SECTION_BASE carries the current
+        model's, as FL4Health's load_state_dict does. In PULL_MODE_SCATTER and PULL_MODE_ADD (an update
+        added to the current values; see PullMode), SECTION_BASE carries the current
         value of every tensor the payload names, each in the layout's dtype and shape, in any order (they
         are matched by name; base tensors the payload does not name are ignored).
         Memory (see the service comment): each tensor the payload names counts as its answer, the layout's
@@ -160,7 +163,9 @@ class ParameterSelectionServiceServicer(object):
     def Aggregate(self, request_iterator, context):
         """Averages several clients' payloads as FL4Health's server strategies do - FedAvgSparseCooTensor for
         sparse COO payloads, FedAvgDynamicLayer for whole layers: per tensor name, over the clients that
-        sent it, weighted by example counts or not - and returns the aggregate typed as Select does. As
+        sent it, weighted by example counts or not - and returns the aggregate typed as Select does
+        (AggregateStart.averaging = AVERAGING_PER_COORDINATE instead averages each coordinate over the
+        contributions that sent it, with its own arithmetic: see Averaging; Order applies to it too). As
         those strategies do, one name's contributions may differ in dtype (promoted as torch does for sparse
         payloads, as numpy does for layers) and in shape, as long as the shapes broadcast together.
         The answer is the same bits whatever language sent the contributions and in whatever order they

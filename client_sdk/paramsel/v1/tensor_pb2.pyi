@@ -97,6 +97,11 @@ class _SectionEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTy
     """Select and Push request with SCORE_FUNCTION_SUPPLIED only: the caller's score of every entry of the
     model, one dense tensor per SECTION_MODEL tensor, same name and shape, any DataType, in any order.
     """
+    SECTION_RESIDUAL: _Section.ValueType  # 7
+    """Select and Push request with SparseUpdateCriterion only: the residual the caller carried from its
+    previous round, at most one tensor per SECTION_MODEL tensor, of its name, dtype and shape, in any
+    order; a model tensor without one has a zero residual.
+    """
 
 class Section(_Section, metaclass=_SectionEnumTypeWrapper):
     """Names a byte stream within one call. Each section is the concatenation, in declaration order, of the
@@ -118,6 +123,11 @@ SECTION_RESULT: Section.ValueType  # 5
 SECTION_SCORES: Section.ValueType  # 6
 """Select and Push request with SCORE_FUNCTION_SUPPLIED only: the caller's score of every entry of the
 model, one dense tensor per SECTION_MODEL tensor, same name and shape, any DataType, in any order.
+"""
+SECTION_RESIDUAL: Section.ValueType  # 7
+"""Select and Push request with SparseUpdateCriterion only: the residual the caller carried from its
+previous round, at most one tensor per SECTION_MODEL tensor, of its name, dtype and shape, in any
+order; a model tensor without one has a zero residual.
 """
 global___Section = Section
 
@@ -148,6 +158,13 @@ class _PositionEncodingEnumTypeWrapper(google.protobuf.internal.enum_type_wrappe
     whichever of BITMAP and ELIAS_FANO takes fewer bytes, ELIAS_FANO when they take as many. The
     answer's SparseTensorSpec names the encoding chosen, never COMPACT.
     """
+    POSITION_ENCODING_SEEDED: _PositionEncoding.ValueType  # 6
+    """No position bytes (positions_size_bytes = 0): the positions are the nnz flat positions that seeded
+    random-k draws from SparseTensorSpec.position_seed for a tensor of this shape (see
+    UPDATE_SELECTION_RANDOM_K), in increasing order; nnz <= numel. Answers use it for random-k
+    selections when the request asks for POSITION_ENCODING_COMPACT, and for a per-coordinate aggregate of a name whose every contribution sent the same seed and nnz. Pull
+    payloads and Aggregate contributions may use it.
+    """
 
 class PositionEncoding(_PositionEncoding, metaclass=_PositionEncodingEnumTypeWrapper):
     """How the positions of a sparse tensor's values are written."""
@@ -172,6 +189,13 @@ POSITION_ENCODING_COMPACT: PositionEncoding.ValueType  # 5
 """Request only (SelectStart.position_encoding, AggregateStart.position_encoding): per tensor,
 whichever of BITMAP and ELIAS_FANO takes fewer bytes, ELIAS_FANO when they take as many. The
 answer's SparseTensorSpec names the encoding chosen, never COMPACT.
+"""
+POSITION_ENCODING_SEEDED: PositionEncoding.ValueType  # 6
+"""No position bytes (positions_size_bytes = 0): the positions are the nnz flat positions that seeded
+random-k draws from SparseTensorSpec.position_seed for a tensor of this shape (see
+UPDATE_SELECTION_RANDOM_K), in increasing order; nnz <= numel. Answers use it for random-k
+selections when the request asks for POSITION_ENCODING_COMPACT, and for a per-coordinate aggregate of a name whose every contribution sent the same seed and nnz. Pull
+payloads and Aggregate contributions may use it.
 """
 global___PositionEncoding = PositionEncoding
 
@@ -227,6 +251,7 @@ class SparseTensorSpec(google.protobuf.message.Message):
     NNZ_FIELD_NUMBER: builtins.int
     POSITION_ENCODING_FIELD_NUMBER: builtins.int
     POSITIONS_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    POSITION_SEED_FIELD_NUMBER: builtins.int
     name: builtins.str
     """State-dict key of the dense tensor the values belong to. Non-empty and unique within its section."""
     dtype: global___DataType.ValueType
@@ -237,6 +262,8 @@ class SparseTensorSpec(google.protobuf.message.Message):
     """How the positions are written."""
     positions_size_bytes: builtins.int
     """Byte length of the encoded positions; must match the encoding (e.g. nnz x ndim x 8 for COO_INT64)."""
+    position_seed: builtins.int
+    """POSITION_ENCODING_SEEDED only: the seed the positions are drawn from."""
     @property
     def shape(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
         """Dense shape, outermost first; empty for a 0-d tensor. Every entry is >= 0."""
@@ -250,8 +277,9 @@ class SparseTensorSpec(google.protobuf.message.Message):
         nnz: builtins.int = ...,
         position_encoding: global___PositionEncoding.ValueType = ...,
         positions_size_bytes: builtins.int = ...,
+        position_seed: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["dtype", b"dtype", "name", b"name", "nnz", b"nnz", "position_encoding", b"position_encoding", "positions_size_bytes", b"positions_size_bytes", "shape", b"shape"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dtype", b"dtype", "name", b"name", "nnz", b"nnz", "position_encoding", b"position_encoding", "position_seed", b"position_seed", "positions_size_bytes", b"positions_size_bytes", "shape", b"shape"]) -> None: ...
 
 global___SparseTensorSpec = SparseTensorSpec
 

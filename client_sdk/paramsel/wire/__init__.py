@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from paramsel.wire.dtypes import DTYPES, dtype_from_proto, dtype_to_proto, itemsize
     from paramsel.wire.positions import decode_positions, encode_positions
     from paramsel.wire.sections import Inbound, chunk_frames, spec_batches
+    from paramsel.wire.seeded import seeded_positions
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
@@ -45,6 +46,7 @@ __all__ = [
     "dtype_to_proto",
     "encode_positions",
     "itemsize",
+    "seeded_positions",
     "sparse_decl",
     "spec_batches",
     "tensor_bytes",
@@ -59,6 +61,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("DTYPES", "dtype_from_proto", "dtype_to_proto", "itemsize"), "paramsel.wire.dtypes"),
     **dict.fromkeys(("decode_positions", "encode_positions"), "paramsel.wire.positions"),
+    "seeded_positions": "paramsel.wire.seeded",
     **dict.fromkeys(("Inbound", "chunk_frames", "spec_batches"), "paramsel.wire.sections"),
 }
 

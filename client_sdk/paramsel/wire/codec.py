@@ -72,6 +72,8 @@ class SparseDecl:
     nnz: int
     position_encoding: int
     positions_nbytes: int
+    position_seed: int = 0
+    """POSITION_ENCODING_SEEDED only: the seed the positions are drawn from (0 otherwise)."""
 
     @property
     def values_nbytes(self) -> int:
@@ -85,6 +87,7 @@ class SparseDecl:
             nnz=self.nnz,
             position_encoding=tensor_pb2.PositionEncoding.ValueType(self.position_encoding),
             positions_size_bytes=self.positions_nbytes,
+            position_seed=self.position_seed,
         )
 
 
@@ -103,6 +106,7 @@ _FLAT = tensor_pb2.POSITION_ENCODING_FLAT_INT64
 _BITMAP = tensor_pb2.POSITION_ENCODING_BITMAP
 _ELIAS_FANO = tensor_pb2.POSITION_ENCODING_ELIAS_FANO
 _COMPACT = tensor_pb2.POSITION_ENCODING_COMPACT
+_SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
 
 
 def encoding_name(encoding: int) -> str:
@@ -115,14 +119,18 @@ def encoding_name(encoding: int) -> str:
 def expected_positions_nbytes(encoding: int, nnz: int, shape: tuple[int, ...]) -> int:
     """Bytes the positions of ``nnz`` values of a tensor of dense ``shape`` take in ``encoding``.
 
-    BITMAP and ELIAS_FANO code distinct positions, so nnz beyond numel(shape) is refused for them.
-    COMPACT is no encoding of its own (a request asks for it; a tensor declares what it got) and is
-    refused like an unknown value.
+    BITMAP, ELIAS_FANO and SEEDED code distinct positions, so nnz beyond numel(shape) is refused for
+    them; SEEDED takes no bytes (the positions are drawn from the spec's seed). COMPACT is no encoding
+    of its own (a request asks for it; a tensor declares what it got) and is refused like an unknown
+    value.
     """
     if encoding == _COO:
         return nnz * len(shape) * 8
     if encoding == _FLAT:
         return nnz * 8
+    if encoding == _SEEDED:
+        check_distinct(nnz, math.prod(shape), encoding_name(encoding))
+        return 0
     if encoding in (_BITMAP, _ELIAS_FANO):
         numel = math.prod(shape)
         check_distinct(nnz, numel, encoding_name(encoding))
@@ -138,7 +146,8 @@ def choose_encoding(requested: int, nnz: int, shape: tuple[int, ...]) -> int:
     """The encoding a tensor of ``nnz`` values and dense ``shape`` is sent in when ``requested`` is asked.
 
     COMPACT becomes whichever of BITMAP and ELIAS_FANO takes fewer bytes (ELIAS_FANO on a tie);
-    UNSPECIFIED becomes COO_INT64; any other known encoding is kept as it is.
+    UNSPECIFIED becomes COO_INT64; any other known encoding is kept as it is (SEEDED too: only a tensor
+    whose positions are seeded random-k's draw, and that carries its seed, can be written in it).
     """
     if requested == tensor_pb2.POSITION_ENCODING_UNSPECIFIED:
         return _COO
@@ -146,7 +155,7 @@ def choose_encoding(requested: int, nnz: int, shape: tuple[int, ...]) -> int:
         bitmap = expected_positions_nbytes(_BITMAP, nnz, shape)
         elias_fano = expected_positions_nbytes(_ELIAS_FANO, nnz, shape)
         return _BITMAP if bitmap < elias_fano else _ELIAS_FANO
-    if requested not in (_COO, _FLAT, _BITMAP, _ELIAS_FANO):
+    if requested not in (_COO, _FLAT, _BITMAP, _ELIAS_FANO, _SEEDED):
         raise WireError(f"unknown position encoding {requested}")
     return requested
 
@@ -170,7 +179,12 @@ def sparse_decl(spec: tensor_pb2.SparseTensorSpec, *, what: str) -> SparseDecl:
             f"{where}: positions_size_bytes is {spec.positions_size_bytes} but {spec.nnz} positions of a "
             f"tensor of shape {list(shape)} take {expected} bytes in {encoding_name(encoding)}"
         )
-    return SparseDecl(spec.name, dtype, shape, int(spec.nnz), encoding, expected)
+    if spec.position_seed and encoding != _SEEDED:
+        raise WireError(
+            f"{where}: position_seed is set ({spec.position_seed}), but it is for POSITION_ENCODING_SEEDED "
+            f"only and the positions are in {encoding_name(encoding)}"
+        )
+    return SparseDecl(spec.name, dtype, shape, int(spec.nnz), encoding, expected, int(spec.position_seed))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

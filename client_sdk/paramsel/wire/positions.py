@@ -11,6 +11,7 @@ from paramsel.v1 import tensor_pb2
 from paramsel.wire.codec import choose_encoding, expected_positions_nbytes
 from paramsel.wire.compact import decode_bitmap, decode_elias_fano, encode_bitmap, encode_elias_fano
 from paramsel.wire.errors import WireError
+from paramsel.wire.seeded import seeded_positions
 
 
 def flat_to_coo(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -68,7 +69,9 @@ def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) 
     as it is, so that the receiver checks each coordinate against the shape. BITMAP and ELIAS_FANO take
     strictly increasing flat positions inside the shape and refuse anything else. COMPACT sends whichever
     of those two :func:`~paramsel.wire.codec.choose_encoding` picks for ``flat.numel()`` positions; call
-    it too to learn which, for the tensor's declaration.
+    it too to learn which, for the tensor's declaration. SEEDED takes no bytes: the positions must be
+    :func:`~paramsel.wire.seeded.seeded_positions` of the seed the tensor's declaration carries (the
+    caller vouches for it; they are not drawn again here).
     """
     if encoding == tensor_pb2.POSITION_ENCODING_COMPACT:
         encoding = choose_encoding(encoding, flat.numel(), shape)
@@ -82,20 +85,37 @@ def encode_positions(flat: torch.Tensor, shape: tuple[int, ...], encoding: int) 
         array = encode_bitmap(flat.to(torch.int64).numpy(), math.prod(shape))
     elif encoding == tensor_pb2.POSITION_ENCODING_ELIAS_FANO:
         array = encode_elias_fano(flat.to(torch.int64).numpy(), math.prod(shape))
+    elif encoding == tensor_pb2.POSITION_ENCODING_SEEDED:
+        return memoryview(b"")
     else:
         raise WireError(f"unknown position encoding {encoding}")
     return memoryview(array.view(np.uint8).reshape(-1)).cast("B")  # type: ignore[arg-type]
 
 
 def decode_positions(
-    data: torch.Tensor, nnz: int, shape: tuple[int, ...], encoding: int, *, what: str
+    data: torch.Tensor, nnz: int, shape: tuple[int, ...], encoding: int, *, what: str, seed: int = 0
 ) -> torch.Tensor:
     """Flat int64 positions from their encoded bytes (``data``: 1-D uint8), checked against ``shape``.
 
-    BITMAP and ELIAS_FANO positions come back strictly increasing; COO_INT64 and FLAT_INT64 ones in the
-    order they were sent.
+    BITMAP, ELIAS_FANO and SEEDED positions come back strictly increasing; COO_INT64 and FLAT_INT64 ones
+    in the order they were sent. SEEDED ones are drawn from ``seed`` (the spec's position_seed) and take
+    no bytes.
     """
     numel = math.prod(shape)
+    if encoding == tensor_pb2.POSITION_ENCODING_SEEDED:
+        if data.numel():
+            raise WireError(
+                f"{what}: POSITION_ENCODING_SEEDED takes no position bytes, but {data.numel()} were sent"
+            )
+        if nnz > numel:
+            raise WireError(
+                f"{what}: POSITION_ENCODING_SEEDED draws distinct positions, but nnz {nnz} exceeds the "
+                f"tensor's {numel} elements"
+            )
+        try:
+            return torch.from_numpy(seeded_positions(seed, numel, nnz))
+        except WireError as err:
+            raise WireError(f"{what}: {err}") from None
     if encoding == tensor_pb2.POSITION_ENCODING_BITMAP:
         return torch.from_numpy(decode_bitmap(data.numpy(), nnz, numel, what=what))
     if encoding == tensor_pb2.POSITION_ENCODING_ELIAS_FANO:

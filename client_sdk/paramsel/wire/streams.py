@@ -6,6 +6,7 @@ manifests, then the chunks of every declared section, each section in order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,23 +186,38 @@ def read_frames(
             (decl, tensor_from_bytes(segments[section][seg], decl.dtype, decl.shape))
             for decl, seg in dense_list
         ]
+    drawn: dict[tuple[int, int, int], torch.Tensor] = {}
     for section, sparse_list in sparse_decls.items():
         where = section_name(section)
         received.sparse[section] = [
             SparseData(
                 decl,
                 tensor_from_bytes(segments[section][v], decl.dtype, (decl.nnz,)),
-                decode_positions(
-                    segments[section][p],
-                    decl.nnz,
-                    decl.shape,
-                    decl.position_encoding,
-                    what=f"{where} '{decl.name}'",
-                ),
+                _positions(decl, segments[section][p], f"{where} '{decl.name}'", drawn),
             )
             for decl, v, p in sparse_list
         ]
     return received
+
+
+def _positions(
+    decl: SparseDecl,
+    data: torch.Tensor,
+    what: str,
+    drawn: dict[tuple[int, int, int], torch.Tensor],
+) -> torch.Tensor:
+    """A sparse tensor's decoded positions. SEEDED ones, a function of (seed, numel, nnz) alone, are drawn
+    once per stream (an Aggregate's clients share a round's seed): later tensors get a copy, not the
+    keys again."""
+    if decl.position_encoding != tensor_pb2.POSITION_ENCODING_SEEDED:
+        return decode_positions(data, decl.nnz, decl.shape, decl.position_encoding, what=what)
+    key = (decl.position_seed, math.prod(decl.shape), decl.nnz)
+    if key not in drawn:
+        drawn[key] = decode_positions(
+            data, decl.nnz, decl.shape, decl.position_encoding, what=what, seed=decl.position_seed
+        )
+        return drawn[key]
+    return drawn[key].clone()
 
 
 def _check_bools(
@@ -238,6 +254,9 @@ class SparseOut:
     positions: torch.Tensor
     encoding: int | None = None
     """This tensor's position encoding, when it is not the one its section is written in."""
+    position_seed: int | None = None
+    """POSITION_ENCODING_SEEDED: the seed ``positions`` were drawn from
+    (:func:`~paramsel.wire.seeded.seeded_positions` of it, which the writer does not check)."""
 
 
 def write_frames(
@@ -324,7 +343,9 @@ def _declare_sparse(
     """The manifests declaring sparse tensors in ``section``, and their data (values, positions)."""
     encoded = [_encode_sparse(section, t, encoding) for t in tensors]
     specs = [
-        SparseDecl(t.name, t.values.dtype, t.shape, t.values.numel(), chosen, len(pos)).to_proto()
+        SparseDecl(
+            t.name, t.values.dtype, t.shape, t.values.numel(), chosen, len(pos), _seed_of(t, chosen)
+        ).to_proto()
         for t, chosen, pos in encoded
     ]
     manifests = [
@@ -337,11 +358,22 @@ def _declare_sparse(
     return manifests, data
 
 
+def _seed_of(t: SparseOut, encoding: int) -> int:
+    return (t.position_seed or 0) if encoding == tensor_pb2.POSITION_ENCODING_SEEDED else 0
+
+
 def _encode_sparse(section: int, t: SparseOut, encoding: int) -> tuple[SparseOut, int, memoryview]:
     """The tensor, the concrete encoding it is sent in (COMPACT resolved), and its positions' bytes."""
     try:
         nnz = t.values.numel()
         chosen = choose_encoding(encoding if t.encoding is None else t.encoding, nnz, t.shape)
+        if chosen == tensor_pb2.POSITION_ENCODING_SEEDED:
+            if t.position_seed is None:
+                raise WireError("POSITION_ENCODING_SEEDED needs the seed the positions were drawn from")
+            if t.positions.dim() != 1 or t.positions.numel() != nnz:
+                raise WireError(f"{nnz} values but {t.positions.numel()} flat positions")
+            expected_positions_nbytes(chosen, nnz, t.shape)  # refuses nnz > numel
+            return t, chosen, memoryview(b"")
         if chosen not in _CODES_SETS:
             return t, chosen, encode_positions(t.positions, t.shape, chosen)
         expected = expected_positions_nbytes(chosen, nnz, t.shape)  # refuses nnz > numel

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +31,13 @@ from .fedpm import is_fedpm_score
 from .kth import partition_entry_bytes, sample_bytes, samples
 from .needs import Need as Need  # re-exported: defined beside the engine's own reservations
 from .needs import Work as Work
+from .per_coordinate import answer_dtype, dense_accumulators
 from .pull import PullMode
+from .random_k import random_k_count
+from .rounding import ROUNDING_SCRATCH_BYTES
 from .scores import ScoreFunction, formula, written_over_initial
 from .state import TensorSpec
+from .updates import UpdateSelection
 
 # Scratch per sent entry of the tensor being computed, on top of the entries' own dtype (``w`` bytes
 # each): masks, sort and unique buffers, index copies. An upper bound of what the O(nnz) steps of the
@@ -60,11 +64,21 @@ SCORE_TEMPORARIES = {
 # Bool masks over one tensor's entries that a top-k selection holds at once: the k-th search's counting
 # pass keeps one beside each comparison, exact_k the strictly-above mask beside the tied one.
 SELECTION_MASKS = 2
+# Per-coordinate averaging, per slot (an element of the name's shape, or one of the distinct positions
+# sent): float64 sums and weights, and the weights' != 0 mask. Per entry sent, when the slots are the
+# distinct positions: all positions joined, np.unique's sorted copy and its mask. Per answer entry, beside
+# the answer: the sums and weights gathered there and their float64 quotient.
+PER_COORDINATE_SLOT_BYTES = 8 + 8 + 1
+PER_COORDINATE_JOIN_BYTES = 8 + 8 + 1
+PER_COORDINATE_QUOTIENT_BYTES = 3 * 8
 # FedPM's masks: int64 (held). Beside one, per entry of its score tensor: its float64 probability, as
 # many uniform draws and their bool comparison, less the mask itself (counted as held); before the draws,
 # the sigmoid in the tensor's own float dtype and its float64 copy take less.
 FEDPM_MASK_BYTES = 8
 FEDPM_SCRATCH_BYTES = 8 + 8 + 1 - FEDPM_MASK_BYTES
+# Packed (1 bit per entry, held): the bool comparison is packed, so the probabilities, draws and
+# comparison are all scratch.
+FEDPM_PACKED_SCRATCH_BYTES = 8 + 8 + 1
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,10 @@ def _bytes(count: int) -> str:
 
 
 def aggregate_sparse_work(
-    contributions: Sequence[tuple[int, Sequence[SparseSpec]]], *, weighted: bool = True
+    contributions: Sequence[tuple[int, Sequence[SparseSpec]]],
+    *,
+    weighted: bool = True,
+    value_dtype: torch.dtype | None = None,
 ) -> Work:
     """An upper bound of what :func:`~paramsel.engine.aggregate_sparse` holds, per tensor name.
 
@@ -125,6 +142,7 @@ def aggregate_sparse_work(
     over the (broadcast) shape, at the widest dtype the average passes through (values, weighted terms,
     sums, quotient), as scratch; the answer - at most as many entries as all contributions sent
     (broadcasting repeats entries), values and flat int64 positions - as held; and the O(nnz) scratch.
+    With ``value_dtype``, the answer's values rounded to it too (held; :func:`value_cast_need`).
     Names whose shapes do not broadcast need nothing: the engine refuses them before it allocates.
     """
     groups: dict[str, list[tuple[int, SparseSpec]]] = {}
@@ -153,6 +171,70 @@ def aggregate_sparse_work(
             f"and an answer of up to {answer_entries} entries"
         )
         needs.append(Need(name, held, scratch, what, answer_entries, out))
+        cast = value_cast_need(name, answer_entries, quotient, value_dtype)
+        if cast is not None:
+            needs.append(cast)
+    return Work(tuple(needs))
+
+
+def value_cast_need(
+    name: str, entries: int, dtype: torch.dtype, value_dtype: torch.dtype | None
+) -> Need | None:
+    """An answer's ``entries`` values of ``dtype`` rounded to ``value_dtype``
+    (:func:`~paramsel.engine.round_float`): the copy (held until sent) and, from float64, the rounding's
+    scratch; None when no copy is made (no value_dtype, the same dtype, or values that are not floats)."""
+    if value_dtype is None or entries <= 0 or dtype == value_dtype or not dtype.is_floating_point:
+        return None
+    size = itemsize(value_dtype)
+    scratch = entries * ROUNDING_SCRATCH_BYTES if dtype == torch.float64 and size < 4 else 0
+    what = f"{entries} answer values rounded to {str(value_dtype).removeprefix('torch.')}"
+    return Need(name, entries * size, scratch, what)
+
+
+def aggregate_per_coordinate_work(
+    contributions: Sequence[tuple[int, Sequence[SparseSpec]]], *, value_dtype: torch.dtype | None = None
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.aggregate_per_coordinate` holds, per tensor name.
+
+    ``contributions`` is (num_examples, sparse tensors) per client. Per name, with ``entries`` the
+    entries all its contributions sent: the answer - at most min(numel, entries) entries, values in the
+    answer's dtype and flat int64 positions - as held; as scratch, float64 sums and weights and a mask
+    over every element of its shape, or, when the engine averages over the positions sent
+    (:func:`~paramsel.engine.per_coordinate.dense_accumulators`), over those positions, with the joined
+    positions sorted; the gathered sums and weights and their quotient per answer entry, rounded to the
+    answer's dtype (from float64 to a 2-byte float, with the rounding's scratch); and the O(nnz)
+    scratch of one contribution at a time in float64. Names whose shapes differ need nothing: the engine
+    refuses them before it allocates.
+    """
+    groups: dict[str, list[SparseSpec]] = {}
+    for _, tensors in contributions:
+        for spec in tensors:
+            groups.setdefault(spec.name, []).append(spec)
+    needs = []
+    for name, specs in groups.items():
+        shape = specs[0].shape
+        if any(spec.shape != shape for spec in specs):
+            continue
+        size = numel(shape)
+        entries = sum(spec.nnz for spec in specs)
+        answer_entries = min(size, entries)
+        dtype = answer_dtype([spec.dtype for spec in specs], value_dtype)
+        dense = dense_accumulators(size, entries)
+        slots = size if dense else answer_entries
+        rounding = ROUNDING_SCRATCH_BYTES if itemsize(dtype) < 4 else 0
+        scratch = (
+            PER_COORDINATE_SLOT_BYTES * slots
+            + (0 if dense else PER_COORDINATE_JOIN_BYTES * entries)
+            + answer_entries * (PER_COORDINATE_QUOTIENT_BYTES + rounding)
+            + entry_scratch(max(spec.nnz for spec in specs), 8)
+        )
+        over = f"over shape {list(shape)}" if dense else f"over the {answer_entries} positions sent at most"
+        what = (
+            f"float64 sums and weights {over}, and an answer of up to {answer_entries} entries in "
+            f"{str(dtype).removeprefix('torch.')}"
+        )
+        held = answer_entries * (itemsize(dtype) + 8)
+        needs.append(Need(name, held, scratch, what, answer_entries, shape))
     return Work(tuple(needs))
 
 
@@ -186,13 +268,18 @@ def _sparse_dtypes(
 
 
 def aggregate_layers_work(
-    contributions: Sequence[tuple[int, Sequence[TensorSpec]]], *, weighted: bool = True
+    contributions: Sequence[tuple[int, Sequence[TensorSpec]]],
+    *,
+    weighted: bool = True,
+    value_dtype: torch.dtype | None = None,
 ) -> Work:
     """An upper bound of what :func:`~paramsel.engine.aggregate_layers` holds, per tensor name.
 
     Per name: the answer over the broadcast shape in the quotient's dtype (held), and the running sum,
     the next weighted term and the new sum at the widest dtype the average passes through (scratch),
-    with this process's numpy promotion (torch's for bfloat16).
+    with this process's numpy promotion (torch's for bfloat16). With ``value_dtype``, the answer rounded
+    to it too (held, as a float64 answer's, with the rounding's scratch, whatever the quotient's
+    dtype: an upper bound).
     """
     groups: dict[str, list[tuple[int, TensorSpec]]] = {}
     for count, tensors in contributions:
@@ -208,6 +295,9 @@ def aggregate_layers_work(
         arrays = WEIGHTED_LAYER_ARRAYS if weighted else UNWEIGHTED_LAYER_ARRAYS
         what = f"its average and {arrays} sums {_over(out, widest)} (the widest dtype of the average)"
         needs.append(Need(name, size * quotient, arrays * size * widest, what))
+        cast = value_cast_need(name, size, torch.float64, value_dtype)
+        if cast is not None:
+            needs.append(cast)
     return Work(tuple(needs))
 
 
@@ -267,8 +357,9 @@ def pull_sparse_work(
 ) -> Work:
     """An upper bound of what :func:`~paramsel.engine.pull_sparse` holds.
 
-    Per payload tensor: the answer, the model's tensor in its dtype (held); in REPLACE mode the tensor
-    densified in the payload values' dtype when that is not the model's (scratch); and the O(nnz)
+    Per payload tensor: the answer, the model's tensor in its dtype (held); in REPLACE and ADD modes
+    the tensor densified in the payload values' dtype when that is not the model's (scratch: ADD adds
+    the base into the densified tensor cast to the model's dtype, which is the answer); and the O(nnz)
     scratch.
     """
     specs = _matching(model, ((item.name, item.shape) for item in payload))
@@ -281,7 +372,7 @@ def pull_sparse_work(
         held = size * itemsize(spec.dtype)
         widest = max(itemsize(item.dtype), itemsize(spec.dtype))
         densified = (
-            size * itemsize(item.dtype) if mode is PullMode.REPLACE and item.dtype != spec.dtype else 0
+            size * itemsize(item.dtype) if mode is not PullMode.SCATTER and item.dtype != spec.dtype else 0
         )
         what = f"its answer {_over(spec.shape, itemsize(spec.dtype))}"
         if densified:
@@ -449,6 +540,59 @@ def _threshold_search_work(scores: Sequence[TensorSpec]) -> Work:
     return Work(tuple(needs))
 
 
+def sparse_update_work(
+    model: Sequence[TensorSpec],
+    *,
+    selection: UpdateSelection,
+    sparsity_level: float,
+    draw_nbytes: Callable[[int, int], int],
+    overwrite_initial: bool = False,
+) -> Work:
+    """An upper bound of what :func:`~paramsel.engine.select_sparse_update` holds that the shapes decide.
+
+    Top-k: per tensor, the update u in its dtype (held; none when written over the initial model's
+    tensor), then what :func:`top_k_work` counts for top-k over u by |u| (the scores |u| and the k-th
+    search); the selected entries are reserved by the engine as for top-k. Random-k, which the shapes
+    decide entirely: per tensor, its k_t answer entries (int64 positions and values, held) and, one
+    tensor at a time, the draw's work (``draw_nbytes(numel, k_t)``: the keys of every entry) and the
+    entries of w, w0 and r gathered at the positions (scratch). Nothing for a model the engine refuses
+    before it computes anything (a bool tensor, a sparsity level out of range).
+    """
+    if any(spec.dtype == torch.bool for spec in model):
+        return Work()
+    if not (math.isfinite(sparsity_level) and 0.0 < sparsity_level <= 1.0):
+        return Work()
+    needs: list[Need] = []
+    if selection is UpdateSelection.RANDOM_K:
+        for spec in model:
+            count = random_k_count(spec.shape, sparsity_level)
+            if count == 0:
+                continue
+            size, value = numel(spec.shape), itemsize(spec.dtype)
+            what = (
+                f"{count} random-k entries (int64 positions and {_bytes(value)} values), drawn by keys "
+                f"over its {size} entries, and w, w0 and r gathered at them"
+            )
+            needs.append(
+                Need(spec.name, count * (8 + value), draw_nbytes(size, count) + 3 * count * value, what)
+            )
+        return Work(tuple(needs))
+    for spec in model:
+        probe = torch.empty(0, dtype=spec.dtype)
+        try:
+            _ = probe - probe
+        except RuntimeError:  # no subtraction for this dtype: refused when its update is computed
+            return Work(tuple(needs))
+        held = 0 if overwrite_initial else numel(spec.shape) * itemsize(spec.dtype)
+        what = (
+            "its update u, written over the initial model's tensor"
+            if overwrite_initial
+            else f"its update u {_over(spec.shape, itemsize(spec.dtype))}"
+        )
+        needs.append(Need(spec.name, held, 0, what))
+    return Work(tuple(needs)) + top_k_work(model, ScoreFunction.LARGEST_FINAL_MAGNITUDE)
+
+
 def drift_work(model: Sequence[TensorSpec]) -> Work:
     """An upper bound of what :func:`~paramsel.engine.drift_norms` holds: one tensor at a time,
     ``w - w0`` in its dtype and its float32 copy when that dtype is not float32 (scratch)."""
@@ -468,10 +612,12 @@ def drift_work(model: Sequence[TensorSpec]) -> Work:
     return Work(tuple(needs))
 
 
-def fedpm_work(model: Sequence[TensorSpec]) -> Work:
+def fedpm_work(model: Sequence[TensorSpec], *, packed: bool = False) -> Work:
     """An upper bound of what :func:`~paramsel.engine.sample_fedpm_masks` holds: per score tensor, its
-    int64 mask (held) and, one tensor at a time, its float64 probabilities, draws and their comparison
-    (scratch)."""
+    int64 mask (held; ``packed``: its 1-bit mask, a byte per 8 entries) and, one tensor at a time, its
+    float64 probabilities, draws and their comparison (scratch)."""
+    if packed:
+        return _fedpm_packed_work(model)
     needs = []
     for spec in model:
         if not is_fedpm_score(spec.name):
@@ -484,4 +630,20 @@ def fedpm_work(model: Sequence[TensorSpec]) -> Work:
             "beside it"
         )
         needs.append(Need(spec.name, size * FEDPM_MASK_BYTES, size * FEDPM_SCRATCH_BYTES, what))
+    return Work(tuple(needs))
+
+
+def _fedpm_packed_work(model: Sequence[TensorSpec]) -> Work:
+    needs = []
+    for spec in model:
+        if not is_fedpm_score(spec.name):
+            continue
+        if spec.dtype == torch.bool:
+            break  # refused before it is sampled
+        size = numel(spec.shape)
+        what = (
+            f"its 1-bit mask of {_bytes((size + 7) // 8)}, and float64 probabilities and draws "
+            f"{_over(spec.shape, FEDPM_PACKED_SCRATCH_BYTES)} beside it"
+        )
+        needs.append(Need(spec.name, (size + 7) // 8, size * FEDPM_PACKED_SCRATCH_BYTES, what))
     return Work(tuple(needs))

@@ -24,6 +24,9 @@ class PullMode(enum.Enum):
     """FL4Health's pull: the tensor becomes the densified COO tensor, coordinates not sent become 0."""
     SCATTER = "scatter"
     """Opt-in: only the sent coordinates are written; the rest keep the current model's values."""
+    ADD = "add"
+    """Opt-in: the payload is an update, added to the current model's values: base + densified payload
+    (repeats summed in the values' dtype, the sum cast to the model's dtype, added in it)."""
 
 
 def pull_sparse(
@@ -35,7 +38,7 @@ def pull_sparse(
 ) -> dict[str, torch.Tensor]:
     """Densify each sparse tensor; duplicate positions are summed, as ``to_dense()`` sums them.
 
-    ``base`` (the current model's tensors) is required by SCATTER and ignored by REPLACE.
+    ``base`` (the current model's tensors) is required by SCATTER and ADD and ignored by REPLACE.
     """
     specs = _specs_for(model, [(item.name, item.shape) for item in payload])
     pulled: dict[str, torch.Tensor] = {}
@@ -45,6 +48,9 @@ def pull_sparse(
             positions, increasing = _checked_positions(item, _numel(spec.shape))
             if mode is PullMode.REPLACE:
                 pulled[item.name] = _densified(spec, item.values.detach(), positions)
+            elif mode is PullMode.ADD:
+                base_tensor = _base_tensor(base, spec)
+                pulled[item.name] = _added(spec, base_tensor, item.values.detach(), positions)
             else:
                 base_tensor = _base_tensor(base, spec)
                 pulled[item.name] = _scatter(spec, base_tensor, item.values.detach(), positions, increasing)
@@ -144,13 +150,24 @@ def _densified(spec: TensorSpec, values: torch.Tensor, positions: torch.Tensor) 
 def _base_tensor(base: State | None, spec: TensorSpec) -> torch.Tensor:
     tensor = None if base is None else base.get(spec.name)
     if tensor is None:
-        raise InvalidArgument(f"a scatter pull needs the current value of tensor {spec.name!r} in base")
+        raise InvalidArgument(
+            f"a scatter or add pull needs the current value of tensor {spec.name!r} in base"
+        )
     if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
         raise InvalidArgument(
             f"base tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
             f"but the model declares {spec.dtype} {spec.shape}"
         )
     return tensor.detach()
+
+
+def _added(
+    spec: TensorSpec, base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """base + the densified payload (see :attr:`PullMode.ADD`), the sum written over the densified
+    tensor: base + 0 everywhere nothing was sent, as the formula says (-0.0 there becomes +0.0)."""
+    dense = _densified(spec, values, positions)  # a new tensor, this function's own
+    return torch.add(base, dense, out=dense)
 
 
 def _scatter(
@@ -172,7 +189,8 @@ def pull_sparse_into(
 
     Same result as ``pull_sparse`` followed by a copy, without the dense temporaries: when a tensor's
     positions strictly increase (no duplicates to sum, the normal case), its values are cast and
-    written in place - on a zeroed tensor for REPLACE. Anything else takes the general path.
+    written in place - on a zeroed tensor for REPLACE. Anything else (ADD always) takes the general
+    path.
     """
     specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in targets.items()]
     _specs_for(specs, [(item.name, item.shape) for item in payload])
@@ -182,7 +200,7 @@ def pull_sparse_into(
     ]
     with torch.no_grad():
         for item, target, positions, increasing in checked:
-            if increasing and target.is_contiguous():
+            if increasing and target.is_contiguous() and mode is not PullMode.ADD:
                 if mode is PullMode.REPLACE:
                     target.zero_()
                 values = item.values.detach().to(device=target.device, dtype=target.dtype)

@@ -13,6 +13,7 @@ from paramsel.engine import budget
 from paramsel.engine.needs import Reserve
 from paramsel.v1 import criteria_pb2, service_pb2
 from paramsel.wire import WireError
+from paramsel.wire.seeded import seeded_positions, seeded_positions_nbytes
 
 SCORE_FUNCTIONS: dict[int, engine.ScoreFunction] = {
     criteria_pb2.SCORE_FUNCTION_LARGEST_FINAL_MAGNITUDE: engine.ScoreFunction.LARGEST_FINAL_MAGNITUDE,
@@ -26,6 +27,11 @@ SCORE_FUNCTIONS: dict[int, engine.ScoreFunction] = {
 SUPPLIED = criteria_pb2.SCORE_FUNCTION_SUPPLIED
 SERVED_SCORE_FUNCTIONS = frozenset({*SCORE_FUNCTIONS, SUPPLIED})
 """Every ScoreFunction a TopKCriterion may name (GetServerInfo lists them)."""
+UPDATE_SELECTIONS: dict[int, engine.UpdateSelection] = {
+    criteria_pb2.UPDATE_SELECTION_UNSPECIFIED: engine.UpdateSelection.TOP_K,
+    criteria_pb2.UPDATE_SELECTION_TOP_K: engine.UpdateSelection.TOP_K,
+    criteria_pb2.UPDATE_SELECTION_RANDOM_K: engine.UpdateSelection.RANDOM_K,
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,30 @@ def _flag(message: Any, name: str) -> bool:
     return bool(getattr(message, name)) if message.HasField(name) else True
 
 
+def is_sparse_update(criterion: criteria_pb2.Criterion | None) -> bool:
+    """Whether the criterion is SparseUpdateCriterion (the only one that takes SECTION_RESIDUAL)."""
+    return criterion is not None and criterion.WhichOneof("kind") == "sparse_update"
+
+
+def update_selection(criterion: criteria_pb2.SparseUpdateCriterion) -> engine.UpdateSelection:
+    selection = UPDATE_SELECTIONS.get(criterion.selection)
+    if selection is None:
+        raise WireError(
+            f"criterion.sparse_update.selection: unknown value {criterion.selection} "
+            "(expected UPDATE_SELECTION_TOP_K or UPDATE_SELECTION_RANDOM_K)"
+        )
+    return selection
+
+
+def is_random_k(criterion: criteria_pb2.Criterion | None) -> bool:
+    """Whether the criterion is a seeded random-k sparse update (its answers may be SEEDED)."""
+    return (
+        is_sparse_update(criterion)
+        and criterion is not None
+        and UPDATE_SELECTIONS.get(criterion.sparse_update.selection) is engine.UpdateSelection.RANDOM_K
+    )
+
+
 def supplies_scores(criterion: criteria_pb2.Criterion | None) -> bool:
     """Whether the criterion is top-k by the caller's own scores (SCORE_FUNCTION_SUPPLIED)."""
     return (
@@ -59,11 +89,13 @@ def run_criterion(
     initial: dict[str, torch.Tensor] | None,
     *,
     scores: dict[str, torch.Tensor] | None = None,
+    residual: dict[str, torch.Tensor] | None = None,
     initial_is_scratch: bool = False,
     reserve: Reserve | None = None,
 ) -> Selection:
     """Runs the criterion; ``scores`` are the caller's (SECTION_SCORES), for SCORE_FUNCTION_SUPPLIED
-    only, and checked against the model beforehand (``inbound.check_scores``). ``initial_is_scratch``
+    only, and checked against the model beforehand (``inbound.check_scores``); ``residual`` is the
+    caller's (SECTION_RESIDUAL), for SparseUpdateCriterion only (``inbound.check_residual``). ``initial_is_scratch``
     says nothing reads ``initial`` afterwards, so top-k may write its scores over it. ``reserve`` is
     given what only the data decide (a top-k selection's candidates and selected entries) before it is
     allocated; :func:`criterion_work` is the rest."""
@@ -117,12 +149,28 @@ def run_criterion(
         return Selection(kind=service_pb2.SELECTION_KIND_LAYERS, layers=layers, total_entries=len(model))
     if kind == "fed_pm":
         seed = criterion.fed_pm.seed if criterion.fed_pm.HasField("seed") else secrets.randbits(63)
-        masks = engine.sample_fedpm_masks(model, seed=seed)
+        masks = engine.sample_fedpm_masks(model, seed=seed, packed=criterion.fed_pm.packed_masks)
         return Selection(
             kind=service_pb2.SELECTION_KIND_FEDPM_MASKS, layers=masks, seed=seed, total_entries=len(model)
         )
+    if kind == "sparse_update":
+        u = criterion.sparse_update
+        update = engine.select_sparse_update(
+            model,
+            initial,
+            residual,
+            sparsity_level=u.sparsity_level,
+            selection=update_selection(u),
+            exact_k=u.exact_k,
+            seed=u.seed,
+            draw=seeded_positions,
+            overwrite_initial=initial_is_scratch,
+            reserve=reserve,
+        )
+        return Selection(kind=service_pb2.SELECTION_KIND_SPARSE_UPDATE, top_k=update)
     raise WireError(
-        "criterion: none is set (expected one of top_k, drift_threshold, drift_percentage, fed_pm)"
+        "criterion: none is set (expected one of top_k, drift_threshold, drift_percentage, fed_pm, "
+        "sparse_update)"
     )
 
 
@@ -148,5 +196,18 @@ def criterion_work(
     if kind in ("drift_threshold", "drift_percentage"):
         return budget.drift_work(model)
     if kind == "fed_pm":
-        return budget.fedpm_work(model)
+        assert criterion is not None
+        return budget.fedpm_work(model, packed=criterion.fed_pm.packed_masks)
+    if kind == "sparse_update":
+        assert criterion is not None
+        selection = UPDATE_SELECTIONS.get(criterion.sparse_update.selection)
+        if selection is None:
+            return budget.Work()
+        return budget.sparse_update_work(
+            model,
+            selection=selection,
+            sparsity_level=criterion.sparse_update.sparsity_level,
+            draw_nbytes=seeded_positions_nbytes,
+            overwrite_initial=initial_is_scratch,
+        )
     return budget.Work()

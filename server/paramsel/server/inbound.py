@@ -9,11 +9,12 @@ import torch
 
 from paramsel import engine
 from paramsel.engine import budget
-from paramsel.server.criteria import criterion_work, supplies_scores
+from paramsel.server.criteria import criterion_work, is_random_k, is_sparse_update, supplies_scores
 from paramsel.server.limits import Declarations
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DenseDecl, SparseDecl, WireError
 from paramsel.wire.compact import bitmap_nbytes, elias_fano_nbytes
+from paramsel.wire.seeded import seeded_positions_nbytes
 from paramsel.wire.streams import Received, read_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
@@ -21,22 +22,27 @@ INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
 PAYLOAD = tensor_pb2.SECTION_PAYLOAD
 BASE = tensor_pb2.SECTION_BASE
 SCORES = tensor_pb2.SECTION_SCORES
+RESIDUAL = tensor_pb2.SECTION_RESIDUAL
 
 
 def read_models(frames: Iterable[Any], *, max_bytes: int) -> Received:
-    """A Select or Push request: the current model and, optionally, the initial model and the caller's
-    scores (checked against the model and the criterion: :func:`check_scores`)."""
+    """A Select or Push request: the current model and, optionally, the initial model, the caller's
+    scores and the caller's residual (checked against the model and the criterion: :func:`check_scores`,
+    :func:`check_residual`)."""
     received = read_frames(
-        frames, first="start", dense_sections=frozenset({MODEL, INITIAL, SCORES}), max_bytes=max_bytes
+        frames,
+        first="start",
+        dense_sections=frozenset({MODEL, INITIAL, SCORES, RESIDUAL}),
+        max_bytes=max_bytes,
     )
     if not received.state(MODEL):
         raise WireError("no model was sent: declare the model's tensors in a SECTION_MODEL manifest")
+    criterion = received.first.criterion if received.first.HasField("criterion") else None
+    model = [decl for decl, _ in received.dense[MODEL]]
     scores = received.dense.get(SCORES)
-    check_scores(
-        received.first.criterion if received.first.HasField("criterion") else None,
-        [decl for decl, _ in received.dense[MODEL]],
-        None if scores is None else [decl for decl, _ in scores],
-    )
+    check_scores(criterion, model, None if scores is None else [decl for decl, _ in scores])
+    residual = received.dense.get(RESIDUAL)
+    check_residual(criterion, model, None if residual is None else [decl for decl, _ in residual])
     return received
 
 
@@ -94,8 +100,59 @@ def check_scores(
             raise WireError(f"SECTION_SCORES '{decl.name}': SECTION_MODEL declares no tensor of that name")
 
 
+_UPDATE = "criterion.sparse_update"
+
+
+def check_residual(
+    criterion: criteria_pb2.Criterion | None,
+    model: Sequence[engine.TensorSpec | DenseDecl],
+    residual: Sequence[engine.TensorSpec | DenseDecl] | None,
+) -> None:
+    """Refuses (INVALID_ARGUMENT, naming the tensor) SECTION_RESIDUAL that does not go with the criterion
+    or the model, and model tensors SparseUpdateCriterion cannot take: SECTION_RESIDUAL is for
+    SparseUpdateCriterion only, at most one tensor per SECTION_MODEL tensor, of its name, dtype and
+    shape (in any order; a model tensor without one has a zero residual); SparseUpdateCriterion refuses
+    bool model tensors (no w - w0). ``residual`` is None when no SECTION_RESIDUAL tensor was declared.
+    Run on the declarations at the first chunk (:func:`select_plan`), so before the upload, and on what
+    was received."""
+    if not is_sparse_update(criterion):
+        if residual is None:
+            return
+        kind = criterion.WhichOneof("kind") if criterion is not None else None
+        taken = "no criterion is set" if kind is None else f"the criterion is {kind}"
+        raise WireError(
+            f"SECTION_RESIDUAL '{residual[0].name}': SECTION_RESIDUAL is only for {_UPDATE}, but {taken}"
+        )
+    for decl in model:
+        if decl.dtype == torch.bool:
+            raise WireError(
+                f"SECTION_MODEL '{decl.name}': {_UPDATE} cannot take a bool tensor (it has no update w - w0)"
+            )
+    by_name = {decl.name: decl for decl in model}
+    seen: set[str] = set()
+    for decl in residual or []:
+        tensor = by_name.get(decl.name)
+        if tensor is None:
+            raise WireError(f"SECTION_RESIDUAL '{decl.name}': SECTION_MODEL declares no tensor of that name")
+        if decl.name in seen:
+            raise WireError(
+                f"SECTION_RESIDUAL '{decl.name}' is declared twice (at most one per model tensor)"
+            )
+        seen.add(decl.name)
+        if decl.dtype != tensor.dtype:
+            raise WireError(
+                f"SECTION_RESIDUAL '{decl.name}': dtype {decl.dtype} differs from the SECTION_MODEL "
+                f"tensor's {tensor.dtype}"
+            )
+        if tuple(decl.shape) != tuple(tensor.shape):
+            raise WireError(
+                f"SECTION_RESIDUAL '{decl.name}': shape {list(decl.shape)} differs from the SECTION_MODEL "
+                f"tensor's {list(tensor.shape)}"
+            )
+
+
 def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
-    """A Pull request: the model's layout, the payload and, in scatter mode, the base tensors."""
+    """A Pull request: the model's layout, the payload and, in scatter and add modes, the base tensors."""
     received = read_frames(
         frames,
         first="start",
@@ -115,7 +172,8 @@ def model_specs(received: Received) -> list[engine.TensorSpec]:
 
 
 def position_encoding(value: int) -> int:
-    """The encoding a Select asked for; unset means COO_INT64."""
+    """The encoding a Select asked for; unset means COO_INT64 (SEEDED is known; which answers can be
+    written in it is :func:`check_select_encoding`'s to say)."""
     if value == tensor_pb2.POSITION_ENCODING_UNSPECIFIED:
         return tensor_pb2.POSITION_ENCODING_COO_INT64
     if value not in tensor_pb2.PositionEncoding.values():
@@ -136,15 +194,15 @@ def dense_payload(received: Received) -> list[tuple[str, torch.Tensor]]:
     if PAYLOAD in received.sparse:
         raise WireError("whole-tensor payloads take a tensors manifest, not a sparse_tensors manifest")
     if BASE in received.dense:
-        raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER")
+        raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER and PULL_MODE_ADD")
     return [(decl.name, tensor) for decl, tensor in received.dense.get(PAYLOAD, [])]
 
 
 def base_state(received: Received, mode: engine.PullMode) -> dict[str, torch.Tensor] | None:
-    """Scatter mode's current values, each checked against the layout's dtype and shape."""
-    if mode is not engine.PullMode.SCATTER:
+    """Scatter and add modes' current values, each checked against the layout's dtype and shape."""
+    if mode is engine.PullMode.REPLACE:
         if BASE in received.dense:
-            raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER")
+            raise WireError("SECTION_BASE is only for PULL_MODE_SCATTER and PULL_MODE_ADD")
         return None
     layout: dict[str, DenseDecl] = {d.name: d for d in received.layout}
     for decl, _ in received.dense.get(BASE, []):
@@ -157,6 +215,17 @@ def base_state(received: Received, mode: engine.PullMode) -> dict[str, torch.Ten
                 f"{expected.dtype} {list(expected.shape)}"
             )
     return received.state(BASE) or {}
+
+
+def check_select_encoding(value: int, criterion: criteria_pb2.Criterion | None) -> None:
+    """POSITION_ENCODING_SEEDED describes only seeded random-k's positions: a Select may ask for it (as
+    for COMPACT, its answer is SEEDED) with a random-k sparse update only."""
+    if value == _SEEDED and not is_random_k(criterion):
+        raise WireError(
+            "start.position_encoding: POSITION_ENCODING_SEEDED describes only the positions of "
+            f"{_UPDATE} with UPDATE_SELECTION_RANDOM_K (ask POSITION_ENCODING_COMPACT for the smallest "
+            "encoding of any answer)"
+        )
 
 
 # Lossy value dtypes a Select may ask for.
@@ -175,6 +244,22 @@ def value_dtype(value: int) -> torch.dtype | None:
     return _VALUE_DTYPES[value]
 
 
+PULL_MODES: dict[int, engine.PullMode] = {
+    service_pb2.PULL_MODE_UNSPECIFIED: engine.PullMode.REPLACE,
+    service_pb2.PULL_MODE_REPLACE: engine.PullMode.REPLACE,
+    service_pb2.PULL_MODE_SCATTER: engine.PullMode.SCATTER,
+    service_pb2.PULL_MODE_ADD: engine.PullMode.ADD,
+}
+"""PullStart.mode -> the engine's mode."""
+
+
+def pull_mode(value: int) -> engine.PullMode:
+    mode = PULL_MODES.get(value)
+    if mode is None:
+        raise WireError(f"start.mode: unknown value {value} (expected PULL_MODE_REPLACE, _SCATTER or _ADD)")
+    return mode
+
+
 def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
     """An Aggregate request: contributions, each with its tensors in SECTION_PAYLOAD."""
     received = read_frames(
@@ -189,6 +274,52 @@ def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
     if not received.contributions:
         raise WireError("no contributions were sent: open each client's payload with a 'contribution' frame")
     return received
+
+
+def per_coordinate(start: service_pb2.AggregateStart) -> bool:
+    """Whether an Aggregate averages per coordinate (AVERAGING_PER_COORDINATE) rather than per tensor;
+    an unknown averaging, or per-coordinate averaging of anything but sparse payloads, is refused."""
+    value = start.averaging
+    if value in (service_pb2.AVERAGING_UNSPECIFIED, service_pb2.AVERAGING_PER_TENSOR):
+        return False
+    if value != service_pb2.AVERAGING_PER_COORDINATE:
+        raise WireError(
+            f"start.averaging: unknown value {value} (expected AVERAGING_PER_TENSOR or AVERAGING_PER_COORDINATE)"
+        )
+    kind = start.payload_kind
+    if kind != service_pb2.PAYLOAD_KIND_SPARSE_COO:
+        named = service_pb2.PayloadKind.Name(kind) if kind in service_pb2.PayloadKind.values() else kind
+        raise WireError(
+            f"start.averaging: AVERAGING_PER_COORDINATE averages sparse payloads only "
+            f"(PAYLOAD_KIND_SPARSE_COO), but start.payload_kind is {named}"
+        )
+    return True
+
+
+def aggregate_encoding(value: int) -> int:
+    """The position encoding an Aggregate's sparse answer is asked in (unset: COO_INT64). SEEDED is not
+    asked for: with AVERAGING_PER_COORDINATE, COMPACT answers in it where it applies."""
+    encoding = position_encoding(value)
+    if encoding == _SEEDED:
+        raise WireError(
+            "start.position_encoding: POSITION_ENCODING_SEEDED cannot be asked for; ask for "
+            "POSITION_ENCODING_COMPACT, which per-coordinate answers send in SEEDED where every "
+            "contribution sent the same seeded positions"
+        )
+    return encoding
+
+
+def shared_seeds(declared: Iterable[SparseDecl]) -> dict[str, tuple[int, int]]:
+    """Per name, (position_seed, nnz) when every declaration of it is in POSITION_ENCODING_SEEDED with
+    the same seed and nnz: a per-coordinate average of such a name lists exactly those positions."""
+    seeds: dict[str, tuple[int, int] | None] = {}
+    for decl in declared:
+        mine = (decl.position_seed, decl.nnz) if decl.position_encoding == _SEEDED else None
+        if decl.name not in seeds:
+            seeds[decl.name] = mine
+        elif seeds[decl.name] != mine:
+            seeds[decl.name] = None
+    return {name: seed for name, seed in seeds.items() if seed is not None}
 
 
 def contributions(received: Received, payload_kind: int) -> list[engine.Contribution]:
@@ -224,6 +355,7 @@ _FLAT = tensor_pb2.POSITION_ENCODING_FLAT_INT64
 _BITMAP = tensor_pb2.POSITION_ENCODING_BITMAP
 _ELIAS_FANO = tensor_pb2.POSITION_ENCODING_ELIAS_FANO
 _COMPACT = tensor_pb2.POSITION_ENCODING_COMPACT
+_SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
 # Scratch of decoding or encoding BITMAP and ELIAS_FANO positions, per position (unpacked bits, index
 # arrays, bit fields), beside the positions themselves (8 bytes each).
 COMPACT_SCRATCH_PER_POSITION = 40
@@ -244,7 +376,8 @@ def overhead_work(declared: Declarations) -> budget.Work:
 
 def decode_work(sparse: list[tuple[int, int, SparseDecl]]) -> budget.Work:
     """Decoding sparse positions: flat int64 positions (held; FLAT_INT64 ones are views of the upload)
-    and, for BITMAP and ELIAS_FANO, the decoder's scratch."""
+    and, for BITMAP and ELIAS_FANO, the decoder's scratch; for SEEDED, the draw's (the keys of every
+    entry of the tensor)."""
     needs = []
     for _, _, decl in sparse:
         encoding = decl.position_encoding
@@ -253,6 +386,8 @@ def decode_work(sparse: list[tuple[int, int, SparseDecl]]) -> budget.Work:
         if encoding in (_BITMAP, _ELIAS_FANO):
             # Counting set bits copies the code once; unpacking it is bounded by the positions it holds.
             scratch = max(decl.positions_nbytes, COMPACT_SCRATCH_PER_POSITION * decl.nnz)
+        elif encoding == _SEEDED:
+            scratch = seeded_positions_nbytes(budget.numel(decl.shape), decl.nnz)
         if held or scratch:
             needs.append(budget.Need(decl.name, held, scratch, f"{decl.nnz} positions decoded"))
     return budget.Work(tuple(needs))
@@ -261,7 +396,7 @@ def decode_work(sparse: list[tuple[int, int, SparseDecl]]) -> budget.Work:
 def encode_need(name: str, entries: int, shape: tuple[int, ...], encoding: int) -> budget.Need | None:
     """Encoding a sparse answer's positions (``entries`` at most) in ``encoding`` (COMPACT: whichever of
     BITMAP and ELIAS_FANO needs more, as the choice depends on the entries there turn out to be)."""
-    if entries <= 0:
+    if entries <= 0 or encoding == _SEEDED:  # SEEDED: no bytes, the seed only
         return None
     size = budget.numel(shape)
     if encoding in (_COMPACT, _BITMAP, _ELIAS_FANO):
@@ -280,10 +415,13 @@ def encode_need(name: str, entries: int, shape: tuple[int, ...], encoding: int) 
 
 
 def aggregate_plan(declared: Declarations) -> budget.Work:
-    """An Aggregate's work: decoding positions, the averages (dense accumulators and answers), encoding
-    the sparse answer's positions."""
+    """An Aggregate's work: decoding positions, the averages (dense accumulators and answers, or
+    per-coordinate float64 accumulators), encoding the sparse answer's positions, its values rounded to
+    value_dtype. An averaging or value_dtype the server refuses is refused here, before the upload."""
     start = declared.first
     weighted = start.weighted if start is not None and start.HasField("weighted") else True
+    coordinates = start is not None and per_coordinate(start)
+    value = value_dtype(start.value_dtype) if start is not None else None
     counts = declared.contributions
     sparse: list[list[budget.SparseSpec]] = [[] for _ in counts]
     layers: list[list[engine.TensorSpec]] = [[] for _ in counts]
@@ -293,26 +431,37 @@ def aggregate_plan(declared: Declarations) -> budget.Work:
     for _, owner, dense_decl in declared.dense:
         if 0 <= owner < len(counts):
             layers[owner].append(engine.TensorSpec(dense_decl.name, dense_decl.dtype, dense_decl.shape))
-    averages = budget.aggregate_sparse_work(list(zip(counts, sparse, strict=True)), weighted=weighted)
+    per_client = list(zip(counts, sparse, strict=True))
+    if coordinates:
+        averages = budget.aggregate_per_coordinate_work(per_client, value_dtype=value)
+    else:
+        averages = budget.aggregate_sparse_work(per_client, weighted=weighted, value_dtype=value)
     try:
-        encoding = position_encoding(start.position_encoding) if start is not None else _COO
+        encoding = aggregate_encoding(start.position_encoding) if start is not None else _COO
     except WireError:  # refused later if the answer is sparse; until then, count the costliest
         encoding = _COMPACT
-    encoded = [encode_need(n.name, n.answer_entries, n.answer_shape, encoding) for n in averages.needs]
+    seeded = shared_seeds(d for _, _, d in declared.sparse) if coordinates and encoding == _COMPACT else {}
+    encoded = [
+        encode_need(n.name, n.answer_entries, n.answer_shape, encoding)
+        for n in averages.needs
+        if n.answer_entries and n.name not in seeded  # value casts have none; SEEDED positions take none
+    ]
     return (
         overhead_work(declared)
         + decode_work(declared.sparse)
         + averages
         + budget.Work(tuple(n for n in encoded if n is not None))
-        + budget.aggregate_layers_work(list(zip(counts, layers, strict=True)), weighted=weighted)
+        + budget.aggregate_layers_work(
+            list(zip(counts, layers, strict=True)), weighted=weighted, value_dtype=value
+        )
     )
 
 
 def pull_plan(declared: Declarations) -> budget.Work:
-    """A Pull's work: decoding positions, the answer tensors and, in replace mode, densified payloads."""
+    """A Pull's work: decoding positions, the answer tensors and, in replace and add modes, densified
+    payloads."""
     start = declared.first
-    scatter = start is not None and start.mode == service_pb2.PULL_MODE_SCATTER
-    mode = engine.PullMode.SCATTER if scatter else engine.PullMode.REPLACE
+    mode = PULL_MODES.get(int(start.mode) if start is not None else 0, engine.PullMode.REPLACE)
     fedpm = start is not None and start.payload_kind == service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES
     model = [engine.TensorSpec(d.name, d.dtype, d.shape) for d in declared.layout]
     return (
@@ -342,11 +491,21 @@ def select_plan(declared: Declarations) -> budget.Work:
     start = declared.first
     model = [engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == MODEL]
     scores = [engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == SCORES]
+    residual = [engine.TensorSpec(d.name, d.dtype, d.shape) for s, _, d in declared.dense if s == RESIDUAL]
     initial_sent = any(s == INITIAL for s, _, _ in declared.dense)
     digest = start is not None and start.HasField("initial_model_digest")
     criterion = start.criterion if start is not None and start.HasField("criterion") else None
-    # Scores that do not go with the model or the criterion are refused now, before the upload.
+    # Scores and a residual that do not go with the model or the criterion are refused now, before the
+    # upload; so is a sparse update without an initial model.
     check_scores(criterion, model, scores or None)
+    check_residual(criterion, model, residual or None)
+    if is_sparse_update(criterion) and model and not initial_sent and not digest:
+        raise engine.FailedPrecondition(
+            f"{_UPDATE} needs the initial model (w0 of u = (w - w0) + r), but none was given: send it in "
+            "SECTION_INITIAL_MODEL or name a held one by start.initial_model_digest"
+        )
+    if isinstance(start, service_pb2.SelectStart):
+        check_select_encoding(start.position_encoding, criterion)
     # Per name, the objects of both its tensors, its scores and its answer: measured at about 3.4 KiB
     # (Select) and 6.8 KiB (Push) per name when a call declares 49,000 tiny ones with an initial model.
     overhead = [

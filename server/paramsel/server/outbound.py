@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -63,16 +63,32 @@ def _cast_need(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> bu
     return budget.Need(name, tensor.numel() * size, 0, f"{tensor.numel()} values sent at {size} bytes each")
 
 
+_SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
+# Requests a random-k answer is written in SEEDED for: the smallest encoding there is (no bytes).
+_SEEDED_ON_REQUEST = (tensor_pb2.POSITION_ENCODING_COMPACT, _SEEDED)
+
+
+def _seeded(selection: Selection, name: str, encoding: int) -> int | None:
+    """The seed a sparse tensor of the answer is declared with, when it is written in SEEDED: a random-k
+    tensor (its positions drawn from that seed) asked for COMPACT or SEEDED; None otherwise."""
+    top_k = selection.top_k
+    if encoding not in _SEEDED_ON_REQUEST or not isinstance(top_k, engine.SparseUpdateResult):
+        return None
+    return top_k.seeds.get(name)
+
+
 def select_answer_work(selection: Selection, encoding: int, value_dtype: torch.dtype | None) -> budget.Work:
     """What :func:`select_frames` builds beside the selection, held until the answer is sent: positions
-    encoded (each tensor's encoding as ``encoding`` resolves for its entries) and values cast to
-    ``value_dtype``. Known once the selection is made, reserved before the answer is built."""
+    encoded (each tensor's encoding as ``encoding`` resolves for its entries; none for a random-k
+    tensor sent SEEDED) and values cast to ``value_dtype``. Known once the selection is made, reserved
+    before the answer is built."""
     needs: list[budget.Need | None] = []
     if selection.top_k is not None:
         for t in selection.top_k.tensors:
             entries = t.values.numel()
             try:
-                chosen = choose_encoding(encoding, entries, t.shape)
+                seeded = _seeded(selection, t.name, encoding) is not None
+                chosen = _SEEDED if seeded else choose_encoding(encoding, entries, t.shape)
             except WireError:  # refused when the answer is built; until then, count the costliest
                 chosen = tensor_pb2.POSITION_ENCODING_COMPACT
             needs += [
@@ -85,28 +101,43 @@ def select_answer_work(selection: Selection, encoding: int, value_dtype: torch.d
     return budget.Work(tuple(n for n in needs if n is not None))
 
 
-def push_answer_work(selection: Selection) -> budget.Work:
-    """What :func:`push_frames` builds beside the selection: a top-k selection's positions as FL4Health's
-    (entries, ndim) int64 indices (whole tensors and masks are sent as they are)."""
-    if selection.top_k is None:
-        return budget.Work()
-    needs = [
-        encode_need(t.name, t.values.numel(), t.shape, tensor_pb2.POSITION_ENCODING_COO_INT64)
-        for t in selection.top_k.tensors
-    ]
+def push_answer_work(selection: Selection, value_dtype: torch.dtype | None = None) -> budget.Work:
+    """What :func:`push_frames` builds beside the selection: a top-k (or sparse update) selection's
+    positions as FL4Health's (entries, ndim) int64 indices, and float values or whole tensors cast to
+    ``value_dtype`` (masks are sent as they are)."""
+    needs: list[budget.Need | None] = []
+    if selection.top_k is not None:
+        for t in selection.top_k.tensors:
+            needs += [
+                encode_need(t.name, t.values.numel(), t.shape, tensor_pb2.POSITION_ENCODING_COO_INT64),
+                _cast_need(t.name, t.values, value_dtype),
+            ]
+    elif selection.layers is not None:
+        layers = selection.layers
+        needs += [_cast_need(n, t, value_dtype) for n, t in zip(layers.names, layers.tensors, strict=True)]
     return budget.Work(tuple(n for n in needs if n is not None))
 
 
 def select_frames(
     selection: Selection, encoding: int, size: int, value_dtype: torch.dtype | None = None
 ) -> Iterator[service_pb2.SelectResponse]:
-    """Select's response: typed sparse tensors, or whole tensors (values cast to ``value_dtype``)."""
+    """Select's response: typed sparse tensors (a random-k tensor asked for COMPACT or SEEDED in SEEDED,
+    with its seed), or whole tensors (values cast to ``value_dtype``)."""
     header = ("header", selection_header(selection))
     if selection.top_k is not None:
-        sparse = [
-            SparseOut(t.name, t.shape, _as(t.values, value_dtype), t.positions)
-            for t in selection.top_k.tensors
-        ]
+        sparse = []
+        for t in selection.top_k.tensors:
+            seed = _seeded(selection, t.name, encoding)
+            sparse.append(
+                SparseOut(
+                    t.name,
+                    t.shape,
+                    _as(t.values, value_dtype),
+                    t.positions,
+                    encoding=None if seed is None else _SEEDED,
+                    position_seed=seed,
+                )
+            )
         yield from write_frames(
             service_pb2.SelectResponse,
             header,
@@ -125,26 +156,34 @@ def select_frames(
     )
 
 
-def packed_arrays(selection: Selection) -> list[tuple[str, torch.Tensor]]:
-    """FL4Health's packed list, without its final names array: each array named after its tensor."""
+def packed_arrays(
+    selection: Selection, value_dtype: torch.dtype | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """FL4Health's packed list, without its final names array: each array named after its tensor; float
+    values and whole tensors cast to ``value_dtype`` (indices, shapes and masks never are)."""
     if selection.top_k is not None:
         tensors = selection.top_k.tensors
-        values = [(t.name, t.values) for t in tensors]
+        values = [(t.name, _as(t.values, value_dtype)) for t in tensors]
         indices = [(t.name, torch.from_numpy(flat_to_coo(t.positions, t.shape))) for t in tensors]
         shapes = [(t.name, torch.tensor(list(t.shape), dtype=torch.int64)) for t in tensors]
         return values + indices + shapes
     assert selection.layers is not None
-    return list(zip(selection.layers.names, selection.layers.tensors, strict=True))
+    return [
+        (n, _as(t, value_dtype))
+        for n, t in zip(selection.layers.names, selection.layers.tensors, strict=True)
+    ]
 
 
-def push_frames(selection: Selection, size: int) -> Iterator[service_pb2.PushResponse]:
+def push_frames(
+    selection: Selection, size: int, value_dtype: torch.dtype | None = None
+) -> Iterator[service_pb2.PushResponse]:
     """Push's response. Names repeat (values, indices and shapes of one tensor), so they are not unique."""
     yield from write_frames(
         service_pb2.PushResponse,
         ("header", selection_header(selection)),
         chunk_size=size,
         encoded_chunks=True,
-        dense=[(RESULT, packed_arrays(selection))],
+        dense=[(RESULT, packed_arrays(selection, value_dtype))],
     )
 
 
@@ -165,12 +204,17 @@ def aggregate_frames(
     sparse: list[engine.SparseTensor] | None = None,
     encoding: int = tensor_pb2.POSITION_ENCODING_COO_INT64,
     layers: list[tuple[str, torch.Tensor]] | None = None,
+    value_dtype: torch.dtype | None = None,
+    seeds: Mapping[str, tuple[int, int]] | None = None,
 ) -> Iterator[service_pb2.AggregateResponse]:
-    """Aggregate's response: the sparse aggregate (positions in ``encoding``) or the layer aggregate."""
+    """Aggregate's response: the sparse aggregate (positions in ``encoding``) or the layer aggregate,
+    float values rounded to ``value_dtype`` (:func:`paramsel.engine.round_float`). ``seeds``: per name,
+    the (position_seed, nnz) of the seeded positions every contribution sent it with, whose
+    per-coordinate average is sent in POSITION_ENCODING_SEEDED."""
     count = len(sparse) if sparse is not None else len(layers or [])
     header = ("header", service_pb2.AggregateHeader(contributions=contributions, tensors=count))
     if sparse is not None:
-        out = [SparseOut(t.name, t.shape, t.values, t.positions) for t in sparse]
+        out = [_aggregate_out(t, value_dtype, (seeds or {}).get(t.name)) for t in sparse]
         yield from write_frames(
             service_pb2.AggregateResponse,
             header,
@@ -184,5 +228,19 @@ def aggregate_frames(
         header,
         chunk_size=size,
         encoded_chunks=True,
-        dense=[(RESULT, layers or [])],
+        dense=[(RESULT, [(n, _rounded(t, value_dtype)) for n, t in layers or []])],
     )
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An aggregate's float values rounded to ``dtype`` once (from float64 too; integers untouched)."""
+    return values if dtype is None else engine.round_float(values, dtype)
+
+
+def _aggregate_out(
+    t: engine.SparseTensor, value_dtype: torch.dtype | None, seeded: tuple[int, int] | None
+) -> SparseOut:
+    values = _rounded(t.values, value_dtype)
+    if seeded is not None and seeded[1] == t.values.numel():
+        return SparseOut(t.name, t.shape, values, t.positions, tensor_pb2.POSITION_ENCODING_SEEDED, seeded[0])
+    return SparseOut(t.name, t.shape, values, t.positions)

@@ -16,15 +16,9 @@ from paramsel.server.info import server_info
 from paramsel.server.limits import Call, CallLimits, Limits
 from paramsel.server.models import ModelStore, check_held_early, requested_digest, resolve_initial
 from paramsel.server.status import statuses
-from paramsel.v1 import service_pb2, service_pb2_grpc
+from paramsel.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import WireError
 from paramsel.wire.streams import Received
-
-_PULL_MODES = {
-    service_pb2.PULL_MODE_UNSPECIFIED: engine.PullMode.REPLACE,
-    service_pb2.PULL_MODE_REPLACE: engine.PullMode.REPLACE,
-    service_pb2.PULL_MODE_SCATTER: engine.PullMode.SCATTER,
-}
 
 
 def _model(received: Received) -> dict[str, torch.Tensor]:
@@ -70,6 +64,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
                 _model(received),
                 initial,
                 scores=received.state(inbound.SCORES),
+                residual=received.state(inbound.RESIDUAL),
                 initial_is_scratch=scratch,
                 reserve=call.reserve_need,
             ),
@@ -81,6 +76,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         with statuses(context, "Select"), self.limits.call() as call:
             start, size, selection = self._selection(call, request_iterator)
             encoding = inbound.position_encoding(start.position_encoding)
+            inbound.check_select_encoding(encoding, start.criterion)
             value_dtype = inbound.value_dtype(start.value_dtype)
             call.reserve_work(outbound.select_answer_work(selection, encoding, value_dtype))
             yield from outbound.select_frames(selection, encoding, size, value_dtype)
@@ -89,9 +85,10 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
         self, request_iterator: Iterator[service_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[service_pb2.PushResponse]:
         with statuses(context, "Push"), self.limits.call() as call:
-            _, size, selection = self._selection(call, request_iterator)
-            call.reserve_work(outbound.push_answer_work(selection))
-            yield from outbound.push_frames(selection, size)
+            start, size, selection = self._selection(call, request_iterator)
+            value_dtype = inbound.value_dtype(start.value_dtype)
+            call.reserve_work(outbound.push_answer_work(selection, value_dtype))
+            yield from outbound.push_frames(selection, size, value_dtype)
 
     def Pull(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[service_pb2.PullRequest], context: grpc.ServicerContext
@@ -102,11 +99,7 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
             )
             start: service_pb2.PullStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
-            if start.mode not in _PULL_MODES:
-                raise WireError(
-                    f"start.mode: unknown value {start.mode} (expected PULL_MODE_REPLACE or _SCATTER)"
-                )
-            mode = _PULL_MODES[start.mode]
+            mode = inbound.pull_mode(start.mode)
             model = inbound.model_specs(received)
             kind = start.payload_kind
             if kind == service_pb2.PAYLOAD_KIND_SPARSE_COO:
@@ -117,8 +110,11 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
                     base=inbound.base_state(received, mode),
                 )
             elif kind in (service_pb2.PAYLOAD_KIND_LAYERS, service_pb2.PAYLOAD_KIND_FEDPM_PROBABILITIES):
-                if mode is engine.PullMode.SCATTER:
-                    raise WireError("start.mode: PULL_MODE_SCATTER applies to PAYLOAD_KIND_SPARSE_COO only")
+                if mode is not engine.PullMode.REPLACE:
+                    name = "PULL_MODE_SCATTER" if mode is engine.PullMode.SCATTER else "PULL_MODE_ADD"
+                    sent = received.dense.get(inbound.PAYLOAD, [])
+                    named = f" (the payload's '{sent[0][0].name}' is a whole tensor)" if sent else ""
+                    raise WireError(f"start.mode: {name} applies to PAYLOAD_KIND_SPARSE_COO only{named}")
                 pull = engine.pull_layers if kind == service_pb2.PAYLOAD_KIND_LAYERS else engine.pull_fedpm
                 changed = pull(model, inbound.dense_payload(received))
             else:
@@ -139,16 +135,33 @@ class ParameterSelectionServicer(service_pb2_grpc.ParameterSelectionServiceServi
             start: service_pb2.AggregateStart = received.first
             size = outbound.chunk_size(start.response_chunk_size_bytes, self._config.chunk_size_bytes)
             weighted = start.weighted if start.HasField("weighted") else True
+            per_coordinate = inbound.per_coordinate(start)
+            value_dtype = inbound.value_dtype(start.value_dtype)
             contributions = inbound.contributions(received, start.payload_kind)
             if start.payload_kind == service_pb2.PAYLOAD_KIND_SPARSE_COO:
-                sparse = engine.aggregate_sparse(contributions, weighted=weighted)
-                encoding = inbound.position_encoding(start.position_encoding)
+                encoding = inbound.aggregate_encoding(start.position_encoding)
+                seeds: dict[str, tuple[int, int]] = {}
+                if per_coordinate:
+                    sparse = engine.aggregate_per_coordinate(
+                        contributions, weighted=weighted, value_dtype=value_dtype
+                    )
+                    if encoding == tensor_pb2.POSITION_ENCODING_COMPACT:
+                        seeds = inbound.shared_seeds(s.decl for s in received.sparse.get(inbound.PAYLOAD, []))
+                else:
+                    sparse = engine.aggregate_sparse(contributions, weighted=weighted)
                 yield from outbound.aggregate_frames(
-                    len(contributions), size, sparse=sparse, encoding=encoding
+                    len(contributions),
+                    size,
+                    sparse=sparse,
+                    encoding=encoding,
+                    value_dtype=value_dtype,
+                    seeds=seeds,
                 )
             else:
                 layers = engine.aggregate_layers(contributions, weighted=weighted)
-                yield from outbound.aggregate_frames(len(contributions), size, layers=layers)
+                yield from outbound.aggregate_frames(
+                    len(contributions), size, layers=layers, value_dtype=value_dtype
+                )
 
     def GetServerInfo(  # noqa: N802 - gRPC method name
         self, request: service_pb2.GetServerInfoRequest, context: grpc.ServicerContext
