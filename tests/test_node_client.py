@@ -21,7 +21,14 @@ import pytest
 import torch
 from support import Output, serve_process
 
-from paramsel.client import aggregate_layers, aggregate_sparse_coo
+from paramsel.client import (
+    Averaging,
+    Client,
+    PayloadKind,
+    SparseTensor,
+    aggregate_layers,
+    aggregate_sparse_coo,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "examples" / "node"
@@ -123,6 +130,37 @@ def _check_same_bytes_as_the_sdk(emitted: dict[str, Any], target: str) -> None:
         assert array.tobytes().hex() == answer["values"], answer["name"]
 
 
+def _check_per_coordinate_bytes(path: Path, target: str) -> None:
+    """The Node client's per-coordinate contributions, aggregated by the SDK in the reverse order: the
+    answer's bytes are the ones the Node client got."""
+    emitted = json.loads(path.read_text())
+    no_layers: list[tuple[str, torch.Tensor]] = []
+    contributions = [
+        (
+            int(c["num_examples"]),
+            no_layers,
+            [
+                SparseTensor(
+                    t["name"],
+                    tuple(t["shape"]),
+                    torch.from_numpy(np.frombuffer(bytes.fromhex(t["values"]), np.float32).copy()),
+                    torch.tensor(t["flat"], dtype=torch.int64),
+                )
+                for t in c["tensors"]
+            ],
+        )
+        for c in emitted["contributions"]
+    ]
+    answer = Client(target=target).aggregate(
+        PayloadKind.SPARSE_COO, contributions[::-1], averaging=Averaging.PER_COORDINATE, keep_frames=True
+    )
+    (tensor,) = answer.sparse
+    assert tensor.positions.tolist() == [0, 2, 3]
+    assert tensor.values.tolist() == [1.0, 7.0, -2.0]
+    want = bytes.fromhex(emitted["answer"]["data"])
+    assert tensor.values.numpy().tobytes() == want[: tensor.values.numel() * 4]
+
+
 def test_node_client_selects_and_decodes_against_a_real_server(tmp_path: Path) -> None:
     assert NODE is not None
     _install_dependencies()
@@ -138,6 +176,7 @@ def test_node_client_selects_and_decodes_against_a_real_server(tmp_path: Path) -
         )
         if run.returncode == 0:
             _check_same_bytes_as_the_sdk(json.loads(emitted.read_text()), target)
+            _check_per_coordinate_bytes(Path(f"{emitted}.per_coordinate.json"), target)
     report = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert run.returncode == 0, report
     lines = run.stdout.strip().splitlines()
@@ -162,6 +201,16 @@ def test_node_client_selects_and_decodes_against_a_real_server(tmp_path: Path) -
         "supplied scores: Select sent w@1=-1, w@3=3, b@1=8",
         "supplied scores: Push packed values, indices, shapes: w=-1 3, b=8, w=0 1 1 0, b=1, w=2 3, b=2",
         "supplied scores without b: status 3",
+        # Beyond FL4Health: seeded random-k positions drawn in JavaScript equal the server's (and the
+        # positions the Python tests pin for seed 42), error feedback by the proto's rule over three
+        # rounds, per-coordinate averages in both orders, and the pull that adds an update.
+        "random-k: seeds, counts and no position bytes",
+        "random-k: positions drawn here from seed 42 are the ones the Python tests pin: 1,4,15,16,18",
+        "random-k: the server's explicit positions equal those drawn here",
+        "error feedback round 1: sent 1:-3 3:2, residual 1 0 0.5 0",
+        "error feedback round 3: sent 0:0.25 2:-1, residual 0 -0.125 0 0",
+        "per-coordinate: 0:1 2:7 3:-2, the same bytes in both orders",
+        "pull add: w=12 20 30 44",
     ):
         assert any(line.startswith("ok") and rule in line for line in lines), (
             f"{rule!r} not checked\n{report}"

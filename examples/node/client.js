@@ -487,6 +487,7 @@ function* aggregateFrames(kind, contributions, options = {}) {
       weighted: options.weighted !== false,
       position_encoding: options.encoding || 'POSITION_ENCODING_COO_INT64',
       response_chunk_size_bytes: String(RESPONSE_CHUNK_BYTES),
+      averaging: options.averaging || 'AVERAGING_PER_TENSOR',
     },
   };
   const parts = [];
@@ -717,6 +718,131 @@ async function pullRules(client) {
     `pull scatter: repeats summed (1 + 3) and the sum replaces the base (not 44, not 3), base in another order: ${scattered.got}`);
 }
 
+// --- beyond FL4Health: sparse updates, error feedback, seeded random-k, per-coordinate averages ---------
+
+// SplitMix64's output number i when seeded with `seed` (criteria.proto, UPDATE_SELECTION_RANDOM_K), in
+// BigInt arithmetic mod 2^64.
+const MASK64 = (1n << 64n) - 1n;
+function splitmix64Key(seed, i) {
+  let z = (seed + (BigInt(i) + 1n) * 0x9E3779B97F4A7C15n) & MASK64;
+  z = ((z ^ (z >> 30n)) * 0xBF58476D1CE4E5B9n) & MASK64;
+  z = ((z ^ (z >> 27n)) * 0x94D049BB133111EBn) & MASK64;
+  return z ^ (z >> 31n);
+}
+
+// POSITION_ENCODING_SEEDED: the `count` positions of smallest keys, in increasing order.
+function seededPositions(seed, numel, count) {
+  const keyed = Array.from({ length: numel }, (_, i) => [splitmix64Key(seed, i), i]);
+  keyed.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  return keyed.slice(0, count).map(([, i]) => i).sort((a, b) => a - b);
+}
+
+// The sparse tensors of an update answer, any encoding: [{ name, encoding, seed, positions, values }].
+function decodeUpdate(specs, data) {
+  let offset = 0;
+  return specs.map((spec) => {
+    const shape = spec.shape.map((d) => int64(d, 'shape'));
+    const numel = numelOf(shape);
+    const nnz = int64(spec.nnz, 'nnz');
+    const values = readValues(data, offset, spec.dtype, nnz);
+    offset += nnz * DTYPES[spec.dtype].size;
+    const size = int64(spec.positions_size_bytes, 'positions_size_bytes');
+    const code = data.subarray(offset, offset + size);
+    offset += size;
+    let positions;
+    if (spec.position_encoding === 'POSITION_ENCODING_SEEDED') {
+      if (size !== 0) throw new Error(`${spec.name}: SEEDED with ${size} position bytes`);
+      positions = seededPositions(BigInt(spec.position_seed), numel, nnz);
+    } else if (spec.position_encoding === 'POSITION_ENCODING_ELIAS_FANO') positions = decodeEliasFano(code, nnz, numel);
+    else if (spec.position_encoding === 'POSITION_ENCODING_BITMAP') positions = decodeBitmap(code, nnz, numel);
+    else if (spec.position_encoding === 'POSITION_ENCODING_COO_INT64') {
+      const strides = shape.map((_, d) => numelOf(shape.slice(d + 1)));
+      positions = Array.from({ length: nnz }, (_, i) => strides.reduce(
+        (flat, stride, d) => flat + Number(code.readBigInt64LE(8 * (i * shape.length + d))) * stride, 0));
+    } else throw new Error(`${spec.name}: unexpected ${spec.position_encoding}`);
+    return { name: spec.name, encoding: spec.position_encoding, seed: spec.position_seed, positions, values };
+  });
+}
+
+const entriesOf = (t) => t.positions.map((p, i) => `${p}:${t.values[i]}`).join(' ');
+
+// Seeded random-k: the server sends seeds instead of positions, and this client draws the same ones.
+// a (20 entries) and b (7) at 0.25: ceil(5) and ceil(1.75) = 2 positions, seeds 42 and 43 (42 + index).
+async function randomK(client) {
+  const a = Array.from({ length: 20 }, (_, i) => i + 1);
+  const b = Array.from({ length: 7 }, (_, i) => -(i + 1));
+  const model = [tensor('a', 'DATA_TYPE_FLOAT32', [4, 5], a), tensor('b', 'DATA_TYPE_FLOAT32', [7], b)];
+  const initial = [tensor('a', 'DATA_TYPE_FLOAT32', [4, 5], a.map(() => 0)), tensor('b', 'DATA_TYPE_FLOAT32', [7], b.map(() => 0))];
+  const criterion = { sparse_update: { sparsity_level: 0.25, selection: 'UPDATE_SELECTION_RANDOM_K', seed: '42' } };
+  const sections = [['SECTION_MODEL', model], ['SECTION_INITIAL_MODEL', initial]];
+  const seeded = reassemble(await call(client, 'Select', selectFrames({ criterion, position_encoding: 'POSITION_ENCODING_COMPACT' }, sections)));
+  check(seeded.header.kind === 'SELECTION_KIND_SPARSE_UPDATE', `random-k: kind ${seeded.header.kind}`);
+  const specs = seeded.manifests.sparse;
+  check(specs.map((s) => `${s.name}/${s.position_encoding}/${s.position_seed}/${s.nnz}/${s.positions_size_bytes}`).join(', ')
+    === 'a/POSITION_ENCODING_SEEDED/42/5/0, b/POSITION_ENCODING_SEEDED/43/2/0',
+  `random-k: seeds, counts and no position bytes: ${specs.map((s) => `${s.name} seed ${s.position_seed} nnz ${s.nnz}`).join(', ')}`);
+  const tensors = decodeUpdate(specs, seeded.data);
+  check(tensors[0].positions.join() === '1,4,15,16,18',
+    `random-k: positions drawn here from seed 42 are the ones the Python tests pin: ${tensors[0].positions.join()}`);
+  check(tensors.every((t) => t.values.every((v, i) => v === (t.name === 'a' ? a : b)[t.positions[i]])),
+    'random-k: the values are the update at the positions drawn here');
+  const coo = reassemble(await call(client, 'Select', selectFrames({ criterion, position_encoding: 'POSITION_ENCODING_COO_INT64' }, sections)));
+  const explicit = decodeUpdate(coo.manifests.sparse, coo.data);
+  check(explicit.map((t) => t.positions.join()).join(' | ') === tensors.map((t) => t.positions.join()).join(' | '),
+    `random-k: the server's explicit positions equal those drawn here: ${explicit.map((t) => t.positions.join()).join(' | ')}`);
+}
+
+// Error feedback over three rounds, worked out by hand (as tests/client/test_sparse_updates_sdk.py):
+// w has 4 entries, sparsity 0.5 (k = 2), w0 = 0. This client keeps the residual by the rule the proto
+// states: u minus what was sent (read back in the model's dtype) at the positions sent, u elsewhere.
+async function errorFeedback(client) {
+  const zero = [tensor('w', 'DATA_TYPE_FLOAT32', [4], [0, 0, 0, 0])];
+  const rounds = [
+    { w: [1, -3, 0.5, 2], sent: '1:-3 3:2', residual: '1 0 0.5 0' },
+    { w: [0.5, 0, 0, 0], sent: '0:1.5 2:0.5', residual: '0 0 0 0' },
+    { w: [0.25, -0.125, -1, 0], sent: '0:0.25 2:-1', residual: '0 -0.125 0 0' },
+  ];
+  let residual = null;
+  for (const [i, round] of rounds.entries()) {
+    const sections = [['SECTION_MODEL', [tensor('w', 'DATA_TYPE_FLOAT32', [4], round.w)]], ['SECTION_INITIAL_MODEL', zero]];
+    if (residual) sections.push(['SECTION_RESIDUAL', [tensor('w', 'DATA_TYPE_FLOAT32', [4], residual)]]);
+    const start = { criterion: { sparse_update: { sparsity_level: 0.5 } }, position_encoding: 'POSITION_ENCODING_COMPACT' };
+    const reply = reassemble(await call(client, 'Select', selectFrames(start, sections)));
+    const [sent] = decodeUpdate(reply.manifests.sparse, reply.data);
+    const update = round.w.map((w, p) => Math.fround(w + (residual ? residual[p] : 0)));
+    residual = update.slice();
+    sent.positions.forEach((p, j) => { residual[p] = Math.fround(update[p] - sent.values[j]); });
+    check(entriesOf(sent) === round.sent && residual.join(' ') === round.residual,
+      `error feedback round ${i + 1}: sent ${entriesOf(sent)}, residual ${residual.join(' ')}`);
+  }
+}
+
+// Per-coordinate averages: A (10 examples) sends w[0] = 1 and w[2] = 4, B (30) w[2] = 8 and w[3] = -2:
+// w[0] = 1, w[2] = (40 + 240) / 40 = 7, w[3] = -2, whatever the order; w[1], sent by nobody, is not listed.
+async function perCoordinate(client, emit) {
+  const A = { num_examples: 10, tensors: [coo('w', 'DATA_TYPE_FLOAT32', [4], [1, 4], [0, 2])] };
+  const B = { num_examples: 30, tensors: [coo('w', 'DATA_TYPE_FLOAT32', [4], [-2, 8], [3, 2])] }; // unsorted
+  const options = { averaging: 'AVERAGING_PER_COORDINATE' };
+  const ab = await aggregate(client, 'PAYLOAD_KIND_SPARSE_COO', [A, B], options);
+  const ba = await aggregate(client, 'PAYLOAD_KIND_SPARSE_COO', [B, A], options);
+  const [averaged] = decodeUpdate(ab.specs, ab.data);
+  check(sameAnswer(ab, ba) && entriesOf(averaged) === '0:1 2:7 3:-2',
+    `per-coordinate: ${entriesOf(averaged)}, the same bytes in both orders`);
+  if (emit) {
+    fs.writeFileSync(`${emit}.per_coordinate.json`, JSON.stringify({
+      contributions: [A, B].map((c) => ({ num_examples: c.num_examples, tensors: c.tensors.map((t) => ({
+        name: t.name, shape: t.shape, values: hex(t.bytes), flat: t.flat })) })),
+      answer: { specs: ab.specs, data: hex(ab.data) },
+    }));
+  }
+  // Pull ADD: the averaged update added to the base, repeats summed first: w = [10, 20, 30, 40] plus
+  // 2 at 0 and 1 + 3 at 3 gives [12, 20, 30, 44].
+  const payload = [coo('w', 'DATA_TYPE_FLOAT32', [2, 2], [1, 2, 3], [3, 0, 3])];
+  const base = [tensor('w', 'DATA_TYPE_FLOAT32', [2, 2], [10, 20, 30, 40])];
+  const added = await pull(client, 'PULL_MODE_ADD', payload, base);
+  check(added.count === '1' && added.got === 'w=12 20 30 44', `pull add: ${added.got}`);
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const at = args.indexOf('--target');
@@ -739,6 +865,9 @@ async function main() {
     await kRounding(client);
     await suppliedScores(client);
     await pullRules(client);
+    await randomK(client);
+    await errorFeedback(client);
+    await perCoordinate(client, emit);
   } catch (err) {
     check(false, `unexpected error: ${err.code !== undefined ? `status ${err.code}: ${err.details}` : err.stack}`);
   } finally {

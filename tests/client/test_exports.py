@@ -9,6 +9,7 @@ def test_public_exports_are_pinned() -> None:
     assert sorted(paramsel.client.__all__) == [
         "AggregateHeader",
         "AggregateResult",
+        "Averaging",
         "Client",
         "Connection",
         "Criterion",
@@ -35,11 +36,15 @@ def test_public_exports_are_pinned() -> None:
         "ServerInfo",
         "SparseCooParameterExchanger",
         "SparseTensor",
+        "SparseUpdate",
+        "SparseUpdateExchanger",
         "StatusCode",
         "TopK",
         "TopKSummary",
+        "UpdateSelection",
         "aggregate_layers",
         "aggregate_sparse_coo",
+        "aggregate_updates",
         "largest_final_magnitude_scores",
         "largest_increase_in_magnitude_scores",
         "largest_magnitude_change_scores",
@@ -51,6 +56,7 @@ def test_public_exports_are_pinned() -> None:
         "smallest_increase_in_magnitude_scores",
         "smallest_magnitude_change_scores",
         "unpack_compact",
+        "unpack_masks",
     ]
     for name in paramsel.client.__all__:
         value = getattr(paramsel.client, name)

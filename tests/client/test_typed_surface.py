@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 import paramsel.client
 from paramsel.client import (
     AggregateHeader,
+    Averaging,
     Criterion,
     DataType,
     DriftPercentage,
@@ -33,8 +34,10 @@ from paramsel.client import (
     SelectionHeader,
     SelectionKind,
     ServerInfo,
+    SparseUpdate,
     TopK,
     TopKSummary,
+    UpdateSelection,
 )
 from paramsel.client._types import criterion_from_proto
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
@@ -49,6 +52,8 @@ MIRRORS: list[tuple[type[enum.IntEnum], Any]] = [
     (PayloadKind, service_pb2.PayloadKind),
     (PullMode, service_pb2.PullMode),
     (SelectionKind, service_pb2.SelectionKind),
+    (UpdateSelection, criteria_pb2.UpdateSelection),
+    (Averaging, service_pb2.Averaging),
 ]
 # paramsel.v1 enums no public signature needs: sections only frame a stream.
 INTERNAL_ENUMS = {"Section"}
@@ -301,6 +306,10 @@ CRITERIA: list[Criterion] = [
     FedPm(),
     FedPm(0),
     FedPm(2**64 - 1),
+    FedPm(3, packed_masks=True),
+    SparseUpdate(0.1),
+    SparseUpdate(0.01, UpdateSelection.TOP_K, exact_k=True),
+    SparseUpdate(0.5, UpdateSelection.RANDOM_K, seed=2**64 - 1),
 ]
 
 
@@ -319,6 +328,13 @@ def test_criterion_messages_say_what_the_proto_says() -> None:
     assert message.top_k.score_function == criteria_pb2.SCORE_FUNCTION_LARGEST_MAGNITUDE_CHANGE
     assert not FedPm().to_proto().fed_pm.HasField("seed")
     assert FedPm(7).to_proto().fed_pm.seed == 7
+    assert FedPm(packed_masks=True).to_proto().fed_pm.packed_masks
+    update = SparseUpdate(0.25, UpdateSelection.RANDOM_K, seed=11).to_proto().sparse_update
+    assert (update.sparsity_level, update.selection, update.seed) == (
+        0.25,
+        criteria_pb2.UPDATE_SELECTION_RANDOM_K,
+        11,
+    )
     threshold = DriftThreshold(0.5, normalize=False).to_proto().drift_threshold
     assert threshold.HasField("normalize")
     assert not threshold.normalize
@@ -328,10 +344,11 @@ def test_criterion_values_the_proto_cannot_hold_are_refused() -> None:
     from paramsel.client import InvalidArgumentError, ParamselError, StatusCode
 
     for seed in (-1, 2**64):
-        with pytest.raises(ParamselError) as refused:
-            FedPm(seed)
-        assert refused.value.status is StatusCode.INVALID_ARGUMENT
-        assert isinstance(refused.value, InvalidArgumentError)
+        for make in (FedPm, lambda seed: SparseUpdate(0.1, UpdateSelection.RANDOM_K, seed=seed)):
+            with pytest.raises(ParamselError) as refused:
+                make(seed)
+            assert refused.value.status is StatusCode.INVALID_ARGUMENT
+            assert isinstance(refused.value, InvalidArgumentError)
     with pytest.raises(TypeError):
         FedPm(1.5)  # type: ignore[arg-type]
     with pytest.raises(ParamselError, match="unknown value 9"):

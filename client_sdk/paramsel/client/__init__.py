@@ -23,7 +23,7 @@ from paramsel.wire.lazy import lazy_exports
 if TYPE_CHECKING:
     from paramsel.client._aggregate import aggregate_layers, aggregate_sparse_coo
     from paramsel.client._client import AggregateResult, Client, PushResult, SelectResult, SparseTensor
-    from paramsel.client._compact import pack_compact, unpack_compact
+    from paramsel.client._compact import pack_compact, unpack_compact, unpack_masks
     from paramsel.client._criteria import (
         LayerSelectionFunction,
         LayerSelectionFunctionConstructor,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from paramsel.client._exchangers import DynamicLayerExchanger, FedPmExchanger, SparseCooParameterExchanger
     from paramsel.client._types import (
         AggregateHeader,
+        Averaging,
         Criterion,
         DataType,
         DriftPercentage,
@@ -53,14 +54,18 @@ if TYPE_CHECKING:
         SelectionHeader,
         SelectionKind,
         ServerInfo,
+        SparseUpdate,
         TopK,
         TopKSummary,
+        UpdateSelection,
     )
+    from paramsel.client._updates import SparseUpdateExchanger, aggregate_updates
 
 __all__ = [
     "ENV_TARGET",
     "AggregateHeader",
     "AggregateResult",
+    "Averaging",
     "Client",
     "Connection",
     "Criterion",
@@ -86,11 +91,15 @@ __all__ = [
     "ServerInfo",
     "SparseCooParameterExchanger",
     "SparseTensor",
+    "SparseUpdate",
+    "SparseUpdateExchanger",
     "StatusCode",
     "TopK",
     "TopKSummary",
+    "UpdateSelection",
     "aggregate_layers",
     "aggregate_sparse_coo",
+    "aggregate_updates",
     "largest_final_magnitude_scores",
     "largest_increase_in_magnitude_scores",
     "largest_magnitude_change_scores",
@@ -102,6 +111,7 @@ __all__ = [
     "smallest_increase_in_magnitude_scores",
     "smallest_magnitude_change_scores",
     "unpack_compact",
+    "unpack_masks",
 ]
 
 # Each lazily imported name, and the module that defines it.
@@ -113,6 +123,7 @@ _LAZY = {
     **dict.fromkeys(
         (
             "AggregateHeader",
+            "Averaging",
             "Criterion",
             "DataType",
             "DriftPercentage",
@@ -126,12 +137,15 @@ _LAZY = {
             "SelectionHeader",
             "SelectionKind",
             "ServerInfo",
+            "SparseUpdate",
             "TopK",
             "TopKSummary",
+            "UpdateSelection",
         ),
         "paramsel.client._types",
     ),
-    **dict.fromkeys(("pack_compact", "unpack_compact"), "paramsel.client._compact"),
+    **dict.fromkeys(("pack_compact", "unpack_compact", "unpack_masks"), "paramsel.client._compact"),
+    **dict.fromkeys(("SparseUpdateExchanger", "aggregate_updates"), "paramsel.client._updates"),
     **dict.fromkeys(
         (
             "LayerSelectionFunction",

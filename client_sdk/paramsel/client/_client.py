@@ -16,6 +16,7 @@ from paramsel.client._errors import ParamselError, invalid_argument, local_error
 from paramsel.client._retry import Operation, with_retries
 from paramsel.client._types import (
     AggregateHeader,
+    Averaging,
     Criterion,
     PayloadKind,
     PositionEncoding,
@@ -23,6 +24,7 @@ from paramsel.client._types import (
     ScoreFunction,
     SelectionHeader,
     ServerInfo,
+    SparseUpdate,
     TopK,
     aggregate_header,
     as_criterion,
@@ -71,10 +73,22 @@ class SparseTensor:
     """The values, 1-d, one per position."""
     positions: torch.Tensor
     """int64 positions of the values: flat row-major positions (nnz,), or COO coordinates (nnz, ndim)."""
+    position_seed: int | None = None
+    """The seed the positions were drawn from (seeded random-k, PositionEncoding.SEEDED), else None. A
+    tensor that has one is sent with its seed instead of its positions, which it must then match."""
 
 
 def _sparse_tensors(received: Sequence[SparseData]) -> list[SparseTensor]:
-    return [SparseTensor(s.decl.name, tuple(s.decl.shape), s.values, s.positions) for s in received]
+    return [
+        SparseTensor(
+            s.decl.name,
+            tuple(s.decl.shape),
+            s.values,
+            s.positions,
+            s.decl.position_seed if s.decl.position_encoding == tensor_pb2.POSITION_ENCODING_SEEDED else None,
+        )
+        for s in received
+    ]
 
 
 def _outgoing(sparse: Sequence[SparseTensor], what: str) -> list[SparseOut]:
@@ -94,6 +108,18 @@ def _outgoing(sparse: Sequence[SparseTensor], what: str) -> list[SparseOut]:
             raise TypeError(
                 f"{what}[{i}] must be a paramsel.client.SparseTensor, got {type(tensor).__name__}"
             )
+        if tensor.position_seed is not None:
+            out.append(
+                SparseOut(
+                    tensor.name,
+                    tuple(tensor.shape),
+                    tensor.values,
+                    tensor.positions,
+                    tensor_pb2.POSITION_ENCODING_SEEDED,
+                    position_seed=tensor.position_seed,
+                )
+            )
+            continue
         if tensor.positions.dim() == 1:
             encoding = tensor_pb2.POSITION_ENCODING_FLAT_INT64
         elif tensor.positions.dim() == 2:
@@ -158,19 +184,50 @@ class AggregateResult:
     """The sparse aggregate (sparse COO payloads), with flat positions."""
     tensors: list[tuple[str, torch.Tensor]]
     """The layer aggregate (whole-layer payloads), named."""
+    frames: list[Any] | None = None
+    """The response frames as they came off the wire, when asked for (``keep_frames``)."""
 
 
 def _models(
     model: Mapping[str, torch.Tensor],
     initial: Mapping[str, torch.Tensor] | None,
     scores: Mapping[str, torch.Tensor] | None = None,
+    residual: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Any]:
     sections = [(tensor_pb2.SECTION_MODEL, list(model.items()))]
     if initial is not None:
         sections.append((tensor_pb2.SECTION_INITIAL_MODEL, list(initial.items())))
     if scores:
         sections.append((tensor_pb2.SECTION_SCORES, list(scores.items())))
+    if residual:
+        sections.append((tensor_pb2.SECTION_RESIDUAL, list(residual.items())))
     return sections
+
+
+def _residual(criterion: Criterion, residual: object) -> dict[str, torch.Tensor] | None:
+    """The residual to send (SECTION_RESIDUAL), detached and on the CPU: only with ``SparseUpdate``.
+    The server checks it against the model (names, dtypes, shapes)."""
+    if residual is None:
+        return None
+    if not isinstance(criterion, SparseUpdate):
+        raise invalid_argument("residual= goes only with SparseUpdate")
+    return _named_tensors(residual, "residual", "residual")
+
+
+def _named_tensors(tensors: object, what: str, one: str) -> dict[str, torch.Tensor]:
+    """``tensors`` (the ``what`` of a call, each tensor ``one``) checked as the wire will take them."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{what} must be a mapping of tensor names to tensors, got {type(tensors).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str):
+            raise invalid_argument(f"the {what} are keyed by tensor names (str), got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise invalid_argument(f"the {one} of {name!r} is a {type(tensor).__name__}, not a tensor")
+        with local_errors(f"the {one} of {name!r}: "):
+            dtype_to_proto(tensor.dtype)  # refused here, naming the tensor, rather than as it is framed
+        out[name] = tensor.detach().cpu()
+    return out
 
 
 def _supplied_scores(criterion: Criterion, scores: object) -> dict[str, torch.Tensor] | None:
@@ -186,18 +243,7 @@ def _supplied_scores(criterion: Criterion, scores: object) -> dict[str, torch.Te
         return None
     if not supplied:
         raise invalid_argument("scores= goes only with TopK(..., ScoreFunction.SUPPLIED)")
-    if not isinstance(scores, Mapping):
-        raise TypeError(f"scores must be a mapping of tensor names to tensors, got {type(scores).__name__}")
-    out: dict[str, torch.Tensor] = {}
-    for name, score in scores.items():
-        if not isinstance(name, str):
-            raise invalid_argument(f"the scores are keyed by tensor names (str), got {name!r}")
-        if not isinstance(score, torch.Tensor):
-            raise invalid_argument(f"the score of {name!r} is a {type(score).__name__}, not a tensor")
-        with local_errors(f"the score of {name!r}: "):
-            dtype_to_proto(score.dtype)  # refused here, naming the tensor, rather than as it is framed
-        out[name] = score.detach().cpu()
-    return out
+    return _named_tensors(scores, "scores", "score")
 
 
 def _value_dtype(value_dtype: object) -> int:
@@ -263,15 +309,32 @@ class Client:
         contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseTensor]]],
         *,
         weighted: bool = True,
+        averaging: Averaging = Averaging.PER_TENSOR,
+        value_dtype: torch.dtype | None = None,
+        keep_frames: bool = False,
     ) -> AggregateResult:
         """FedAvg of clients' payloads: per contribution (num_examples, whole tensors, sparse tensors).
 
-        ``payload_kind`` is PayloadKind.SPARSE_COO or PayloadKind.LAYERS (a plain int is deprecated)."""
+        ``payload_kind`` is PayloadKind.SPARSE_COO or PayloadKind.LAYERS (a plain int is deprecated).
+        ``averaging``: PER_TENSOR is FL4Health's; PER_COORDINATE (sparse payloads) averages each
+        coordinate over the contributions that sent it. ``value_dtype`` (torch.float16 or
+        torch.bfloat16) rounds the answer's float values to it. ``keep_frames`` keeps the response frames
+        in the result. Sparse answers come back with compact positions (seeded ones when every
+        contribution sent the same seeded positions, per coordinate)."""
         kind = coerce_enum(PayloadKind, payload_kind, "payload_kind")
+        how = coerce_enum(Averaging, averaging, "averaging", unspecified=Averaging.PER_TENSOR)
         outgoing: list[tuple[int, Sequence[tuple[str, torch.Tensor]], list[SparseOut]]] = []
         for i, (num_examples, named, sparse) in enumerate(contributions):
             outgoing.append((num_examples, named, _outgoing(sparse, f"contributions[{i}] sparse")))
-        return _aggregate(self, kind, outgoing, weighted=weighted)
+        return _aggregate(
+            self,
+            kind,
+            outgoing,
+            weighted=weighted,
+            averaging=how,
+            value_dtype=_value_dtype(value_dtype),
+            keep_frames=keep_frames,
+        )
 
     def server_info(self) -> ServerInfo:
         """What the server is and speaks: version, encodings, dtypes, criteria, limits (GetServerInfo)."""
@@ -363,6 +426,7 @@ class Client:
         reuse_initial: bool = True,
         keep_frames: bool = False,
         scores: Mapping[str, torch.Tensor] | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> SelectResult:
         """The typed selection; with ``reuse_initial`` the initial model travels only if the server lacks it.
 
@@ -370,9 +434,12 @@ class Client:
         None keeps each tensor's own. ``scores`` (with ``TopK(..., ScoreFunction.SUPPLIED)`` only, and
         then required) are the caller's own: one tensor per tensor of ``model``, of its name and shape,
         any dtype; the server selects their top-k as it does a score function's (no initial model
-        needed)."""
+        needed). ``residual`` (with :class:`SparseUpdate` only) is what earlier rounds did not send, at
+        most one tensor per tensor of ``model``, of its name, dtype and shape (:class:`SparseUpdateExchanger`
+        keeps it for you)."""
         typed = as_criterion(criterion)
         supplied = _supplied_scores(typed, scores)
+        carried = _residual(typed, residual)
         encoding = coerce_enum(
             PositionEncoding, position_encoding, "position_encoding", unspecified=PositionEncoding.COO_INT64
         )
@@ -395,7 +462,7 @@ class Client:
                     ("start", start),
                     chunk_size=self._chunk_size,
                     encoded_chunks=True,
-                    dense=_models(model, initial, supplied),
+                    dense=_models(model, initial, supplied, carried),
                 )
 
             def read(responses: Any) -> SelectResult:
@@ -408,7 +475,9 @@ class Client:
                     kept,
                 )
 
-            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial, supplied))
+            return self._call(
+                operation, frames, read, upload_bytes=_nbytes(model, initial, supplied, carried)
+            )
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -420,16 +489,23 @@ class Client:
         *,
         reuse_initial: bool = True,
         scores: Mapping[str, torch.Tensor] | None = None,
+        value_dtype: torch.dtype | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> PushResult:
         """FL4Health's packed list; with ``reuse_initial`` the initial model travels only if needed.
-        ``scores``: the caller's own, with ``TopK(..., ScoreFunction.SUPPLIED)`` (see :meth:`select`)."""
+        ``scores``: the caller's own, with ``TopK(..., ScoreFunction.SUPPLIED)``; ``value_dtype`` and
+        ``residual``: as for :meth:`select`."""
         typed = as_criterion(criterion)
         supplied = _supplied_scores(typed, scores)
+        carried = _residual(typed, residual)
+        dtype = _value_dtype(value_dtype)
         operation = self._operation("Push")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
             start = service_pb2.PushStart(
-                criterion=typed.to_proto(), response_chunk_size_bytes=self._chunk_size
+                criterion=typed.to_proto(),
+                response_chunk_size_bytes=self._chunk_size,
+                value_dtype=dtype,  # type: ignore[arg-type]
             )
             if digest is not None:
                 start.initial_model_digest.sha256 = digest
@@ -440,7 +516,7 @@ class Client:
                     ("start", start),
                     chunk_size=self._chunk_size,
                     encoded_chunks=True,
-                    dense=_models(model, initial, supplied),
+                    dense=_models(model, initial, supplied, carried),
                 )
 
             def read(responses: Any) -> PushResult:
@@ -453,7 +529,9 @@ class Client:
                 )
                 return PushResult(selection_header(got.first), _named(got))
 
-            return self._call(operation, frames, read, upload_bytes=_nbytes(model, initial, supplied))
+            return self._call(
+                operation, frames, read, upload_bytes=_nbytes(model, initial, supplied, carried)
+            )
 
         return self._reusing(call, initial, reuse_initial)
 
@@ -470,7 +548,7 @@ class Client:
         """Applies a payload to a model whose state is ``layout``; returns the tensors that changed.
 
         ``sparse`` carries a SPARSE_COO payload, ``tensors`` a LAYERS or FEDPM_PROBABILITIES one; in
-        SCATTER mode ``base`` holds the current values of the tensors the payload names."""
+        SCATTER and ADD modes ``base`` holds the current values of the tensors the payload names."""
         kind = coerce_enum(PayloadKind, payload_kind, "payload_kind")
         pull_mode = coerce_enum(PullMode, mode, "mode", unspecified=PullMode.REPLACE)
         outgoing = _outgoing(sparse, "sparse")
@@ -538,12 +616,17 @@ def _aggregate(
     outgoing: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
     *,
     weighted: bool = True,
+    averaging: Averaging = Averaging.PER_TENSOR,
+    value_dtype: int = tensor_pb2.DATA_TYPE_UNSPECIFIED,
+    keep_frames: bool = False,
 ) -> AggregateResult:
     start = service_pb2.AggregateStart(
         payload_kind=int(payload_kind),  # type: ignore[arg-type]
         weighted=weighted,
         position_encoding=tensor_pb2.POSITION_ENCODING_COMPACT,
         response_chunk_size_bytes=client.chunk_size,
+        value_dtype=value_dtype,  # type: ignore[arg-type]
+        averaging=int(averaging),  # type: ignore[arg-type]
     )
 
     def frames() -> Iterator[Any]:
@@ -558,8 +641,9 @@ def _aggregate(
         )
 
     def read(responses: Any) -> AggregateResult:
+        kept: list[Any] | None = [] if keep_frames else None
         got = read_frames(
-            responses,
+            _keeping(responses, kept) if kept is not None else responses,
             first="header",
             dense_sections=RESULT,
             sparse_sections=RESULT,
@@ -569,6 +653,7 @@ def _aggregate(
             aggregate_header(got.first),
             _sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
             _named(got),
+            kept,
         )
 
     upload = sum(_nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in outgoing)

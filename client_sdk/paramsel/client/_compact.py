@@ -3,6 +3,7 @@ and back."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,3 +207,18 @@ def _layer_frames(packed: NDArrays, value_dtype: torch.dtype | None) -> list[ser
             dense=[(_RESULT, named)],
         )
     )
+
+
+def unpack_masks(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A FedPM mask sent at 1 bit per entry (``FedPm(packed_masks=True)``) as FL4Health's int64 0/1 mask
+    of ``shape`` (its score tensor's): entry i is bit i % 8, least significant first, of byte i / 8."""
+    dims = tuple(int(d) for d in shape)
+    numel = math.prod(dims)
+    data = packed.detach().cpu()
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != (numel + 7) // 8:
+        raise invalid_argument(
+            f"a packed mask of shape {dims} is a 1-d uint8 tensor of {(numel + 7) // 8} bytes, "
+            f"got {data.dtype} of shape {tuple(data.shape)}"
+        )
+    bits = np.unpackbits(data.numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits.astype(np.int64)).reshape(dims)

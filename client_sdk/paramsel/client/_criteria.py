@@ -20,6 +20,7 @@ from torch import nn
 
 from paramsel.client import _embedded
 from paramsel.client._client import Client
+from paramsel.client._compact import unpack_masks
 from paramsel.client._connection import Connection, with_target
 from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._state import NDArrays, state_of, to_numpy
@@ -190,8 +191,20 @@ def select_layers(
 ) -> tuple[NDArrays, list[str]]:
     if isinstance(criterion, (DriftThreshold, DriftPercentage)) and not layers_served(criterion):
         return _select_layers_here(criterion, model, initial_model)
+    if isinstance(criterion, FedPm):
+        return _sampled_masks(criterion, model, client)
     result = client.select(criterion, state_of(model), state_of(initial_model) if initial_model else None)
     return [to_numpy(t) for _, t in result.tensors], [name for name, _ in result.tensors]
+
+
+def _sampled_masks(criterion: FedPm, model: nn.Module, client: Client) -> tuple[NDArrays, list[str]]:
+    """FedPM's int64 masks, as FL4Health returns them, having travelled at 1 bit per entry (the same
+    draws: packing changes only how the masks travel)."""
+    state = state_of(model)
+    result = client.select(FedPm(criterion.seed, packed_masks=True), state, None)
+    with local_errors("the server's masks do not fit the model: "):
+        masks = [to_numpy(unpack_masks(packed, tuple(state[name].shape))) for name, packed in result.tensors]
+    return masks, [name for name, _ in result.tensors]
 
 
 def _select_layers_here(

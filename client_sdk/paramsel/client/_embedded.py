@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # torch too is imported only with the work: `paramsel health`
     """(name, dense shape, values, flat positions) per tensor: a sparse selection or pull payload."""
 
 PULL_MODES = ("replace", "scatter")
+"""The drop-in exchangers' pull modes; :func:`pull_sparse_into` also takes ``"add"`` (sparse updates)."""
 
 
 def start_server() -> Any:
@@ -52,10 +53,15 @@ def drift_norms(current: State, initial: State | None, *, normalize: bool, what:
 
 
 def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None:
-    """Writes the densified sparse tensors into ``targets`` (``mode``: one of :data:`PULL_MODES`)."""
+    """Writes the densified sparse tensors into ``targets`` (``mode``: one of :data:`PULL_MODES`), or
+    adds them to it (``"add"``)."""
     from paramsel import engine
 
-    pull_mode = {"replace": engine.PullMode.REPLACE, "scatter": engine.PullMode.SCATTER}[mode]
+    pull_mode = {
+        "replace": engine.PullMode.REPLACE,
+        "scatter": engine.PullMode.SCATTER,
+        "add": engine.PullMode.ADD,
+    }[mode]
     sparse = [
         engine.SparseTensor(name, shape, values, positions) for name, shape, values, positions in payload
     ]

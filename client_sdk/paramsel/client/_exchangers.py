@@ -285,6 +285,8 @@ class DynamicLayerExchanger:
         """[arrays..., names], FL4Health's packed list."""
         if type(self).select_parameters is DynamicLayerExchanger.select_parameters:
             criterion, client = self._served()
+            if isinstance(criterion, FedPm):  # the masks travel at 1 bit per entry
+                return self.pack_parameters(*select_layers(criterion, model, initial_model, client))
             if criterion is not None and layers_served(criterion):
                 result = client.push(
                     criterion, state_of(model), state_of(initial_model) if initial_model else None

@@ -36,13 +36,15 @@ class ScoreFunction(enum.IntEnum):
 
 class PositionEncoding(enum.IntEnum):
     """How the positions of sparse values travel (``paramsel.v1.PositionEncoding``); COMPACT asks for
-    whichever of BITMAP and ELIAS_FANO is smaller, per tensor."""
+    whichever of BITMAP and ELIAS_FANO is smaller, per tensor (SEEDED for seeded random-k updates, whose
+    positions are drawn again from a seed and take no bytes)."""
 
     COO_INT64 = tensor_pb2.POSITION_ENCODING_COO_INT64
     FLAT_INT64 = tensor_pb2.POSITION_ENCODING_FLAT_INT64
     BITMAP = tensor_pb2.POSITION_ENCODING_BITMAP
     ELIAS_FANO = tensor_pb2.POSITION_ENCODING_ELIAS_FANO
     COMPACT = tensor_pb2.POSITION_ENCODING_COMPACT
+    SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
 
 
 class DataType(enum.IntEnum):
@@ -71,19 +73,39 @@ class PayloadKind(enum.IntEnum):
 
 class PullMode(enum.IntEnum):
     """How :meth:`Client.pull` applies a payload (``paramsel.v1.PullMode``): REPLACE is FL4Health's (unsent
-    coordinates become 0); SCATTER writes only the sent coordinates of sparse payloads."""
+    coordinates become 0); SCATTER writes only the sent coordinates of sparse payloads; ADD adds a sparse
+    update (:class:`SparseUpdate`) to the current values."""
 
     REPLACE = service_pb2.PULL_MODE_REPLACE
     SCATTER = service_pb2.PULL_MODE_SCATTER
+    ADD = service_pb2.PULL_MODE_ADD
 
 
 class SelectionKind(enum.IntEnum):
     """What a selection holds (``paramsel.v1.SelectionKind``): sparse COO tensors (top-k), whole layers
-    (the drift criteria) or FedPM masks."""
+    (the drift criteria), FedPM masks, or an update's entries as sparse COO tensors (:class:`SparseUpdate`)."""
 
     SPARSE_COO = service_pb2.SELECTION_KIND_SPARSE_COO
     LAYERS = service_pb2.SELECTION_KIND_LAYERS
     FEDPM_MASKS = service_pb2.SELECTION_KIND_FEDPM_MASKS
+    SPARSE_UPDATE = service_pb2.SELECTION_KIND_SPARSE_UPDATE
+
+
+class UpdateSelection(enum.IntEnum):
+    """How :class:`SparseUpdate` picks the entries of the update (``paramsel.v1.UpdateSelection``): the
+    largest by magnitude, or seeded random positions that every client of a round shares."""
+
+    TOP_K = criteria_pb2.UPDATE_SELECTION_TOP_K
+    RANDOM_K = criteria_pb2.UPDATE_SELECTION_RANDOM_K
+
+
+class Averaging(enum.IntEnum):
+    """How :meth:`Client.aggregate` averages sparse payloads (``paramsel.v1.Averaging``): PER_TENSOR is
+    FL4Health's (unsent coordinates count as zeros); PER_COORDINATE averages each coordinate over the
+    contributions that sent it."""
+
+    PER_TENSOR = service_pb2.AVERAGING_PER_TENSOR
+    PER_COORDINATE = service_pb2.AVERAGING_PER_COORDINATE
 
 
 E = TypeVar("E", bound=enum.IntEnum)
@@ -119,8 +141,9 @@ def member_of(kind: type[E], value: int, what: str) -> E:
 
 
 class Criterion(abc.ABC):
-    """What the service selects: :class:`TopK`, :class:`DriftThreshold`, :class:`DriftPercentage` or
-    :class:`FedPm`. The server checks the values (INVALID_ARGUMENT when out of range)."""
+    """What the service selects: :class:`TopK`, :class:`DriftThreshold`, :class:`DriftPercentage`,
+    :class:`FedPm` or :class:`SparseUpdate`. The server checks the values (INVALID_ARGUMENT when out of
+    range)."""
 
     __slots__ = ()
 
@@ -216,22 +239,64 @@ class FedPm(Criterion):
 
     seed: int | None = None
     """Seed of the sampler, in [0, 2**64): the same seed and scores give the same masks. None: the server draws one."""
+    packed_masks: bool = False
+    """Beyond FL4Health: the masks travel at 1 bit per entry, as uint8 tensors of ceil(n / 8) bytes
+    (:func:`unpack_masks` expands one); False: FL4Health's int64 masks."""
 
     def __post_init__(self) -> None:
         if self.seed is not None:
-            seed = operator.index(self.seed)  # TypeError for a float, as protobuf raised
-            if not 0 <= seed < _UINT64:
-                raise invalid_argument(f"seed must be in [0, 2**64), got {seed}")
-            object.__setattr__(self, "seed", seed)
+            object.__setattr__(self, "seed", _checked_seed(self.seed))
 
     def to_proto(self) -> criteria_pb2.Criterion:
         """The ``paramsel.v1.Criterion`` message of this criterion (a new one at each call)."""
-        fed_pm = (
-            criteria_pb2.FedPmCriterion()
-            if self.seed is None
-            else criteria_pb2.FedPmCriterion(seed=self.seed)
-        )
+        fed_pm = criteria_pb2.FedPmCriterion(packed_masks=bool(self.packed_masks))
+        if self.seed is not None:
+            fed_pm.seed = self.seed
         return criteria_pb2.Criterion(fed_pm=fed_pm)
+
+
+def _checked_seed(value: object) -> int:
+    seed = operator.index(value)  # type: ignore[arg-type]  # TypeError for a float, as protobuf raised
+    if not 0 <= seed < _UINT64:
+        raise invalid_argument(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+@dataclass(frozen=True)
+class SparseUpdate(Criterion):
+    """Beyond FL4Health: entries of the update u = (w - w0) + residual, for error feedback (the residual
+    is what earlier rounds did not send; :class:`SparseUpdateExchanger` keeps it). TOP_K sends the
+    k = ceil(N x sparsity_level) entries of largest |u| (FL4Health's top-k rule); RANDOM_K sends, per
+    tensor, ceil(n x sparsity_level) positions drawn from ``seed`` (the same for every client of a round,
+    a new one every round), whose positions take no bytes with PositionEncoding.COMPACT."""
+
+    sparsity_level: float
+    """Fraction of the entries to send, in (0, 1]."""
+    selection: UpdateSelection = UpdateSelection.TOP_K
+    """Top-k by magnitude or seeded random-k."""
+    exact_k: bool = False
+    """TOP_K only: exactly k entries, ties at the threshold going to the earliest in the state."""
+    seed: int = 0
+    """RANDOM_K only: the seed of the positions, in [0, 2**64)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "selection",
+            coerce_enum(UpdateSelection, self.selection, "selection", unspecified=UpdateSelection.TOP_K),
+        )
+        object.__setattr__(self, "seed", _checked_seed(self.seed))
+
+    def to_proto(self) -> criteria_pb2.Criterion:
+        """The ``paramsel.v1.Criterion`` message of this criterion (a new one at each call)."""
+        return criteria_pb2.Criterion(
+            sparse_update=criteria_pb2.SparseUpdateCriterion(
+                sparsity_level=float(self.sparsity_level),
+                selection=int(self.selection),  # type: ignore[arg-type]
+                exact_k=bool(self.exact_k),
+                seed=self.seed,
+            )
+        )
 
 
 def criterion_from_proto(message: criteria_pb2.Criterion) -> Criterion:
@@ -260,9 +325,23 @@ def criterion_from_proto(message: criteria_pb2.Criterion) -> Criterion:
             share.select_drift_more if share.HasField("select_drift_more") else True,
         )
     if kind == "fed_pm":
-        return FedPm(message.fed_pm.seed if message.fed_pm.HasField("seed") else None)
+        return FedPm(
+            message.fed_pm.seed if message.fed_pm.HasField("seed") else None, message.fed_pm.packed_masks
+        )
+    if kind == "sparse_update":
+        update = message.sparse_update
+        return SparseUpdate(
+            update.sparsity_level,
+            member_of(
+                UpdateSelection,
+                update.selection or UpdateSelection.TOP_K,
+                "criterion.sparse_update.selection",
+            ),
+            update.exact_k,
+            update.seed,
+        )
     raise invalid_argument(
-        "criterion: exactly one of top_k, drift_threshold, drift_percentage, fed_pm must be set"
+        "criterion: exactly one of top_k, drift_threshold, drift_percentage, fed_pm, sparse_update must be set"
     )
 
 
@@ -274,7 +353,7 @@ def as_criterion(value: object, what: str = "criterion") -> Criterion:
     if isinstance(value, criteria_pb2.Criterion):
         warnings.warn(
             f"{what} as a paramsel.v1 Criterion message is deprecated; pass paramsel.client.TopK, "
-            "DriftThreshold, DriftPercentage or FedPm",
+            "DriftThreshold, DriftPercentage, FedPm or SparseUpdate",
             DeprecationWarning,
             stacklevel=3,
         )
