@@ -78,7 +78,8 @@ class SparseTensor:
     tensor that has one is sent with its seed instead of its positions, which it must then match."""
 
 
-def _sparse_tensors(received: Sequence[SparseData]) -> list[SparseTensor]:
+def sparse_tensors(received: Sequence[SparseData]) -> list[SparseTensor]:
+    """The SDK's sparse tensors of decoded ones, each seeded one with its seed."""
     return [
         SparseTensor(
             s.decl.name,
@@ -470,7 +471,7 @@ class Client:
                 got = read_selection(_keeping(responses, kept) if kept is not None else responses)
                 return SelectResult(
                     selection_header(got.first),
-                    _sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
+                    sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
                     _named(got),
                     kept,
                 )
@@ -651,7 +652,7 @@ def _aggregate(
         )
         return AggregateResult(
             aggregate_header(got.first),
-            _sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
+            sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, [])),
             _named(got),
             kept,
         )

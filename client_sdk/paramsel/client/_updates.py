@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from paramsel.client import _embedded
-from paramsel.client._client import Client, SelectResult, SparseTensor, read_selection
+from paramsel.client._client import Client, SelectResult, SparseTensor, read_selection, sparse_tensors
 from paramsel.client._compact import compact_payload
 from paramsel.client._connection import Connection
 from paramsel.client._errors import invalid_argument, local_errors
@@ -144,16 +144,7 @@ def decode_update(payload: bytes) -> list[SparseTensor]:
         got = read_selection(service_pb2.SelectionPayload.FromString(payload).frames)
     if got.dense.get(tensor_pb2.SECTION_RESULT):
         raise invalid_argument("not a sparse update: the payload holds whole tensors")
-    return [
-        SparseTensor(
-            s.decl.name,
-            tuple(s.decl.shape),
-            s.values,
-            s.positions,
-            s.decl.position_seed if s.decl.position_encoding == tensor_pb2.POSITION_ENCODING_SEEDED else None,
-        )
-        for s in got.sparse.get(tensor_pb2.SECTION_RESULT, [])
-    ]
+    return sparse_tensors(got.sparse.get(tensor_pb2.SECTION_RESULT, []))
 
 
 def aggregate_updates(
