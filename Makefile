@@ -88,6 +88,10 @@ compat:  ## the suite in users' environments: FL4Health 0.4.2's own (Python 3.10
 demo: setup  ## the main job: the demo's Flower App (paramsel serve, a SuperLink on the Simulation Engine, 3 clients)
 	.venv/bin/paramsel-demo
 
+.PHONY: compare
+compare: setup  ## issue 13's comparison: dense, FL4Health sparse values, sparse updates with error feedback (8 exchanges x 3 seeds) on the demo's Flower App
+	.venv/bin/paramsel-demo --compare
+
 example: setup  ## the FL4Health-style example client against a separately started paramsel serve
 	scripts/example.sh
 

@@ -11,11 +11,17 @@ pull keeps what the aggregate does not cover (``pull_mode="scatter"``). Per roun
 
 Every reply carries the client's figures (bytes, losses, accuracy) in its MetricRecord; the first train
 reply of a run also carries the initial model's accuracy.
+
+For ``paramsel-demo --compare`` the messages' config also names the exchange (``method``) and the run's
+seed (``run-seed``); the replies then add the bytes of their payload records as Flower would put them on
+the wire (``wire-bytes-sent`` / ``-received``). Sparse updates with error feedback keep the round's
+initial model (the global one, to which the aggregate is added) and the residual in ``context.state``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Protocol
@@ -26,8 +32,18 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordVa
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from paramsel_demo.settings import DENSE_RUN, SCORE_CRITERIA, DemoSettings, run_config_str
-from paramsel_demo.task import Shard, evaluate, initial_model, load_shard, round_generator, train
+from paramsel_demo.compare import DENSE, METHODS_BY_KEY, UPDATES, Method, round_seed
+from paramsel_demo.settings import DENSE_RUN, SCORE_CRITERIA, DemoSettings, RunConfig, run_config_str
+from paramsel_demo.task import (
+    HIDDEN_UNITS,
+    LEARNING_RATE,
+    Shard,
+    evaluate,
+    initial_model,
+    load_shard,
+    round_generator,
+    train,
+)
 from paramsel_demo.wire import (
     METRICS,
     PAYLOAD,
@@ -35,6 +51,7 @@ from paramsel_demo.wire import (
     arrays_record,
     compact_arrays,
     compact_payload,
+    flower_wire_bytes,
     payload_bytes,
     record_arrays,
 )
@@ -124,6 +141,40 @@ class DenseExchange:
         )
 
 
+class UpdateExchange:
+    """Sparse updates with error feedback (``SparseUpdateExchanger``, beyond FL4Health): the selected
+    entries of u = (w - w0) + residual up, as a compact payload; the per-coordinate average of the
+    clients' updates down, added to the round's initial model (``pull_compact``). The residual lives in
+    the node's state between rounds (:class:`DigitsClient` hands it over), not in this object."""
+
+    def __init__(self, method: Method, target: str | None) -> None:
+        from paramsel.client import SparseUpdateExchanger
+
+        self.exchanger = SparseUpdateExchanger(
+            method.sparsity,
+            selection=method.selection,
+            value_dtype=torch.float16 if method.value_dtype == "float16" else None,
+            target=target,
+        )
+
+    def push_update(
+        self, model: nn.Module, initial: nn.Module, *, seed: int, residual: dict[str, torch.Tensor]
+    ) -> tuple[NDArrays, dict[str, torch.Tensor]]:
+        """The payload of this round's update, and the residual to carry to the next round."""
+        self.exchanger.residual = residual
+        payload = compact_arrays(self.exchanger.push_compact(model, initial, seed=seed))
+        return payload, dict(self.exchanger.residual)
+
+    def push(self, model: nn.Module, initial: nn.Module) -> NDArrays:
+        raise TypeError("an update needs its residual and seed: call push_update")
+
+    def packed(self, payload: NDArrays) -> NDArrays:
+        return payload
+
+    def pull(self, packed: NDArrays, model: nn.Module) -> None:
+        self.exchanger.pull_compact(compact_payload(packed), model)
+
+
 def make_exchange(settings: DemoSettings, run: str, target: str | None) -> Exchange:
     """The exchange of ``run``, calling the paramsel service at ``target`` (else the SDK's default)."""
     if run == DENSE_RUN:
@@ -147,6 +198,42 @@ def _exchange(settings: DemoSettings, run: str, target: str | None, index: int) 
 
 
 @functools.lru_cache(maxsize=32)
+def _compare_exchange(settings: DemoSettings, key: str, target: str | None, index: int) -> Exchange:
+    """Client ``index``'s exchange of one of ``paramsel-demo --compare``'s methods (kept for the process's
+    life as :func:`_exchange`; whatever a run carries between rounds lives in the node's state)."""
+    method = METHODS_BY_KEY[key]
+    if method.kind == DENSE:
+        return DenseExchange()
+    if method.kind == UPDATES:
+        return UpdateExchange(method, target)
+    return CompactExchange(
+        dataclasses.replace(settings, criterion="largest_magnitude_change", sparsity=method.sparsity), target
+    )
+
+
+def hidden_units(config: RunConfig) -> int:
+    """The MLP's hidden units: the run config's ``hidden-units``; 0 (the app's default) means the demo's
+    32, or :data:`paramsel_demo.compare.COMPARE_HIDDEN_UNITS` when the run is a comparison."""
+    from paramsel_demo.compare import COMPARE_HIDDEN_UNITS
+
+    value = config.get("hidden-units", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"run config 'hidden-units' must be an integer >= 0, got {value!r}")
+    if value:
+        return value
+    return COMPARE_HIDDEN_UNITS if config.get("compare") is True else HIDDEN_UNITS
+
+
+def learning_rate(config: RunConfig) -> float:
+    """SGD's step size: the run config's ``learning-rate``; 0 (the app's default) or absent means the
+    task's :data:`paramsel_demo.task.LEARNING_RATE`."""
+    value = config.get("learning-rate", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"run config 'learning-rate' must be a number >= 0, got {value!r}")
+    return float(value) or LEARNING_RATE
+
+
+@functools.lru_cache(maxsize=32)
 def _shard(index: int, clients: int, skew: float, seed: int) -> Shard:
     """Client ``index``'s shard, loaded once per process."""
     return load_shard(index, clients, skew=skew, seed=seed)
@@ -154,7 +241,13 @@ def _shard(index: int, clients: int, skew: float, seed: int) -> Shard:
 
 class DigitsClient:
     """One node's client for one run, laid out as an FL4Health client: a model, the model it started the
-    round from (``initial_model``), a parameter exchanger, ``get_parameters`` / ``set_parameters``."""
+    round from (``initial_model``), a parameter exchanger, ``get_parameters`` / ``set_parameters``.
+
+    A run of ``paramsel-demo --compare`` names its method and seed in the message's config (``method``,
+    ``run-seed``): the seed then fixes the model's initialization and batch order (the data split stays
+    the run config's ``seed``), and the figures add the bytes of the payload records as Flower would put
+    them on the wire. For sparse updates the node keeps the round's initial model (every client's copy
+    of the global model; the aggregate is added to it) and its error-feedback residual."""
 
     def __init__(self, message: Message, context: Context) -> None:
         torch.set_num_threads(1)
@@ -170,18 +263,41 @@ class DigitsClient:
                 f"this node is one of {partitions} partitions, but the run has {self.settings.clients} clients"
             )
         target = run_config_str(context.run_config, "paramsel-target") or None
-        self.parameter_exchanger = _exchange(self.settings, self.run, target, self.index)
+        self.method: Method | None = None
+        self.seed = self.settings.seed
+        if "method" in config:  # a run of paramsel-demo --compare
+            key = str(config["method"])
+            if key not in METHODS_BY_KEY:
+                raise ValueError(f"unknown method {key!r}")
+            self.method = METHODS_BY_KEY[key]
+            self.seed = _integer(config["run-seed"], "run-seed")
+            self.parameter_exchanger = _compare_exchange(self.settings, key, target, self.index)
+        else:
+            self.parameter_exchanger = _exchange(self.settings, self.run, target, self.index)
         self.shard = _shard(self.index, self.settings.clients, self.settings.skew, self.settings.seed)
         self._key = f"{self.run}-model"
-        self.model = initial_model(self.settings.seed)
+        self._residual_key = f"{self.run}-residual"
+        self.model = initial_model(self.seed, hidden_units(context.run_config))
         self.fresh = self._key not in context.state.array_records
         if not self.fresh:
             self.model.load_state_dict(context.state.array_records[self._key].to_torch_state_dict())
+        elif self.method is not None:
+            self._forget_other_runs()
         self.initial_model = copy.deepcopy(self.model)
 
-    def keep_model(self) -> None:
-        """Stores the model in the node's state for the run's next message."""
-        self.context.state[self._key] = ArrayRecord(self.model.state_dict())
+    @property
+    def updates(self) -> bool:
+        return self.method is not None and self.method.kind == UPDATES
+
+    def _forget_other_runs(self) -> None:
+        """A comparison's runs follow one another: what the node kept for the earlier ones goes."""
+        for key in list(self.context.state.array_records):
+            if key.endswith(("-model", "-residual")):
+                del self.context.state[key]
+
+    def keep_model(self, model: nn.Module | None = None) -> None:
+        """Stores the model (or ``model``) in the node's state for the run's next message."""
+        self.context.state[self._key] = ArrayRecord((model or self.model).state_dict())
 
     def get_parameters(self) -> NDArrays:
         """The payload to send: the selection pushed through paramsel (or the whole state)."""
@@ -191,6 +307,23 @@ class DigitsClient:
         """Pulls an aggregate (FL4Health's packed list, or the whole state) into the model."""
         self.parameter_exchanger.pull(packed, self.model)
 
+    def _push_update(self) -> NDArrays:
+        """Sparse updates: the update's payload; the new residual and the round's initial model are kept
+        (the trained model is not: what it did not send lives on in the residual)."""
+        assert isinstance(self.parameter_exchanger, UpdateExchange)
+        assert self.method is not None
+        kept = self.context.state.array_records.get(self._residual_key)
+        residual = dict(kept.to_torch_state_dict()) if kept is not None else {}
+        seed = round_seed(self.seed, self.round) if self.method.selection == "random_k" else 0
+        payload, residual = self.parameter_exchanger.push_update(
+            self.model, self.initial_model, seed=seed, residual=residual
+        )
+        self.context.state[self._residual_key] = ArrayRecord(
+            {name: tensor.detach().cpu().contiguous() for name, tensor in residual.items()}
+        )
+        self.keep_model(self.initial_model)
+        return payload
+
     def fit(self) -> tuple[NDArrays, MetricRecord]:
         metrics: dict[str, MetricRecordValues] = {
             "client": self.index,
@@ -199,16 +332,20 @@ class DigitsClient:
         if self.fresh:  # the run's first round: the seeded initial model's figures
             accuracy, loss = evaluate(self.model, self.shard.x_test, self.shard.y_test)
             metrics |= {"initial-accuracy": accuracy, "initial-loss": loss}
-        generator = round_generator(self.settings.seed, self.index, self.round)
+        generator = round_generator(self.seed, self.index, self.round)
         train_loss = train(
             self.model,
             self.shard.x_train,
             self.shard.y_train,
             epochs=self.settings.local_epochs,
             generator=generator,
+            learning_rate=learning_rate(self.context.run_config),
         )
-        payload = self.get_parameters()
-        self.keep_model()
+        if self.updates:
+            payload = self._push_update()
+        else:
+            payload = self.get_parameters()
+            self.keep_model()
         metrics |= {
             "train-loss": train_loss,
             "bytes-sent": payload_bytes(payload),
@@ -216,7 +353,7 @@ class DigitsClient:
         }
         return payload, MetricRecord(metrics)
 
-    def validate(self, payload: NDArrays) -> MetricRecord:
+    def validate(self, payload: NDArrays, wire_bytes: int | None = None) -> MetricRecord:
         if self.fresh:
             raise ValueError(
                 f"client {self.index} has no model of run {self.run!r} to pull an aggregate into"
@@ -225,16 +362,17 @@ class DigitsClient:
         self.set_parameters(packed)
         self.keep_model()
         accuracy, loss = evaluate(self.model, self.shard.x_test, self.shard.y_test)
-        return MetricRecord(
-            {
-                "client": self.index,
-                "num-examples": len(self.shard.y_test),
-                "accuracy": accuracy,
-                "loss": loss,
-                "bytes-received": payload_bytes(payload),
-                "fl4health-list-bytes-received": payload_bytes(packed),
-            }
-        )
+        metrics: dict[str, MetricRecordValues] = {
+            "client": self.index,
+            "num-examples": len(self.shard.y_test),
+            "accuracy": accuracy,
+            "loss": loss,
+            "bytes-received": payload_bytes(payload),
+            "fl4health-list-bytes-received": payload_bytes(packed),
+        }
+        if wire_bytes is not None:
+            metrics["wire-bytes-received"] = wire_bytes
+        return MetricRecord(metrics)
 
 
 @app.train()
@@ -242,7 +380,10 @@ def train_round(message: Message, context: Context) -> Message:
     """Trains one round and sends the selection (pushed through paramsel)."""
     client = DigitsClient(message, context)
     payload, metrics = client.fit()
-    content = RecordDict({PAYLOAD: arrays_record(payload), METRICS: metrics})
+    record = arrays_record(payload)
+    if client.method is not None:
+        metrics["wire-bytes-sent"] = flower_wire_bytes(record)
+    content = RecordDict({PAYLOAD: record, METRICS: metrics})
     return Message(content=content, reply_to=message)
 
 
@@ -250,5 +391,7 @@ def train_round(message: Message, context: Context) -> Message:
 def evaluate_round(message: Message, context: Context) -> Message:
     """Pulls the round's aggregate and evaluates the model on the held-out split."""
     client = DigitsClient(message, context)
-    metrics = client.validate(record_arrays(message.content.array_records[PAYLOAD]))
+    record = message.content.array_records[PAYLOAD]
+    wire = flower_wire_bytes(record) if client.method is not None else None
+    metrics = client.validate(record_arrays(record), wire)
     return Message(content=RecordDict({METRICS: metrics}), reply_to=message)

@@ -15,6 +15,10 @@ is already running (with its SuperNodes and SuperExecs, e.g. docker-compose.yml'
 skipped and ``$PARAMSEL_TARGET`` must name a service every node can reach. ``--out`` is then a folder
 the ServerApp writes too (the same path on its machine: a shared volume).
 
+With ``--compare`` the app runs :mod:`paramsel_demo.compare`'s eight exchanges for several seeds instead
+of the demo's two runs (the progress bar then counts runs), and the table, ``compare.json`` and
+``compare.png`` replace the demo's figures.
+
 Every process's output goes to a log file under ``OUT/logs``. Exit status: 0 when the federation
 completed, 1 when it failed, 2 for bad options.
 """
@@ -38,20 +42,26 @@ from collections.abc import Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paramsel_demo.settings import CRITERIA, DemoSettings
+
+if TYPE_CHECKING:
+    from paramsel_demo.compare import CompareSettings
 
 ENV_TARGET = "PARAMSEL_TARGET"
 FIGURES_FILE = "figures.json"  # figures.FIGURES_FILE, without importing matplotlib's users here
 PLOT_FILE = "accuracy_vs_bytes.png"
 PROGRESS_FILE = "progress.jsonl"
+COMPARE_FILES = ("compare.json", "compare.md", "compare.png")  # compare.COMPARE_FILE, _TABLE, _PLOT
 CONNECTION = "paramsel-demo"
 """The name of the SuperLink connection in the scratch FLWR_HOME's config.toml."""
 STARTUP_SECONDS = 120.0
 _SERVE_ANNOUNCE = re.compile(r"paramsel serving on (\S+):(\d+)")
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _DEFAULTS = DemoSettings()
+DEMO_TIMEOUT = 600.0
+COMPARE_TIMEOUT = 1800.0
 
 
 class DemoError(Exception):
@@ -219,9 +229,12 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string for these characters
 
 
-def _run_config(settings: DemoSettings, target: str, out: Path, path: Path) -> Path:
+def _run_config(
+    settings: DemoSettings, target: str, out: Path, path: Path, compare: CompareSettings | None = None
+) -> Path:
     """The run config overrides, as a TOML file for ``flwr run --run-config`` (paths may hold spaces)."""
-    entries = {**settings.run_config(), "paramsel-target": target, "out-dir": str(out)}
+    base = settings.run_config() if compare is None else compare.run_config()
+    entries = {**base, "paramsel-target": target, "out-dir": str(out)}
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in entries.items()), encoding="utf-8")
     return path
 
@@ -273,6 +286,34 @@ def _follow(run: Child, out: Path, total: int, deadline: float) -> None:
             time.sleep(0.25)
 
 
+def _follow_runs(run: Child, out: Path, total: int, deadline: float) -> None:
+    """``--compare``'s progress bar, over the (exchange, seed) runs, fed by progress.jsonl."""
+    from tqdm import tqdm
+
+    from paramsel_demo.figures import read_progress
+
+    done, seen = 0, 0
+    with tqdm(total=total, unit="run", desc="comparison runs") as bar:
+        bar.set_postfix_str("starting the Simulation Engine")
+        while run.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise DemoError(f"not finished in time ({done} of {total} runs complete)\n{_tail(run.log)}")
+            records = read_progress(out)
+            if len(records) > seen:
+                seen = len(records)
+                finished = sum(1 for r in records if r.get("event") == "run")
+                bar.update(finished - done)
+                done = finished
+                rounds = [r for r in records if r.get("event") == "round"]
+                if rounds:
+                    last = rounds[-1]
+                    bar.set_postfix_str(
+                        f"{last['label']}, seed {last['seed']}, round {last['round']}: "
+                        f"accuracy {last['accuracy']:.3f}"
+                    )
+            time.sleep(0.25)
+
+
 def run_demo(
     settings: DemoSettings,
     *,
@@ -281,13 +322,16 @@ def run_demo(
     app: Path,
     workers: int = 1,
     superlink: str | None = None,
+    compare: CompareSettings | None = None,
 ) -> int:
     """The whole demo; 0 when the federation completed and the figures are written, else 1.
-    ``superlink``: the address of a running SuperLink (Deployment Engine), instead of starting one."""
+    ``superlink``: the address of a running SuperLink (Deployment Engine), instead of starting one.
+    ``compare``: the comparison (``--compare``) instead of the demo's two runs."""
     started = time.monotonic()
     out = out.resolve()
     logs = out / "logs"
-    for stale in (FIGURES_FILE, PLOT_FILE, PROGRESS_FILE):
+    outputs = (FIGURES_FILE, PLOT_FILE) if compare is None else COMPARE_FILES
+    for stale in (*outputs, PROGRESS_FILE):
         (out / stale).unlink(missing_ok=True)
     bin_dir = Path(sys.executable).parent
     scratch = Path(tempfile.mkdtemp(prefix="paramsel-demo-"))
@@ -326,12 +370,19 @@ def run_demo(
                 address = str(superlink)
             _flower_home(scratch / "flwr", address)
             engine = "Deployment Engine" if superlink else "Simulation Engine"
+            if compare is None:
+                runs = ", ".join(settings.describe(r) for r in settings.runs)
+            else:
+                runs = (
+                    f"{len(compare.runs)} (8 exchanges x seeds {', '.join(map(str, compare.seed_list))}), "
+                    f"MLP 64-{compare.hidden_units}-10 ({compare.parameters:,} parameters)"
+                )
             print(
                 f"Flower SuperLink ({engine}) at {address}; {settings.clients} clients, "
-                f"{settings.rounds} rounds, runs: {', '.join(settings.describe(r) for r in settings.runs)}",
+                f"{settings.rounds} rounds, runs: {runs}",
                 flush=True,
             )
-            overrides = _run_config(settings, target, out, scratch / "run-config.toml")
+            overrides = _run_config(settings, target, out, scratch / "run-config.toml", compare)
             run = Child.start(
                 "flwr run",
                 [
@@ -348,21 +399,31 @@ def run_demo(
                 logs / "flwr-run.log",
             )
             children.append(run)
-            _follow(run, out, settings.rounds * len(settings.runs), started + timeout)
+            if compare is None:
+                _follow(run, out, settings.rounds * len(settings.runs), started + timeout)
+            else:
+                _follow_runs(run, out, len(compare.runs), started + timeout)
             match = _RUN_STARTED.search(run.log.read_text(encoding="utf-8", errors="replace"))
             if run.proc.returncode != 0 or match is None:
                 raise DemoError(f"flwr run exited with {run.proc.returncode}\n{_tail(run.log)}")
             status, details = run_status(env, int(match.group(1)))
             if status != "finished:completed":
                 raise DemoError(f"the Flower run ended {status}: {details or _tail(run.log)}")
-            if not (out / FIGURES_FILE).is_file():
+            if not (out / outputs[0]).is_file():
                 raise DemoError(
-                    f"the ServerApp completed, but {out / FIGURES_FILE} is missing\n{_tail(run.log)}"
+                    f"the ServerApp completed, but {out / outputs[0]} is missing\n{_tail(run.log)}"
                 )
         except DemoError as failure:
             print(f"paramsel-demo failed: {failure}", file=sys.stderr, flush=True)
             print(f"logs: {logs}", file=sys.stderr, flush=True)
             return 1
+    if compare is not None:
+        print((out / COMPARE_FILES[1]).read_text(encoding="utf-8"), end="")
+        for name, path in zip(("figures", "table", "plot"), COMPARE_FILES, strict=True):
+            print(f"{name}: {out / path}")
+        print(f"logs: {logs}")
+        print(f"wall time: {time.monotonic() - started:.1f} s", flush=True)
+        return 0
     from paramsel_demo.figures import format_table, summary
 
     figures = json.loads((out / FIGURES_FILE).read_text(encoding="utf-8"))
@@ -439,7 +500,38 @@ def _parser() -> argparse.ArgumentParser:
         help="directory for figures.json, accuracy_vs_bytes.png and logs/ (default %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="give up after this many seconds (default %(default)s)"
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"give up after this many seconds (default {DEMO_TIMEOUT:g}; {COMPARE_TIMEOUT:g} with --compare)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="instead of the demo's two runs, compare 8 exchanges on the same data: dense FedAvg, "
+        "FL4Health's sparse values (top-k 0.1 and 0.01), sparse updates with error feedback (top-k 0.1 "
+        "and 0.01, float32 and float16 values; seeded random-k 0.1), each for --seeds seeds, with a "
+        "wider MLP; writes compare.json, compare.md and compare.png to --out. --criterion, --sparsity, "
+        "--no-dense-baseline and --norm-threshold do not apply",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="--compare: seeds per exchange, --seed, --seed + 1, ... (model init and batch order; the data "
+        "split is --seed's) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--hidden-units",
+        type=int,
+        default=256,
+        help="--compare: hidden units of the MLP 64-H-10 (default %(default)s; the demo's is 32)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=0.05,
+        help="--compare: SGD's step size, for every exchange (default %(default)s, the demo's)",
     )
     parser.add_argument(
         "--workers",
@@ -480,6 +572,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"paramsel-demo: {error}", file=sys.stderr)
         return 2
+    compare = None
+    if args.compare:
+        fixed = {
+            "--criterion": args.criterion != _DEFAULTS.criterion,
+            "--sparsity": args.sparsity != _DEFAULTS.sparsity,
+            "--no-dense-baseline": not args.dense_baseline,
+            "--norm-threshold": args.norm_threshold != _DEFAULTS.norm_threshold,
+        }
+        given = [option for option, set_ in fixed.items() if set_]
+        if given:
+            print(
+                f"paramsel-demo: --compare runs its own set of exchanges; {', '.join(given)} "
+                "does not apply to it",
+                file=sys.stderr,
+            )
+            return 2
+        if args.superlink:
+            print(
+                "paramsel-demo: --compare runs on the Simulation Engine only (on the Deployment Engine "
+                "every message starts a fresh ClientApp process: its 240 rounds would take hours)",
+                file=sys.stderr,
+            )
+            return 2
+        from paramsel_demo.compare import CompareSettings
+
+        try:
+            compare = CompareSettings(settings, args.seeds, args.hidden_units, args.learning_rate)
+        except ValueError as error:
+            print(f"paramsel-demo: {error}", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print(f"paramsel-demo: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
@@ -495,13 +617,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
+        timeout = args.timeout
+        if timeout is None:
+            timeout = DEMO_TIMEOUT if compare is None else COMPARE_TIMEOUT
         return run_demo(
             settings,
             out=args.out,
-            timeout=args.timeout,
+            timeout=timeout,
             app=args.app,
             workers=args.workers,
             superlink=args.superlink,
+            compare=compare,
         )
     except KeyboardInterrupt:  # the processes it started are stopped by then
         print("paramsel-demo: interrupted", file=sys.stderr)

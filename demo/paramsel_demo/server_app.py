@@ -11,18 +11,35 @@ The ServerApp checks what it gets and raises when something is wrong (a client's
 a failed aggregation, a figure out of range), so that the run ends ``finished:failed``. When the run
 config names an ``out-dir``, it appends a line per completed round to ``progress.jsonl`` there, and at
 the end writes ``figures.json`` and ``accuracy_vs_bytes.png``.
+
+With the run config's ``compare`` set (``paramsel-demo --compare``), :func:`compare_main` runs every
+exchange of :mod:`paramsel_demo.compare` for every seed instead, one after the other, with the same
+rounds: sparse values through :class:`ParamselFedAvg`, dense FedAvg through :class:`DenseFedAvg`, sparse
+updates with error feedback through :class:`UpdateFedAvg` (the per-coordinate average); it writes
+``compare.json``, ``compare.md`` and ``compare.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from paramsel_demo.compare import (
+    DENSE,
+    UPDATES,
+    CompareSettings,
+    Method,
+    RoundRecord,
+    build_compare_figures,
+    run_name,
+    write_compare,
+)
 from paramsel_demo.figures import ClientReport, append_progress, build_figures, write_outputs
 from paramsel_demo.settings import SPARSE_RUN, DemoSettings, run_config_float, run_config_str
 from paramsel_demo.wire import (
@@ -64,6 +81,14 @@ def _reason(reason: str) -> str:
     said = [line.split(marker, 1)[1] for line in lines if marker in line]
     gist = said[-1] if said else (lines[-1] if lines else reason)
     return gist.removesuffix("'>")
+
+
+class RoundSink(Protocol):
+    """What the strategies hand every round's checked replies to."""
+
+    def train(self, run: str, round_number: int, replies: dict[int, MetricRecord]) -> None: ...
+
+    def evaluate(self, run: str, round_number: int, replies: dict[int, MetricRecord]) -> None: ...
 
 
 class Recorder:
@@ -152,7 +177,7 @@ class _DemoRounds(FedAvg):
     """Every node every round; train messages carry the run's config only (the nodes keep their models);
     every reply is checked and recorded, and any failure raises :class:`DemoRunError`."""
 
-    def __init__(self, settings: DemoSettings, run: str, recorder: Recorder) -> None:
+    def __init__(self, settings: DemoSettings, run: str, recorder: RoundSink) -> None:
         clients = settings.clients
         super().__init__(
             fraction_train=1.0,
@@ -220,7 +245,7 @@ class ParamselFedAvg(_DemoRounds):
     """The sparse run: FL4Health's aggregation of the clients' selections, computed by the paramsel
     service (``aggregate_sparse_coo`` for top-k payloads, ``aggregate_layers`` for whole layers)."""
 
-    def __init__(self, settings: DemoSettings, run: str, recorder: Recorder, target: str | None) -> None:
+    def __init__(self, settings: DemoSettings, run: str, recorder: RoundSink, target: str | None) -> None:
         super().__init__(settings, run, recorder)
         self.target = target
         self.layout = settings.layout(run)
@@ -272,9 +297,169 @@ class DenseFedAvg(_DemoRounds):
         return arrays, metrics
 
 
+class UpdateFedAvg(_DemoRounds):
+    """Sparse updates with error feedback (``paramsel-demo --compare``): the clients' compact update
+    payloads averaged per coordinate, weighted by their example counts, by the paramsel service
+    (``aggregate_updates``), the average sent back as a compact payload in the method's value dtype."""
+
+    def __init__(
+        self, settings: DemoSettings, run: str, recorder: RoundSink, target: str | None, method: Method
+    ) -> None:
+        super().__init__(settings, run, recorder)
+        self.target = target
+        self.method = method
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        import torch
+
+        from paramsel.client import aggregate_updates
+
+        checked = self._train_replies(server_round, replies)
+        results = [
+            (
+                compact_payload(record_arrays(message.content.array_records[PAYLOAD])),
+                _count(message.content.metric_records[METRICS], "num-examples"),
+            )
+            for message in checked.values()
+        ]
+        value_dtype = torch.float16 if self.method.value_dtype == "float16" else None
+        try:
+            aggregate = aggregate_updates(results, weighted=True, value_dtype=value_dtype, target=self.target)
+        except Exception as error:
+            raise DemoRunError(
+                f"aggregating round {server_round} of run {self.run!r} through the paramsel service failed: {error}"
+            ) from error
+        metrics = _mean_metrics([m.content for m in checked.values()], self.weighted_by_key)
+        return arrays_record(compact_arrays(aggregate)), metrics
+
+
+class CompareRecorder:
+    """Every client's figures of every round of every run of a comparison, as the replies come in."""
+
+    def __init__(self, settings: CompareSettings, out: Path | None) -> None:
+        self.settings = settings
+        self.out = out
+        self.rounds: dict[str, dict[int, list[RoundRecord]]] = {}
+        self.initial: dict[str, dict[int, float]] = {}
+        self._train: dict[tuple[str, int], dict[int, MetricRecord]] = {}
+        self.current: tuple[Method, int] | None = None
+        self.done = 0
+
+    def progress(self, record: dict[str, Any]) -> None:
+        if self.out is not None:
+            append_progress(self.out, record)
+
+    def start(self, method: Method, seed: int) -> None:
+        self.current = (method, seed)
+        self.rounds.setdefault(method.key, {})[seed] = []
+
+    def train(self, run: str, round_number: int, replies: dict[int, MetricRecord]) -> None:
+        assert self.current is not None
+        method, seed = self.current
+        self._train[(run, round_number)] = replies
+        if round_number == 1:
+            initial = [_number(m, "initial-accuracy") for m in replies.values()]
+            self.initial.setdefault(method.key, {})[seed] = sum(initial) / len(initial)
+
+    def evaluate(self, run: str, round_number: int, replies: dict[int, MetricRecord]) -> None:
+        assert self.current is not None
+        method, seed = self.current
+        trained = self._train.pop((run, round_number))
+        clients: dict[int, dict[str, float]] = {}
+        for client, metrics in replies.items():
+            figures = {
+                "accuracy": _number(metrics, "accuracy"),
+                "loss": _number(metrics, "loss"),
+                "train_loss": _number(trained[client], "train-loss"),
+                "sent": float(_count(trained[client], "wire-bytes-sent")),
+                "received": float(_count(metrics, "wire-bytes-received")),
+                "payload_sent": float(_count(trained[client], "bytes-sent")),
+                "payload_received": float(_count(metrics, "bytes-received")),
+            }
+            if not 0.0 <= figures["accuracy"] <= 1.0:
+                raise DemoRunError(f"client {client}: accuracy {figures['accuracy']} is not in [0, 1]")
+            if figures["sent"] <= 0 or figures["received"] <= 0:
+                raise DemoRunError(f"client {client}: no bytes counted in round {round_number} of {run!r}")
+            clients[client] = figures
+        self.rounds[method.key][seed].append(clients)
+        accuracy = sum(c["accuracy"] for c in clients.values()) / len(clients)
+        self.progress(
+            {
+                "event": "round",
+                "run": run,
+                "label": method.label,
+                "seed": seed,
+                "round": round_number,
+                "done": self.done,
+                "total": len(self.settings.runs),
+                "accuracy": accuracy,
+            }
+        )
+        if round_number == self.settings.demo.rounds:
+            self.done += 1
+            self.progress({"event": "run", "run": run, "done": self.done, "total": len(self.settings.runs)})
+
+    def figures(self) -> dict[str, Any]:
+        for method, seed in self.settings.runs:
+            got = self.rounds.get(method.key, {}).get(seed, [])
+            if len(got) != self.settings.demo.rounds:
+                raise DemoRunError(f"run {run_name(method, seed)!r}: {len(got)} rounds recorded")
+            for number, clients in enumerate(got, start=1):
+                if sorted(clients) != list(range(self.settings.demo.clients)):
+                    raise DemoRunError(
+                        f"round {number} of run {run_name(method, seed)!r}: reports from clients {sorted(clients)}"
+                    )
+        return build_compare_figures(self.settings, self.rounds, self.initial)
+
+
+def compare_main(grid: Grid, context: Context) -> None:
+    """``paramsel-demo --compare``: every exchange for every seed, one after the other; writes
+    compare.json, compare.md and compare.png; raises on any failure."""
+    compare = CompareSettings.from_run_config(context.run_config)
+    settings = compare.demo
+    target = run_config_str(context.run_config, "paramsel-target") or None
+    out_dir = run_config_str(context.run_config, "out-dir")
+    timeout = run_config_float(context.run_config, "round-timeout", 600.0)
+    out = Path(out_dir) if out_dir else None
+    recorder = CompareRecorder(compare, out)
+    recorder.progress({"event": "start", "done": 0, "total": len(compare.runs)})
+    for method, seed in compare.runs:
+        run = run_name(method, seed)
+        recorder.start(method, seed)
+        strategy: _DemoRounds
+        if method.kind == DENSE:
+            strategy = DenseFedAvg(settings, run, recorder)
+        elif method.kind == UPDATES:
+            strategy = UpdateFedAvg(settings, run, recorder, target, method)
+        else:
+            values = dataclasses.replace(
+                settings, criterion="largest_magnitude_change", sparsity=method.sparsity
+            )
+            strategy = ParamselFedAvg(values, run, recorder, target)
+        config = ConfigRecord({"run": run, "method": method.key, "run-seed": seed})
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=settings.rounds,
+            timeout=timeout,
+            train_config=config,
+            evaluate_config=config,
+        )
+    figures = recorder.figures()
+    if out is not None:
+        write_compare(figures, out)
+    recorder.progress({"event": "done", "done": recorder.done, "total": len(compare.runs)})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Runs the sparse run, then the dense one; writes the figures; raises on any failure."""
+    """Runs the sparse run, then the dense one; writes the figures; raises on any failure. With the run
+    config's ``compare`` set: the comparison instead (:func:`compare_main`)."""
+    if context.run_config.get("compare") is True:
+        compare_main(grid, context)
+        return
     settings = DemoSettings.from_run_config(context.run_config)
     target = run_config_str(context.run_config, "paramsel-target") or None
     out_dir = run_config_str(context.run_config, "out-dir")

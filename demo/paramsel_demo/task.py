@@ -1,5 +1,5 @@
 """The demo's task: scikit-learn's bundled 8x8 digits (no download) in non-IID client shards, and an
-MLP 64-32-10 trained with SGD on one shard.
+MLP 64-32-10 (64-256-10 for ``paramsel-demo --compare``) trained with SGD on one shard.
 
 Every process derives the same split from the seed: a stratified held-out test split (the accuracy
 every client reports), and a label-skewed partition of the rest, one shard per client.
@@ -78,26 +78,35 @@ def load_shard(index: int, clients: int, *, skew: float, seed: int) -> Shard:
 
 BATCH_SIZE = 32
 LEARNING_RATE = 0.05
+"""SGD's step size (``paramsel-demo --compare --learning-rate`` sets another for every exchange)."""
 MOMENTUM = 0.9
 
 
-class DigitsMlp(nn.Module):
-    """64 pixels -> 32 hidden units (ReLU) -> 10 digits: 2410 float32 parameters in four tensors."""
+HIDDEN_UNITS = 32
+"""The demo's hidden layer: 2410 parameters. ``paramsel-demo --compare`` uses 256 (19,210), so that the
+framing of its payloads does not dominate them."""
 
-    def __init__(self) -> None:
+
+class DigitsMlp(nn.Module):
+    """64 pixels -> ``hidden`` units (ReLU) -> 10 digits: 74 x hidden + 10 float32 parameters in four
+    tensors (2410 with the default 32 hidden units)."""
+
+    def __init__(self, hidden: int = HIDDEN_UNITS) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(64, 32)
-        self.fc2 = nn.Linear(32, 10)
+        if hidden < 1:
+            raise ValueError(f"hidden units must be >= 1, got {hidden}")
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))
         return out
 
 
-def initial_model(seed: int) -> DigitsMlp:
+def initial_model(seed: int, hidden: int = HIDDEN_UNITS) -> DigitsMlp:
     """The model every client starts from: the same weights in every process for a given seed."""
     torch.manual_seed(seed)
-    return DigitsMlp()
+    return DigitsMlp(hidden)
 
 
 def round_generator(seed: int, index: int, round_number: int) -> torch.Generator:
@@ -107,11 +116,17 @@ def round_generator(seed: int, index: int, round_number: int) -> torch.Generator
 
 
 def train(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, generator: torch.Generator
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    generator: torch.Generator,
+    learning_rate: float = LEARNING_RATE,
 ) -> float:
     """Local training (SGD with momentum, a fresh optimizer each round); the mean batch loss."""
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=MOMENTUM)
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):

@@ -8,6 +8,7 @@ travels as an ArrayRecord named :data:`PAYLOAD`, its arrays under the keys ``"0"
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -41,6 +42,26 @@ def payload_bytes(arrays: Sequence[np.ndarray]) -> int:
     payload's length, or the arrays of an FL4Health packed list or of the model's state. Flower's framing
     (each array's ``.npy`` header, the record's keys) is not counted."""
     return sum(int(np.asarray(a).nbytes) for a in arrays)
+
+
+def flower_wire_bytes(record: ArrayRecord) -> int:
+    """The bytes of ``record`` as Flower 1.41's Deployment Engine puts it on the wire: the sum of the
+    lengths of its deflated objects (``InflatableObject.deflate()``: the ArrayRecord, each Array, each
+    ArrayChunk, each with its header; every distinct object once, as Flower pushes each object id once),
+    which are the contents of the PushObject / PullObject requests that carry it. The arrays' data is
+    their ``.npy`` serialization (Flower's ``Array`` of a numpy array: a 128-byte header, then the
+    bytes). Not counted: the message's other records and metadata, the object ids and protobuf framing of
+    those requests, gRPC and HTTP/2 framing. The Simulation Engine (``paramsel-demo``) has no socket
+    between the apps: this is what the message would take between machines."""
+    sizes: dict[str, int] = {}
+
+    def visit(obj: Any) -> None:
+        for child in (obj.children or {}).values():
+            visit(child)
+        sizes[obj.object_id] = len(obj.deflate())
+
+    visit(record)
+    return sum(sizes.values())
 
 
 def compact_arrays(payload: bytes) -> NDArrays:
