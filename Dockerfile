@@ -49,25 +49,30 @@ RUN pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org
     && rm -rf "${torch}/include" "${torch}/test" \
     && find "${torch}/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
 
-# Then paramsel as a wheel, with its dependencies at the versions of requirements/dev.lock, the lock CI
-# tests with (its torch==2.13.0+cpu is the one installed above, so pip keeps it).
+# Then paramsel's two distributions as wheels, each built from its folder: paramsel-client (client_sdk/,
+# the SDK, the wire codec and the bindings) and paramsel (server/, the server and the engine, which
+# requires paramsel-client at its own version: the wheel beside it, named here, is that one). Their
+# dependencies at the versions of requirements/dev.lock, the lock CI tests with (its torch==2.13.0+cpu
+# is the one installed above, so pip keeps it). The folders' README.md and LICENSE are links to the
+# root's, copied beside them.
 COPY wheelhouse/ /wheelhouse/
 COPY requirements/dev.lock requirements/dev.lock
-COPY pyproject.toml README.md ./
-COPY server/ server/
+COPY README.md LICENSE ./
 COPY client_sdk/ client_sdk/
-RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && for wheel in /wheels/paramsel-*.whl; do pip install --constraint requirements/dev.lock "${wheel}"; done \
+COPY server/ server/
+RUN pip wheel --no-deps --wheel-dir /wheels ./client_sdk ./server \
+    && pip install --constraint requirements/dev.lock /wheels/paramsel_client-*.whl /wheels/paramsel-*.whl \
     && pip uninstall --yes sympy mpmath networkx \
     && paramsel --help >/dev/null \
     && python -c "import paramsel.engine, paramsel.server.app, torch; assert torch.version.cuda is None"
 
 
-# The demo's venv: the same plus the demo extra (its dependencies: flwr[simulation], scikit-learn,
-# matplotlib, ...) and what the uninstall above left out, so that `pip check` passes here. Then the
-# demo's Flower App (demo/) in /opt/paramsel-demo, installed editable with no dependencies (they are
-# the extra's): `paramsel-demo` finds the app's folder (its pyproject.toml, which `flwr run` packages)
-# beside its package, as in a checkout. The demo image copies the venv and that folder, nothing else.
+# The demo's venv: the same plus the server's demo extra (its dependencies: flwr[simulation],
+# scikit-learn, matplotlib, ...) and what the uninstall above left out, so that `pip check` passes
+# here. Then the demo's Flower App (demo/) in /opt/paramsel-demo, installed editable with no
+# dependencies (they are the extra's): `paramsel-demo` finds the app's folder (its pyproject.toml, which
+# `flwr run` packages) beside its package, as in a checkout. The demo image copies the venv and that
+# folder, nothing else.
 FROM builder AS demo-builder
 
 COPY demo/ /opt/paramsel-demo/

@@ -9,16 +9,17 @@ SOURCES := server client_sdk demo tests examples benchmarks scripts
 
 setup: $(STAMP)
 
-# Every package at the version of requirements/dev.lock (all of .[dev,demo], transitive ones included),
-# and the demo's Flower App (demo/, editable: its dependencies are the demo extra's);
+# Both distributions editable, the SDK (client_sdk/, paramsel-client) and the server (server/, paramsel,
+# with its dev and demo extras), every package at the version of requirements/dev.lock (transitive ones
+# included), and the demo's Flower App (demo/, editable: its dependencies are the demo extra's);
 # the check fails first when the lock no longer meets requirements/constraints.txt (run make lock).
-$(STAMP): pyproject.toml demo/pyproject.toml requirements/constraints.txt $(LOCK)
+$(STAMP): client_sdk/pyproject.toml server/pyproject.toml demo/pyproject.toml requirements/constraints.txt $(LOCK)
 	python3 scripts/check_lock.py --lock-only
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet -c $(LOCK) -e ".[dev,demo]" -e ./demo
+	.venv/bin/pip install --quiet -c $(LOCK) -e ./client_sdk -e "./server[dev,demo]" -e ./demo
 	touch $(STAMP)
 
-lock:  ## re-resolve requirements/dev.lock after a change to pyproject.toml or requirements/constraints.txt
+lock:  ## re-resolve requirements/dev.lock after a change to a pyproject.toml or requirements/constraints.txt
 	scripts/lock.sh
 
 # The real FL4Health 0.4.2, the differential tests' oracle, in a side folder (requirements/oracle.txt

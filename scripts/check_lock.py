@@ -6,9 +6,10 @@
 The lock alone: every pin of requirements/constraints.txt is the lock's version (``torch==2.13.0`` is
 met by the CPU build ``2.13.0+cpu``), torch is a CPU build, and no CUDA package (nvidia-*, triton)
 is in it. The environment: the distributions in its site-packages are the lock's, at the lock's
-versions, none missing and none extra - what ``pip freeze`` shows, with setuptools and without the
-project's own editable installs (paramsel, and the demo's Flower App, paramsel-demo) and pip, which the
-venv brings and nothing requires.
+versions, none missing and none extra - what ``pip freeze`` shows, with setuptools and without pip,
+which the venv brings and nothing requires, and without the project's own editable installs that no
+pin names (paramsel, and the demo's Flower App, paramsel-demo). The third, paramsel-client, is in the
+lock as what paramsel requires, at that version, which the editable install from client_sdk/ has.
 Standard library only (packaging is used when it is there), so any Python 3.10+ runs it.
 """
 
@@ -24,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "dev.lock"
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
-# In every venv but pinned by no one: the installer itself. The project and its demo are installed from
-# the checkout.
+# In every venv but pinned by no one: the installer itself. The server's distribution and the demo are
+# installed from the checkout (and so is paramsel-client, which the lock pins as paramsel's dependency).
 NOT_LOCKED = {"pip", "paramsel", "paramsel-demo"}
 CUDA_PREFIXES = ("nvidia-", "triton", "cuda-")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#\\]+)")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sys.prefix} differs from {LOCK.relative_to(ROOT)}:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
         print(
-            "After a change to pyproject.toml or requirements/constraints.txt, run `make lock` first. "
+            "After a change to a pyproject.toml or requirements/constraints.txt, run `make lock` first. "
             "Rebuild the project's venv from the lock with: rm -rf .venv && make setup",
             file=sys.stderr,
         )

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The compatibility job: builds each environment of requirements/compat/ (or those named as arguments)
-# in .venv-compat/NAME, installs paramsel into it with a plain `pip install` (nothing overridden), checks
-# that pip kept the environment's own pins, and runs the test suite there, the differential tests
-# against the real FL4Health 0.4.2 included.
+# in .venv-compat/NAME, installs paramsel into it with a plain `pip install` (nothing overridden) of its
+# two distributions, paramsel-client (client_sdk/) and paramsel (server/), checks that pip kept the
+# environment's own pins, and runs the test suite there, the differential tests against the real
+# FL4Health 0.4.2 included.
 #
 # An environment is its file: `# python: X.Y` picks the interpreter (pyenv's newest X.Y, else
 # pythonX.Y on PATH), the requirement lines are installed first, as a user's environment would already
 # be, and `# oracle: target` puts FL4Health beside it in a side folder where its declared constraints
 # cannot be met (see requirements/oracle.txt). An environment is rebuilt when its file, the test tools,
-# the oracle list or pyproject.toml change.
+# the oracle list or either distribution's pyproject.toml change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -32,7 +33,7 @@ build() {  # $1 = name; leaves the environment in .venv-compat/$1
   oracle=$(sed -n 's/^# oracle: *//p' "$spec")
   stamp=$venv/.installed
   if [ -f "$stamp" ] && [ -z "$(find "$spec" requirements/compat/test-tools.txt requirements/oracle.txt \
-    scripts/oracle_missing.py pyproject.toml -newer "$stamp")" ]; then
+    scripts/oracle_missing.py client_sdk/pyproject.toml server/pyproject.toml -newer "$stamp")" ]; then
     echo "== $name: up to date"
   else
     echo "== $name: building with Python $version"
@@ -42,10 +43,12 @@ build() {  # $1 = name; leaves the environment in .venv-compat/$1
     # The user's environment as it stands before paramsel arrives...
     "$venv/bin/pip" install --quiet -r "$spec"
     "$venv/bin/pip" freeze --exclude-editable > "$venv/before.txt"
-    # ...then paramsel by a plain install (the test tools ride along), held to the versions already
-    # there: a pip that had to move any of them would fail here, not override. Not the demo extra: the
-    # demo is a Flower App on flwr 1.41 and Ray, and tests/demo runs in the main job only.
-    "$venv/bin/pip" install --quiet -c "$venv/before.txt" . -r requirements/compat/test-tools.txt
+    # ...then paramsel by a plain install of both folders (paramsel requires paramsel-client, which no
+    # package index has; the test tools ride along), held to the versions already there: a pip
+    # that had to move any of them would fail here, not override. Not the demo extra: the demo is a
+    # Flower App on flwr 1.41 and Ray, and tests/demo runs in the main job only.
+    "$venv/bin/pip" install --quiet -c "$venv/before.txt" ./client_sdk ./server \
+      -r requirements/compat/test-tools.txt
     "$venv/bin/pip" check
     if [ "$oracle" = target ]; then
       "$venv/bin/pip" install --quiet --no-deps --ignore-requires-python --target "$venv/oracle" \
@@ -70,10 +73,10 @@ run() {  # $1 = name: the suite, then the differential tests with FL4Health impo
   [ -d "$venv/oracle" ] && oracle_path=$root/$venv/oracle
   # The environment is kept between runs, but paramsel is always this checkout's (its dependencies
   # were installed by the plain install when the environment was built).
-  "$py" -m pip install --quiet --no-deps --force-reinstall . || return 1
+  "$py" -m pip install --quiet --no-deps --force-reinstall ./client_sdk ./server || return 1
   "$py" - <<'PY'
 import importlib.metadata as md, platform
-names = ["numpy", "protobuf", "grpcio", "grpcio-health-checking", "flwr", "torch", "paramsel"]
+names = ["numpy", "protobuf", "grpcio", "grpcio-health-checking", "flwr", "torch", "paramsel-client", "paramsel"]
 def version(name):
     try:
         return md.version(name)

@@ -3,11 +3,11 @@
 # `docker build` needs no network (the Dockerfile then installs with --no-index --find-links):
 #   - CPU torch at requirements/dev.lock's version: what this machine's pip configuration offers first
 #     (its find-links folder, where these machines keep the wheel), else PyTorch's CPU index;
-#   - paramsel[demo]'s requirements and torch's, at the lock's versions, and the build backend
-#     (setuptools) that `pip wheel .` needs inside the build;
+#   - paramsel[demo]'s requirements (paramsel-client's among them) and torch's, at the lock's versions,
+#     and the build backend (setuptools) that `pip wheel ./client_sdk ./server` needs inside the build;
 # all for the image's Python (the version in the Dockerfile's FROM) on manylinux x86_64, binary only.
-# The folder then holds exactly this set (older wheels go). A stamp of the inputs (the lock,
-# pyproject.toml, the FROM line) skips all of it when nothing changed.
+# The folder then holds exactly this set (older wheels go). A stamp of the inputs (the lock, the two
+# distributions' pyproject.toml files, the FROM line) skips all of it when nothing changed.
 #
 #   scripts/fill_wheelhouse.sh          PYTHON: the interpreter whose pip downloads (default .venv's)
 #   rm wheelhouse/*.whl                 back to installing from the indexes
@@ -27,7 +27,7 @@ torch=$(grep -E '^torch==' "$lock") || {
     exit 1
 }
 
-stamp=$(cat "$lock" pyproject.toml <(grep '^FROM ' Dockerfile) | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$lock" client_sdk/pyproject.toml server/pyproject.toml <(grep '^FROM ' Dockerfile) | sha256sum | cut -d' ' -f1)
 if [ -f "$house/.stamp" ] && [ "$(cat "$house/.stamp")" = "$stamp" ] && ls "$house"/torch-*.whl >/dev/null 2>&1; then
     echo "wheelhouse: up to date ($(find "$house" -name '*.whl' | wc -l) wheels, $(du -sh "$house" | cut -f1))"
     exit 0
@@ -42,8 +42,9 @@ for glibc in $(seq 5 36); do target+=(--platform "manylinux_2_${glibc}_x86_64");
 target+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 quiet=(--quiet --disable-pip-version-check)
 
-# paramsel's own wheel only tells pip its requirements; the image builds its own from the sources.
-"$py" -m pip wheel "${quiet[@]}" --no-deps --wheel-dir "$tmp/paramsel" .
+# paramsel's own wheels only tell pip their requirements (the server's names paramsel-client, found
+# beside it); the image builds its own from the sources.
+"$py" -m pip wheel "${quiet[@]}" --no-deps --wheel-dir "$tmp/paramsel" ./client_sdk ./server
 paramsel_wheel=$(echo "$tmp"/paramsel/paramsel-*.whl)
 
 mkdir -p "$tmp/wheels"
@@ -53,13 +54,13 @@ if ! "$py" -m pip download "${quiet[@]}" --no-deps "${target[@]}" --find-links "
         --dest "$tmp/wheels" "$torch"
 fi
 status=0
-"$py" -m pip download "${quiet[@]}" "${target[@]}" --find-links "$tmp/wheels" --find-links "$house" \
+"$py" -m pip download "${quiet[@]}" "${target[@]}" --find-links "$tmp/paramsel" --find-links "$tmp/wheels" --find-links "$house" \
     --constraint "$lock" --dest "$tmp/wheels" "${paramsel_wheel}[demo]" "setuptools>=77.0.1" 2>"$tmp/pip.log" \
     || status=$?
 # (This machine's pip configuration names index folders that lack most projects: pip warns per project.)
 grep -v "^WARNING: Location 'file:" "$tmp/pip.log" >&2 || true
 [ $status = 0 ] || exit $status
-rm -f "$tmp"/wheels/paramsel-*.whl
+rm -f "$tmp"/wheels/paramsel-*.whl "$tmp"/wheels/paramsel_client-*.whl
 ls "$tmp"/wheels/torch-*.whl >/dev/null
 
 mkdir -p "$house"

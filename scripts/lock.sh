@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Regenerates requirements/dev.lock (`make lock`): every package that `pip install -e ".[dev,demo]"`
-# brings, transitive ones included, pinned by pip-compile (pip-tools, in an environment of its own,
-# .venv-lock, pinned in requirements/lock-tools.txt). Inputs: pyproject.toml's ranges (kept as ranges:
-# the SDK lives in users' environments) held to requirements/constraints.txt, the hand-kept pins of
-# the packages this project chooses versions of (torch, numpy, grpcio, protobuf, the tools...).
+# Regenerates requirements/dev.lock (`make lock`): every package that `make setup`'s
+# `pip install -e ./client_sdk -e "./server[dev,demo]"` brings, transitive ones included, pinned by
+# pip-compile (pip-tools, in an environment of its own, .venv-lock, pinned in requirements/lock-tools.txt).
+# Inputs: the ranges of both distributions' pyproject.toml files (kept as ranges: the SDK lives in
+# users' environments) held to requirements/constraints.txt, the hand-kept pins of the packages this
+# project chooses versions of (torch, numpy, grpcio, protobuf, the tools...).
+#
+# The server's distribution requires paramsel-client at its own version, which no index has: it is
+# built here into a scratch folder that pip-compile reads as --find-links (the lock names no folder). So
+# the lock pins paramsel-client==VERSION too, which the editable install of client_sdk/ meets.
 # `make setup` installs with the lock as constraints; scripts/check_lock.py compares an environment
 # with it.
 #
@@ -28,16 +33,18 @@ fi
 # when it differs: an unchanged lock keeps its time stamp, so `make setup` does not run again for it.
 lock=requirements/dev.lock
 draft=requirements/.dev.lock.draft
-trap 'rm -f "$draft"' EXIT
+wheels=$(mktemp -d)
+trap 'rm -f "$draft"; rm -rf "$wheels"' EXIT
 if [ -f "$lock" ]; then cp "$lock" "$draft"; fi
+"$tools/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" ./client_sdk
 # The header then names the command to run, not this script's internals.
 export CUSTOM_COMPILE_COMMAND="make lock"
 "$tools/bin/pip-compile" --quiet --no-config --allow-unsafe --strip-extras \
-  --no-emit-index-url --no-emit-find-links \
+  --no-emit-index-url --no-emit-find-links --find-links "$wheels" \
   --extra dev --extra demo \
   --constraint requirements/constraints.txt \
   --output-file "$draft" \
-  "$@" pyproject.toml
+  "$@" client_sdk/pyproject.toml server/pyproject.toml
 if cmp -s "$draft" "$lock"; then
   echo "$lock: unchanged"
 else

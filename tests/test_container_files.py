@@ -54,7 +54,7 @@ def test_check_container_script_passes() -> None:
     tools = [BIN / "hadolint", BIN / "check-jsonschema"]
     missing = [t.name for t in tools if not t.exists()]
     if missing:
-        pytest.fail(f"{missing} not installed: pip install -c requirements/constraints.txt -e '.[dev]'")
+        pytest.fail(f"{missing} not installed: make setup")
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "check_container.sh")],
         capture_output=True,
@@ -87,7 +87,7 @@ def test_stages_on_pinned_slim_python_and_the_server_is_the_default_target() -> 
     assert names[-1] == "server", "`docker build .` builds the last stage: the server image"
 
 
-def test_builder_installs_cpu_torch_and_a_wheel_of_paramsel_into_a_venv() -> None:
+def test_builder_installs_cpu_torch_and_the_wheels_of_paramsel_into_a_venv() -> None:
     builder = " ; ".join(args for k, args in _stage("builder") if k == "RUN")
     assert "python -m venv /opt/venv" in builder
     assert "pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in builder
@@ -95,9 +95,12 @@ def test_builder_installs_cpu_torch_and_a_wheel_of_paramsel_into_a_venv() -> Non
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
     assert "torch==2.13.0+cpu\n" in lock, "the image's torch is the one CI tests"
     assert "torch==2.13.0\n" in constraints
-    assert "pip wheel --no-deps --wheel-dir /wheels ." in builder
-    # the server's venv: paramsel alone at the lock's versions, without torch's compile-time packages
-    assert 'pip install --constraint requirements/dev.lock "${wheel}";' in builder
+    # a wheel of each distribution, each from its folder
+    assert "pip wheel --no-deps --wheel-dir /wheels ./client_sdk ./server" in builder
+    # the server's venv: paramsel and the paramsel-client it requires, at the lock's versions, without
+    # torch's compile-time packages
+    both = "/wheels/paramsel_client-*.whl /wheels/paramsel-*.whl"
+    assert f"pip install --constraint requirements/dev.lock {both}" in builder
     assert "pip uninstall --yes sympy mpmath networkx" in builder
     demo = " ; ".join(args for k, args in _stage("demo-builder") if k == "RUN")
     assert 'pip install --constraint requirements/dev.lock "${wheel}[demo]"' in demo

@@ -1,8 +1,10 @@
 """The dependency rule between paramsel's packages (CONTRIBUTING.md, "Layout and dependency rule").
 
-``paramsel`` is one namespace package assembled from two roots: ``server/`` (paramsel.engine,
-paramsel.server) and ``client_sdk/`` (paramsel.client, paramsel.wire, and paramsel.v1, generated from
-proto/). The folders are not the layers; the packages are:
+``paramsel`` is one namespace package from two distributions, each built from its own root:
+``client_sdk/`` is paramsel-client (paramsel.client, paramsel.wire, and paramsel.v1, generated from
+proto/), ``server/`` is paramsel (paramsel.engine, paramsel.server), which depends on paramsel-client at
+its own version; paramsel-client declares no dependency on paramsel. The folders are not the layers;
+the packages are:
 
 - ``paramsel.v1`` (generated) imports nothing of paramsel but itself;
 - ``paramsel.wire`` (the codec both sides share) imports only ``paramsel.v1``, and no grpc;
@@ -18,7 +20,8 @@ paramsel it imports ``paramsel.client`` only (it starts ``paramsel serve`` as a 
 
 Imports are read from the source (ast), every ``.py`` under the two roots; an import under
 ``if TYPE_CHECKING:`` counts as a module-level one unless a seam lists it. A subprocess test checks what
-importing the SDK really loads.
+importing the SDK really loads, and another the SDK without the server's distribution: what needs it
+raises a ModuleNotFoundError that says so, and everything else works.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,8 +154,8 @@ def _layer(name: str) -> str:
 
 def _all_imports() -> list[tuple[Path, Import]]:
     found: list[tuple[Path, Import]] = []
-    for root in SOURCE_ROOTS:
-        for path in sorted((ROOT / root).rglob("*.py")):
+    for root in SOURCE_ROOTS:  # the packages, not a build's copies of them (ROOT / root / "build")
+        for path in sorted((ROOT / root / "paramsel").rglob("*.py")):
             found.extend((path, imp) for imp in _imports_of(path))
     return found
 
@@ -276,3 +281,111 @@ def test_a_callers_own_score_function_loads_neither_when_called(server: RunningS
         + "exchangers[0].select_parameters(torch.nn.Linear(2, 2))\n"
     )
     assert loaded == {"paramsel.server": False, "paramsel.engine": False}
+
+
+# -- the two distributions ----------------------------------------------------------------------------
+
+
+def _project(root: str) -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    parsed: dict[str, Any] = tomllib.loads((ROOT / root / "pyproject.toml").read_text(encoding="utf-8"))
+    project: dict[str, Any] = parsed["project"]
+    return project
+
+
+def _requirement_names(requirements: list[str]) -> dict[str, str]:
+    """normalized name -> the requirement's text."""
+    found = {}
+    for requirement in requirements:
+        match = re.match(r"[A-Za-z0-9._-]+", requirement)
+        assert match, requirement
+        found[re.sub(r"[-_.]+", "-", match.group(0)).lower()] = requirement
+    return found
+
+
+def test_the_sdks_distribution_needs_nothing_of_the_servers() -> None:
+    client = _project("client_sdk")
+    assert client["name"] == "paramsel-client"
+    names = set(_requirement_names(client["dependencies"]))
+    for extra in client.get("optional-dependencies", {}).values():
+        names |= set(_requirement_names(extra))
+    assert "paramsel" not in names, "client_sdk/pyproject.toml must not depend on the server's distribution"
+    # Nor on what only the server imports.
+    assert not names & {"grpcio-health-checking", "grpcio-reflection", "prometheus-client"}, names
+
+
+def test_the_servers_distribution_needs_the_sdk_at_its_own_version() -> None:
+    client, server = _project("client_sdk"), _project("server")
+    assert server["name"] == "paramsel"
+    assert server["version"] == client["version"], "the two distributions are released together"
+    requirement = _requirement_names(server["dependencies"]).get("paramsel-client")
+    assert requirement is not None, "server/pyproject.toml must depend on paramsel-client"
+    assert re.sub(r"\s", "", requirement) == f"paramsel-client=={client['version']}"
+
+
+_WITHOUT_THE_SERVER = """
+import importlib.abc, sys
+
+class WithoutTheServer(importlib.abc.MetaPathFinder):
+    # paramsel-client installed alone: paramsel.server and paramsel.engine are not to be found.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["paramsel", "server"], ["paramsel", "engine"]):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, WithoutTheServer())
+"""
+
+
+def _sdk_alone(code: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "PARAMSEL_TARGET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_SERVER + code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    found: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return found
+
+
+def test_the_sdk_alone_calls_a_server_and_says_what_needs_paramsel(server: RunningServer) -> None:
+    """What paramsel-client does without paramsel: everything that calls a server; the work done in
+    this process by the server's code (the embedded server, the engine's pulls and local scores)
+    raises a ModuleNotFoundError naming the missing package and the install command."""
+    found = _sdk_alone(
+        DROP_IN
+        + "import json, torch\n"
+        + "from paramsel.client import FedPmExchanger\n"
+        + f"remote = Client(target={server.target!r})\n"
+        + "exchangers[0].client = remote\n"
+        + "model = torch.nn.Linear(2, 2)\n"
+        + "packed = exchangers[0].push_parameters(model)\n"
+        + "def refusal(work):\n"
+        + "    try:\n"
+        + "        work()\n"
+        + "    except ModuleNotFoundError as error:\n"
+        + "        return [error.name, str(error)]\n"
+        + "    return None\n"
+        + "layers = exchangers[2].pack_parameters([model.weight.detach().numpy()], ['weight'])\n"
+        + "print(json.dumps({\n"
+        + "    'info': remote.server_info().server_version,\n"
+        + "    'pushed': len(packed),\n"
+        + "    'embedded': refusal(lambda: Client().server_info()),\n"
+        + "    'pull': refusal(lambda: exchangers[0].pull_parameters(packed, model)),\n"
+        + "    'layers': refusal(lambda: exchangers[2].pull_parameters(layers, model)),\n"
+        + "    'scores': refusal(lambda: largest_magnitude_change_scores(model, model)),\n"
+        + "}))\n"
+    )
+    assert found["info"]
+    assert found["pushed"] > 0
+    for work in ("embedded", "pull", "layers", "scores"):
+        assert found[work] is not None, f"{work}: no ModuleNotFoundError"
+        name, message = found[work]
+        assert name == ("paramsel.server" if work == "embedded" else "paramsel.engine"), found[work]
+        assert "paramsel-client" in message, message
+        assert "pip install 'paramsel==" in message, message
+    assert "$PARAMSEL_TARGET" in found["embedded"][1]

@@ -88,7 +88,7 @@ def rendered(name: str) -> list[Manifest]:
     """``kubectl kustomize`` of one kustomization: what ``kubectl apply -k`` would send."""
     kubectl = BIN / "kubectl"
     if not kubectl.exists():
-        pytest.fail(f"{kubectl} not installed: pip install -c requirements/constraints.txt -e '.[dev]'")
+        pytest.fail(f"{kubectl} not installed: make setup")
     result = subprocess.run(
         [str(kubectl), "kustomize", str(KUSTOMIZATIONS[name])],
         capture_output=True,

@@ -272,14 +272,16 @@ def _name(requirement: str) -> str:
 
 
 def test_the_demo_extra_lists_the_apps_dependencies_beyond_the_sdk() -> None:
-    """demo/pyproject.toml holds the app's dependencies; the root's `demo` extra repeats those the SDK
-    does not bring, with the same ranges, so that requirements/dev.lock pins them."""
-    root = _toml(ROOT / "pyproject.toml")["project"]
-    sdk = {_name(r) for r in root["dependencies"]}
-    extra = set(root["optional-dependencies"]["demo"])
+    """demo/pyproject.toml holds the app's dependencies; the `demo` extra of the server's distribution
+    (server/pyproject.toml) repeats those that paramsel and paramsel-client do not bring, with the same
+    ranges, so that requirements/dev.lock pins them."""
+    server = _toml(ROOT / "server" / "pyproject.toml")["project"]
+    client = _toml(ROOT / "client_sdk" / "pyproject.toml")["project"]
+    brought = {_name(r) for r in server["dependencies"] + client["dependencies"]}
+    extra = set(server["optional-dependencies"]["demo"])
     app = set(_app_config()["project"]["dependencies"])
     assert {_name(r) for r in app} >= {"paramsel", "flwr"}
-    assert {r for r in app if _name(r) not in sdk | {"paramsel"}} == extra
+    assert {r for r in app if _name(r) not in brought | {"paramsel"}} == extra
 
 
 def test_no_hand_written_grpc_method_paths_in_the_demo() -> None:

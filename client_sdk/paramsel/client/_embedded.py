@@ -9,11 +9,17 @@ with ``ScoreFunction.SUPPLIED``.) Every function here imports
 ``paramsel.server`` or ``paramsel.engine`` in its body, when called: ``import paramsel.client`` and the
 drop-in classes load neither. No other SDK module imports them (CONTRIBUTING.md, "Layout and dependency
 rule"; ``tests/test_dependency_rule.py`` pins both).
+
+Both packages belong to the server's distribution, ``paramsel``, not to this one, ``paramsel-client``,
+which depends on nothing of it: with the SDK alone installed, that work raises
+:class:`ModuleNotFoundError` naming the missing package, what needed it and how to get it
+(:func:`_needs_paramsel`). What the SDK asks a running server for needs neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch too is imported only with the work: `paramsel health` imports this module
@@ -28,24 +34,63 @@ if TYPE_CHECKING:  # torch too is imported only with the work: `paramsel health`
 PULL_MODES = ("replace", "scatter")
 """The drop-in exchangers' pull modes; :func:`pull_sparse_into` also takes ``"add"`` (sparse updates)."""
 
+SERVER_DISTRIBUTION = "paramsel"
+"""The distribution that holds ``paramsel.server`` and ``paramsel.engine`` (server/pyproject.toml)."""
+
+
+def _version() -> str | None:
+    import importlib.metadata  # only on the way to an error: `paramsel health` imports this module
+
+    try:
+        return importlib.metadata.version("paramsel-client")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return None
+
+
+@contextmanager
+def _needs_paramsel(work: str, remedy: str = "") -> Iterator[None]:
+    """Around the import of ``paramsel.server`` or ``paramsel.engine``: when that package is missing
+    (paramsel-client installed without paramsel), a ModuleNotFoundError that says what ``work`` needed
+    and how to get it (``remedy``: another way, if any). Any other missing module (torch, say) is raised
+    as it is."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if error.name not in ("paramsel.server", "paramsel.engine"):
+            raise
+        version = _version()
+        wanted = f"{SERVER_DISTRIBUTION}=={version}" if version else SERVER_DISTRIBUTION
+        raise ModuleNotFoundError(
+            f"{work} needs {error.name}, which the {SERVER_DISTRIBUTION!r} distribution provides; only the "
+            f"SDK (paramsel-client) is installed here. Install the server's distribution beside it, at the "
+            f"same version (`pip install '{wanted}'`; from a checkout, `pip install ./server`){remedy}.",
+            name=error.name,
+        ) from error
+
 
 def start_server() -> Any:
     """A loopback server on a free port, without reflection (the caller stops it)."""
-    from paramsel.server import ServerConfig, create_server
+    with _needs_paramsel(
+        "The embedded server (no target= or connection= given, and no $PARAMSEL_TARGET set)",
+        ", or give the SDK a running server's address",
+    ):
+        from paramsel.server import ServerConfig, create_server
 
     return create_server(ServerConfig(host="127.0.0.1", port=0, reflection=False))
 
 
 def score_tensors(kind: ScoreFunction, current: State, initial: State | None) -> dict[str, torch.Tensor]:
     """The scores of one of FL4Health's six score functions, as the server computes them."""
-    from paramsel import engine
+    with _needs_paramsel(f"{kind.name.lower()}_scores, called in this process,"):
+        import paramsel.engine as engine
 
     return engine.score_tensors(engine.ScoreFunction[kind.name], current, initial)
 
 
 def drift_norms(current: State, initial: State | None, *, normalize: bool, what: str) -> dict[str, float]:
     """Each layer's drift from the initial model; FailedPrecondition (``what`` needs it) without one."""
-    from paramsel import engine
+    with _needs_paramsel(f"{what} with values the service refuses, made in this process,"):
+        import paramsel.engine as engine
 
     if initial is None:
         raise engine.FailedPrecondition(f"{what} needs the initial model, but none was given")
@@ -55,7 +100,8 @@ def drift_norms(current: State, initial: State | None, *, normalize: bool, what:
 def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None:
     """Writes the densified sparse tensors into ``targets`` (``mode``: one of :data:`PULL_MODES`), or
     adds them to it (``"add"``)."""
-    from paramsel import engine
+    with _needs_paramsel("A pull, applied to the model in this process,"):
+        import paramsel.engine as engine
 
     pull_mode = {
         "replace": engine.PullMode.REPLACE,
@@ -70,19 +116,21 @@ def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None
 
 def pull_layers(model: State, payload: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Whole layers, cast to the model's dtypes (checked against its names and shapes)."""
-    from paramsel import engine
+    with _needs_paramsel("A pull, applied to the model in this process,"):
+        import paramsel.engine as engine
 
     return engine.pull_layers(_specs(model), payload)
 
 
 def pull_fedpm(model: State, payload: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """FedPM probabilities back through the inverse sigmoid, cast to the model's dtypes."""
-    from paramsel import engine
+    with _needs_paramsel("A FedPM pull, applied to the model in this process,"):
+        import paramsel.engine as engine
 
     return engine.pull_fedpm(_specs(model), payload)
 
 
 def _specs(model: State) -> list[Any]:
-    from paramsel import engine
+    import paramsel.engine as engine  # loaded already: only the pulls above call this
 
     return [engine.TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in model.items()]
