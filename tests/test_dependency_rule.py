@@ -268,10 +268,12 @@ exchangers = [
 
 
 @pytest.mark.parametrize("code", ["import paramsel.client", "import paramsel.wire, paramsel.v1", DROP_IN])
+@pytest.mark.slow  # starts another Python
 def test_the_sdk_imports_without_the_server_or_the_engine(code: str) -> None:
     assert _loaded_after(code) == {"paramsel.server": False, "paramsel.engine": False}
 
 
+@pytest.mark.slow  # starts another Python
 def test_a_callers_own_score_function_loads_neither_when_called(server: RunningServer) -> None:
     # Scored in process, selected by the service (ScoreFunction.SUPPLIED): the engine stays out.
     loaded = _loaded_after(
@@ -352,6 +354,7 @@ def _sdk_alone(code: str) -> dict[str, Any]:
     return found
 
 
+@pytest.mark.slow  # starts another Python
 def test_the_sdk_alone_calls_a_server_and_says_what_needs_paramsel(server: RunningServer) -> None:
     """What paramsel-client does without paramsel: everything that calls a server; the work done in
     this process by the server's code (the embedded server, the engine's pulls and local scores)

@@ -124,6 +124,7 @@ def test_not_serving_exits_1() -> None:
         _assert_failure(_health("--target", target), "NOT_SERVING", target, "NOT_SERVING")
 
 
+@pytest.mark.slow  # waits out the probe's timeout
 def test_silent_server_times_out() -> None:
     """A socket that accepts connections but never speaks HTTP/2."""
     with socket.socket() as listener:

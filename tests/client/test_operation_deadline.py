@@ -59,6 +59,7 @@ def assert_within(records: list[logging.LogRecord], start: float, timeout: float
             assert record.paramsel_started >= records[i - 1].paramsel_started  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # waits out deadlines
 def test_retries_against_a_closed_port_share_one_deadline(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="paramsel.client")
     timeout, backoff = 2.0, 0.05
@@ -125,6 +126,7 @@ class _NotHeldThenDown:
         self.server.stop(0).wait()
 
 
+@pytest.mark.slow  # waits out deadlines
 def test_the_upload_after_a_refused_digest_gets_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
     """A push names the initial model by digest, is refused after a while, and must upload it: the
     upload and its retries get what is left of the push's deadline, not a deadline of their own."""

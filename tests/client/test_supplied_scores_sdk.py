@@ -210,6 +210,7 @@ def test_the_service_refuses_scores_that_do_not_fit_the_model(
     assert refused.value.status is StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.slow  # starts another Python
 def test_the_drop_in_path_loads_neither_the_engine_nor_the_server(server: RunningServer) -> None:
     # A fresh interpreter: the lambda's scores go to the running server; what was imported is read back.
     probe = f"""

@@ -350,6 +350,7 @@ def _state(context: Context, key: str) -> dict[str, torch.Tensor]:
     return dict(context.state.array_records[key].to_torch_state_dict())
 
 
+@pytest.mark.slow  # runs the demo's ClientApp against a server
 def test_an_update_client_keeps_the_global_model_and_its_residual_between_messages(
     server: RunningServer,
 ) -> None:

@@ -28,6 +28,7 @@ def tiny_band() -> "mock._patch[object]":
     fraction=st.floats(0.0, 1.0, exclude_min=True),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]),
 )
+@pytest.mark.slow  # fuzzes
 def test_band_path_matches_sort(data: list[list[int]], fraction: float, dtype: torch.dtype) -> None:
     scores = [torch.tensor(part, dtype=dtype) / (4 if dtype.is_floating_point else 1) for part in data]
     k = math.ceil(sum(map(len, data)) * fraction)
@@ -43,6 +44,7 @@ def test_band_path_matches_sort(data: list[list[int]], fraction: float, dtype: t
     fraction=st.floats(0.0, 1.0, exclude_min=True),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
+@pytest.mark.slow  # fuzzes
 def test_collected_candidates_hold_every_entry_at_or_above_the_answer(
     data: list[list[int]], fraction: float, dtype: torch.dtype
 ) -> None:

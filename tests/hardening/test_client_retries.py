@@ -102,6 +102,7 @@ def test_deadline_exceeded_is_reported_and_not_retried() -> None:
     assert knobs.calls == [PUSH]
 
 
+@pytest.mark.slow  # waits out deadlines
 def test_the_deadline_covers_the_retries() -> None:
     # 100 attempts are allowed, each refused, with waits of 0.1 to 0.2 s between them: only the 2 s
     # deadline can stop them before the 100th. Counted in calls, not seconds: a slower machine makes

@@ -173,6 +173,7 @@ def test_sixteen_stalled_streams_no_longer_lock_out_a_push(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # waits out progress timeouts
 def test_stalled_streams_release_the_bytes_they_declared() -> None:
     """The finding: two streams declaring 8 GiB + 4 GiB and sending 4 bytes held the whole 12 GiB
     in-flight budget, refusing every other call. (Their first chunk now has them refused at once, as
@@ -205,6 +206,7 @@ def test_stalled_streams_release_the_bytes_they_declared() -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # waits out progress timeouts
 def test_a_client_that_stops_reading_the_answer_is_ended_too() -> None:
     """The other direction: a client that sent its request but takes no response frame holds the call
     (its handler blocks in the send) until the progress timeout ends it."""
@@ -240,6 +242,7 @@ def pull_frames() -> list[Any]:
     )
 
 
+@pytest.mark.slow  # waits out progress timeouts
 def test_computing_does_not_count_as_stalled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only waits on the client count: a call whose server computes for longer than the progress
     timeout, before its answer and between its frames, is not ended. (The server's computing is

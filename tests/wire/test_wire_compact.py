@@ -356,6 +356,7 @@ def test_non_contiguous_and_int32_positions() -> None:
     encoding=st.sampled_from([BITMAP, EF, COMPACT]),
     chunk_size=st.integers(1, 300),
 )
+@pytest.mark.slow  # fuzzes
 def test_random_subsets_round_trip(
     numel: int, density: float, seed: int, encoding: int, chunk_size: int
 ) -> None:

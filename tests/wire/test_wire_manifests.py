@@ -72,6 +72,7 @@ def test_oversized_spec_travels_alone() -> None:
     assert [[s.name[:1] for s in b] for b in spec_batches(specs, 100)] == [["a"], ["x"], ["b"]]
 
 
+@pytest.mark.slow  # moves 20,000 declarations
 def test_a_manifest_of_20000_tensors_is_split_into_frames_of_about_chunk_size() -> None:
     chunk_size = 64 * KiB
     named = [
