@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -211,16 +212,21 @@ def free_port() -> int:
 
 
 class CuttingProxy:
-    """A loopback TCP proxy that cuts a connection (both ways, with a reset) after ``cut_after`` bytes
-    from the client, on the connections ``should_cut(index)`` picks (0-based, in accept order)."""
+    """A loopback TCP proxy that cuts a connection (both ways, with a reset) once ``cut_after`` bytes from
+    the client have gone through it, on at most ``max_cuts`` connections (``None``: on every one).
 
-    def __init__(self, upstream: str, cut_after: int, should_cut: Callable[[int], bool]) -> None:
+    Whichever connection first carries that much is cut, not the first one accepted: gRPC may open a
+    connection and drop it unused (a connect attempt that timed out on a loaded machine), and a test
+    that wants "the upload is cut once" must not depend on which socket the upload took."""
+
+    def __init__(self, upstream: str, cut_after: int, max_cuts: int | None) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.cut_after = cut_after
-        self.should_cut = should_cut
+        self.max_cuts = max_cuts
         self.connections = 0
         self.cuts = 0
+        self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._closed = False
@@ -232,12 +238,17 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            index = self.connections
             self.connections += 1
             server = socket.create_connection(self.upstream)
-            limit = self.cut_after if self.should_cut(index) else None
-            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, self.cut_after), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    def _claim_cut(self) -> bool:
+        with self._lock:
+            if self.max_cuts is not None and self.cuts >= self.max_cuts:
+                return False
+            self.cuts += 1
+            return True
 
     def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
         sent = 0
@@ -247,11 +258,13 @@ class CuttingProxy:
                 if not data:
                     break
                 if limit is not None and sent + len(data) >= limit:
-                    dst.sendall(data[: max(limit - sent, 0)])
-                    self.cuts += 1
-                    for s in (src, dst):  # RST both ways, as a dropped connection looks
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    break
+                    if self._claim_cut():
+                        dst.sendall(data[: max(limit - sent, 0)])
+                        reset = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
+                        for s in (src, dst):  # both ways, as a dropped connection looks
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+                        break
+                    limit = None
                 dst.sendall(data)
                 sent += len(data)
         except OSError:

@@ -93,7 +93,7 @@ def test_push_survives_a_server_killed_mid_upload_and_restarted(
 
 def test_push_survives_a_connection_cut_once(server: RunningServer) -> None:
     state = model(8_000_000)  # 32 MB: the cut at 4 MB falls mid-upload
-    proxy = CuttingProxy(server.target, cut_after=4 << 20, should_cut=lambda index: index == 0)
+    proxy = CuttingProxy(server.target, cut_after=4 << 20, max_cuts=1)
     try:
         connection = Connection(proxy.target, initial_backoff_seconds=0.05, max_backoff_seconds=0.2)
         got = Client(connection=connection).push(CRITERION, state)
@@ -106,7 +106,7 @@ def test_push_survives_a_connection_cut_once(server: RunningServer) -> None:
 
 def test_a_connection_always_cut_ends_in_a_clear_error(server: RunningServer) -> None:
     state = model(8_000_000)
-    proxy = CuttingProxy(server.target, cut_after=4 << 20, should_cut=lambda index: True)
+    proxy = CuttingProxy(server.target, cut_after=4 << 20, max_cuts=None)
     try:
         connection = Connection(
             proxy.target, max_attempts=3, initial_backoff_seconds=0.05, max_backoff_seconds=0.2
