@@ -80,8 +80,8 @@ test: setup $(ORACLE)  ## the whole test suite, then the differential tests agai
 	PYTHONPATH=.oracle PARAMSEL_REQUIRE_ORACLE=1 $(PY) -m pytest tests/differential
 
 .PHONY: test-fast
-test-fast: setup  ## the inner loop, under a minute: every test not marked slow (pyproject.toml says which are), no differential ones
-	$(PY) -m pytest -m "not slow" -q --ignore=tests/differential
+test-fast: setup  ## the inner loop, under a minute: every test not marked slow (pyproject.toml says which are), no differential ones, on 2 workers
+	$(PY) -m pytest -m "not slow" -q --ignore=tests/differential -n 2
 
 compat:  ## the suite in users' environments: FL4Health 0.4.2's own (Python 3.10, numpy 1, protobuf 4) and others
 	scripts/compat.sh
