@@ -12,8 +12,8 @@ the packages are:
 - ``paramsel.server`` may import engine, wire and v1; never ``paramsel.client``, except in the function
   bodies listed in :data:`SERVER_SEAMS`, each with its reason;
 - ``paramsel.client`` may import wire and v1; ``paramsel.server`` and ``paramsel.engine`` only in the
-  functions of one seam module, :data:`CLIENT_SEAM` (the embedded server, and the engine for what the
-  SDK computes in process), so that the SDK imports without either.
+  functions of one seam module, :data:`CLIENT_SEAM` (the service run in process, the embedded server,
+  and the engine for what the SDK computes in process), so that the SDK imports without either.
 
 The demo (``demo/paramsel_demo``, a Flower App of its own, outside the package) is a user of the SDK: of
 paramsel it imports ``paramsel.client`` only (it starts ``paramsel serve`` as a program, not by import).

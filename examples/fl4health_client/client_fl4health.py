@@ -3,7 +3,7 @@
 ``client_fl4health.py`` imports FL4Health and runs where FL4Health is installed; ``client.py`` is the
 same file with only the FL4Health import lines swapped for paramsel's (``tests/client/
 test_dropin_example.py`` checks that nothing else differs). With paramsel, the server is
-``$PARAMSEL_TARGET`` when set, else one embedded in this process.
+``$PARAMSEL_TARGET`` when set, else the service runs in this process.
 """
 
 from __future__ import annotations

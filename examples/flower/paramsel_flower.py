@@ -15,7 +15,7 @@ Run it against a paramsel server (``paramsel serve`` listens on 127.0.0.1:50051 
 
     python examples/flower/paramsel_flower.py --target 127.0.0.1:50051 --clients 2 --rounds 3
 
-Without ``--target`` (and without ``$PARAMSEL_TARGET``) the SDK uses a server embedded in the process.
+Without ``--target`` (and without ``$PARAMSEL_TARGET``) the SDK runs the service in the process itself.
 ``start_server`` registers signal handlers, so ``run`` must be called from the main thread.
 """
 

@@ -5,8 +5,9 @@ Swap the imports of an FL4Health client::
     from paramsel.client import SparseCooParameterExchanger, largest_magnitude_change_scores
 
 and keep the rest. Calls go to ``target=`` (or ``connection=Connection(...)``: TLS, bearer token,
-deadline, retries) if given, else to ``$PARAMSEL_TARGET``, else to a server embedded in this process
-(started on first use). Failures raise :class:`ParamselError`.
+deadline, retries) if given, else to ``$PARAMSEL_TARGET``; with neither, the service's own code runs in
+this process, on the model's tensors (no gRPC; ``target="embedded-grpc"`` starts a loopback server in
+this process instead). Failures raise :class:`ParamselError`.
 """
 
 from __future__ import annotations

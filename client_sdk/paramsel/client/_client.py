@@ -11,7 +11,8 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from paramsel.client._connection import Connection, Resolved, channel_for, resolve, with_target
+from paramsel.client import _embedded
+from paramsel.client._connection import Connection, Resolved, channel_for, in_process, resolve, with_target
 from paramsel.client._errors import ParamselError, invalid_argument, local_errors
 from paramsel.client._retry import Operation, with_retries
 from paramsel.client._types import (
@@ -90,6 +91,11 @@ def sparse_tensors(received: Sequence[SparseData]) -> list[SparseTensor]:
         )
         for s in received
     ]
+
+
+def _answered(sparse: Sequence[Any]) -> list[SparseTensor]:
+    """The SDK's sparse tensors of an answer computed in process (``paramsel.server.local.SparseAnswer``)."""
+    return [SparseTensor(s.name, s.shape, s.values, s.positions, s.position_seed) for s in sparse]
 
 
 def _outgoing(sparse: Sequence[SparseTensor], what: str) -> list[SparseOut]:
@@ -275,6 +281,11 @@ class Client:
     ``connection.timeout_seconds``, that covers everything it does: its attempts are retried, whole
     upload included, while the server is unreachable (UNAVAILABLE), each with what is left of that
     time; other failures raise :class:`ParamselError` at once.
+
+    With no target (none given, no ``$PARAMSEL_TARGET``), each call runs the service's own code in this
+    process, on the tensors given (``paramsel.server.local``): the same results and the same errors as
+    a server, without gRPC, protobuf encoding of the tensors or chunks; no server limits, deadline or
+    retries apply. ``target="embedded-grpc"`` calls a loopback server started in this process instead.
     """
 
     def __init__(
@@ -338,7 +349,10 @@ class Client:
         )
 
     def server_info(self) -> ServerInfo:
-        """What the server is and speaks: version, encodings, dtypes, criteria, limits (GetServerInfo)."""
+        """What the server is and speaks: version, encodings, dtypes, criteria, limits (GetServerInfo).
+        In process (no target): the embedded server's, whose limits do not apply in process."""
+        if in_process(self._connection):
+            return server_info(_embedded.run_local("server_info"))
         operation = self._operation("GetServerInfo")
         resolved = resolve(self._connection)
         service = service_pb2.DESCRIPTOR.services_by_name["ParameterSelectionService"]
@@ -408,7 +422,8 @@ class Client:
         """Names the initial model by digest first and uploads it only if the server lacks it."""
         if initial is None or not reuse_initial:
             return call(initial, None)
-        digest = model_digest(initial.items())
+        with local_errors():  # a tensor that cannot travel: refused as it would be when sent
+            digest = model_digest(initial.items())
         try:
             return call(None, digest)
         except ParamselError as error:
@@ -445,6 +460,22 @@ class Client:
             PositionEncoding, position_encoding, "position_encoding", unspecified=PositionEncoding.COO_INT64
         )
         dtype = _value_dtype(value_dtype)
+        if in_process(self._connection):
+            answer = _embedded.run_local(
+                "select",
+                service_pb2.SelectStart(
+                    criterion=typed.to_proto(),
+                    position_encoding=int(encoding),  # type: ignore[arg-type]
+                    response_chunk_size_bytes=self._chunk_size,
+                    value_dtype=dtype,  # type: ignore[arg-type]
+                ),
+                _models(model, initial, supplied, carried),
+                chunk_size=self._chunk_size,
+                keep_frames=keep_frames,
+            )
+            return SelectResult(
+                selection_header(answer.header), _answered(answer.sparse), answer.tensors, answer.frames
+            )
         operation = self._operation("Select")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> SelectResult:
@@ -500,6 +531,18 @@ class Client:
         supplied = _supplied_scores(typed, scores)
         carried = _residual(typed, residual)
         dtype = _value_dtype(value_dtype)
+        if in_process(self._connection):
+            answer = _embedded.run_local(
+                "push",
+                service_pb2.PushStart(
+                    criterion=typed.to_proto(),
+                    response_chunk_size_bytes=self._chunk_size,
+                    value_dtype=dtype,  # type: ignore[arg-type]
+                ),
+                _models(model, initial, supplied, carried),
+                chunk_size=self._chunk_size,
+            )
+            return PushResult(selection_header(answer.header), answer.tensors)
         operation = self._operation("Push")
 
         def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
@@ -568,6 +611,16 @@ class Client:
             if outgoing
             else []
         )
+        if in_process(self._connection):
+            changed: dict[str, torch.Tensor] = _embedded.run_local(
+                "pull",
+                start,
+                layout=list(layout.items()),
+                dense=dense,
+                sparse=sparse_sections,
+                chunk_size=self._chunk_size,
+            )
+            return changed
 
         def frames() -> Iterator[Any]:
             return write_frames(
@@ -588,12 +641,20 @@ class Client:
             self._operation("Pull"),
             frames,
             read,
-            upload_bytes=sum(t.values.nbytes for t in outgoing) + _nbytes(dict(tensors)),
+            upload_bytes=sum(_size(t.values) for t in outgoing) + _nbytes(dict(tensors)),
         )
 
 
 def _nbytes(*states: Mapping[str, torch.Tensor] | None) -> int:
-    return sum(t.nbytes for state in states if state for t in state.values())
+    """The bytes of dense tensors, for the progress bar (a tensor that cannot travel, sparse say, is
+    refused by the writer, which says why)."""
+    return sum(_size(t) for state in states if state for t in state.values())
+
+
+def _size(tensor: object) -> int:
+    """A tensor's dense bytes, for the progress bar; 0 for anything else, which the writer refuses as it
+    does in process."""
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
 
 
 def _with_progress(frames: Iterator[Any], total: int) -> Iterator[Any]:
@@ -629,6 +690,18 @@ def _aggregate(
         value_dtype=value_dtype,  # type: ignore[arg-type]
         averaging=int(averaging),  # type: ignore[arg-type]
     )
+    if in_process(client.connection):
+        answer = _embedded.run_local(
+            "aggregate",
+            start,
+            outgoing,
+            encoding=tensor_pb2.POSITION_ENCODING_COO_INT64,
+            chunk_size=client.chunk_size,
+            keep_frames=keep_frames,
+        )
+        return AggregateResult(
+            aggregate_header(answer.header), _answered(answer.sparse), answer.tensors, answer.frames
+        )
 
     def frames() -> Iterator[Any]:
         return write_contributions(
@@ -657,5 +730,5 @@ def _aggregate(
             kept,
         )
 
-    upload = sum(_nbytes(dict(named)) + sum(t.values.nbytes for t in sparse) for _, named, sparse in outgoing)
+    upload = sum(_nbytes(dict(named)) + sum(_size(t.values) for t in sparse) for _, named, sparse in outgoing)
     return client._call(client._operation("Aggregate"), frames, read, upload_bytes=upload)

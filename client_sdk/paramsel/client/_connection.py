@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from paramsel.client._errors import ParamselError, StatusCode
-from paramsel.client._target import ENV_TARGET, embedded_target
+from paramsel.client._target import EMBEDDED_GRPC, ENV_TARGET, embedded_target
 
 ENV_CA_FILE = "PARAMSEL_CA_FILE"
 ENV_CERT_FILE = "PARAMSEL_CERT_FILE"
@@ -30,13 +30,16 @@ class Connection:
 
     Unset fields fall back, at call time, to the environment: ``PARAMSEL_TARGET``, ``PARAMSEL_CA_FILE``,
     ``PARAMSEL_CERT_FILE`` / ``PARAMSEL_KEY_FILE``, ``PARAMSEL_TOKEN`` (else ``PARAMSEL_TOKEN_FILE``).
-    With no target at all, calls go to a plaintext server embedded in this process, without token.
+    With no target at all, the service runs in this process, on the caller's tensors (no gRPC, no
+    limits, no deadline); the target ``"embedded-grpc"`` starts a plaintext loopback server in this
+    process instead, and calls go through it without token.
     Invalid values raise ValueError here; a refused or unreadable setting raises
     :class:`ParamselError` (FAILED_PRECONDITION) when a call is made, before anything is sent.
     """
 
     target: str | None = None
-    """``host:port`` (or any gRPC target) of the server; None: ``$PARAMSEL_TARGET``, else embedded."""
+    """``host:port`` (or any gRPC target) of the server, or ``"embedded-grpc"`` (a loopback server
+    started in this process); None: ``$PARAMSEL_TARGET``, else the service runs in this process."""
 
     _: dataclasses.KW_ONLY
 
@@ -137,10 +140,16 @@ class Resolved:
     connection: Connection
 
 
+def in_process(connection: Connection) -> bool:
+    """Whether calls run in this process, without gRPC: no target given, and none in the environment."""
+    return not (connection.target or os.environ.get(ENV_TARGET))
+
+
 def resolve(connection: Connection) -> Resolved:
-    """Applies the environment and the token rule; raises ParamselError before any connection."""
+    """Applies the environment and the token rule; raises ParamselError before any connection. With no
+    target (in-process calls do not resolve) or ``"embedded-grpc"``: the embedded loopback server."""
     target = connection.target or os.environ.get(ENV_TARGET)
-    if not target:  # the embedded server: in-process, plaintext, no token
+    if not target or target == EMBEDDED_GRPC:  # the embedded server: in-process, plaintext, no token
         return Resolved(embedded_target(), False, None, None, None, (), connection)
     ca_file = connection.ca_file or os.environ.get(ENV_CA_FILE) or None
     cert_file, key_file = connection.cert_file, connection.key_file

@@ -1,8 +1,9 @@
 """The SDK's one seam into the server's code, run in this process.
 
-Two things the SDK does without a round trip use the server's own code: the embedded server (the
-target of last resort, :func:`paramsel.client._target.embedded_target`), and the engine, for what is
-computed locally - the score functions' scores when called directly, the drifts of a layer selection
+Three things the SDK does without a round trip use the server's own code: the service itself, run in
+this process on the caller's tensors when no target is given (:func:`run_local`, over
+``paramsel.server.local``), the embedded loopback server (``target="embedded-grpc"``,
+:func:`paramsel.client._target.embedded_target`), and the engine, for what is computed locally - the score functions' scores when called directly, the drifts of a layer selection
 the service refuses to make (FL4Health's rules for out-of-range values), and pulls applied straight
 into the model's tensors. (A caller's own score function's top-k is the service's: its scores travel
 with ``ScoreFunction.SUPPLIED``.) Every function here imports
@@ -71,12 +72,37 @@ def _needs_paramsel(work: str, remedy: str = "") -> Iterator[None]:
 def start_server() -> Any:
     """A loopback server on a free port, without reflection (the caller stops it)."""
     with _needs_paramsel(
-        "The embedded server (no target= or connection= given, and no $PARAMSEL_TARGET set)",
+        'The embedded server (target="embedded-grpc")', ", or give the SDK a running server's address"
+    ):
+        from paramsel.server import create_server
+        from paramsel.server.local import EMBEDDED_CONFIG
+
+    return create_server(EMBEDDED_CONFIG)
+
+
+def run_local(rpc: str, *args: Any, **kwargs: Any) -> Any:
+    """The rpc ``rpc`` (a function of ``paramsel.server.local``: select, push, pull, aggregate,
+    server_info) run in this process; what the service refuses raises the :class:`ParamselError` the
+    service answers with (same status, message and reason), through the server's own table
+    (``paramsel.server.status.status_of``). Any other exception (a bug) is raised as it is."""
+    with _needs_paramsel(
+        "The service run in this process (no target= or connection= given, and no $PARAMSEL_TARGET set)",
         ", or give the SDK a running server's address",
     ):
-        from paramsel.server import ServerConfig, create_server
+        from paramsel.server import local
+        from paramsel.server.status import status_of
 
-    return create_server(ServerConfig(host="127.0.0.1", port=0, reflection=False))
+    from paramsel.client._errors import ParamselError, StatusCode
+
+    try:
+        return getattr(local, rpc)(*args, **kwargs)
+    except ParamselError:
+        raise
+    except Exception as error:
+        code = status_of(error)
+        if code is None:
+            raise
+        raise ParamselError(StatusCode(code.value[0]), str(error), getattr(error, "reason", None)) from None
 
 
 def score_tensors(kind: ScoreFunction, current: State, initial: State | None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""The server of last resort: one embedded in this process when no target is given or set."""
+"""Where calls go when no server is given: by default the service runs in this process, on the caller's
+tensors (``paramsel.server.local``, through ``_embedded.run_local``); ``target="embedded-grpc"`` (or
+``PARAMSEL_TARGET=embedded-grpc``) starts a loopback gRPC server in this process instead, and calls go
+through it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from typing import Any
 from paramsel.client._embedded import start_server
 
 ENV_TARGET = "PARAMSEL_TARGET"
+EMBEDDED_GRPC = "embedded-grpc"
+"""The target that names a loopback gRPC server embedded in this process, started on first use."""
 
 _lock = threading.Lock()
 _embedded: Any = None

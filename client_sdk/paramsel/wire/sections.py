@@ -68,6 +68,24 @@ class _Section:
             self._seg_off += take
         self.received = end
 
+    def deliver(self, data: Sequence[memoryview]) -> None:
+        """Takes the bytes that chunks at offsets 0, 1 chunk, ... of one writer's segments would carry
+        (:meth:`Inbound.deliver`), checked as :meth:`feed` checks them; the segments whose sizes are
+        the declared ones are kept as they are, without a copy."""
+        total = sum(len(d) for d in data)
+        if not total:
+            return  # no chunk would be sent
+        if self.received or len(data) != len(self.sizes) or [len(d) for d in data] != self.sizes:
+            offset = 0  # anything but the declared segments, whole and in order: as its chunks go
+            for piece in data:
+                if len(piece):
+                    self.feed(offset, piece)  # type: ignore[arg-type]
+                    offset += len(piece)
+            return
+        self.buffers = [np.frombuffer(d, dtype=np.uint8) if len(d) else None for d in data]
+        self._seg, self._seg_off = len(self.sizes) - 1, self.sizes[-1]
+        self.received = total
+
     def finish(self) -> list[torch.Tensor]:
         if self.received != self.total:
             raise StreamEndedError(
@@ -123,6 +141,17 @@ class Inbound:
             self._section(chunk.section)  # raises for sections not accepted here
             raise WireError(f"{section_name(chunk.section)}: chunk for a section no manifest declared")
         self._sections[chunk.section].feed(chunk.offset_bytes, chunk.data)
+
+    def deliver(self, section: int, data: Sequence[memoryview]) -> None:
+        """The bytes of ``section``'s segments, delivered in process instead of in chunks (a writer's
+        :func:`~paramsel.wire.streams.declare_frames`); checked as the chunks that carry them would be."""
+        if not any(len(d) for d in data):
+            return  # no chunk would be sent
+        self._feeding = True
+        if section not in self._sections:
+            self._section(section)  # raises for sections not accepted here
+            raise WireError(f"{section_name(section)}: chunk for a section no manifest declared")
+        self._sections[section].deliver(data)
 
     def finish(self) -> dict[int, list[torch.Tensor]]:
         return {section: s.finish() for section, s in self._sections.items()}

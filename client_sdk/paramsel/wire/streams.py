@@ -36,6 +36,9 @@ from paramsel.wire.sections import (
     spec_batches,
 )
 
+Segments = tuple[int, list[memoryview]]
+"""A section and the bytes of its segments (tensor data, positions), in declaration order."""
+
 
 @dataclass(frozen=True)
 class SparseData:
@@ -109,11 +112,16 @@ def read_frames(
     max_bytes: int,
     unique_names: bool = True,
     contributions: bool = False,
+    delivered: Sequence[Segments] | None = None,
 ) -> Received:
     """Reads a whole stream whose first frame is the oneof member ``first``.
 
     With ``contributions``, ``contribution`` frames split the declarations into groups (Aggregate's
     clients): names are unique within a group, and every declaration belongs to the open one.
+
+    ``delivered`` (a call run in process, :func:`declare_frames`): the sections' bytes as the writer
+    holds them, after ``frames`` (which then carry no chunk). They are taken as the chunks that would
+    carry them, with the same checks, but without a copy: each tensor is a view of the writer's bytes.
     """
     inbound = Inbound(allowed=dense_sections | sparse_sections, max_bytes=max_bytes)
     names = _Names(unique_names)
@@ -179,6 +187,8 @@ def read_frames(
             raise WireError(f"frame {index}: '{kind}' is not accepted in this stream")
     if received is None:
         raise StreamEndedError(f"the stream is empty; its first frame must be '{first}'")
+    for section, data in delivered or ():
+        inbound.deliver(section, data)
     segments = inbound.finish()
     _check_bools(segments, dense_decls, sparse_decls)
     for section, dense_list in dense_decls.items():
@@ -281,6 +291,24 @@ def write_frames(
     rather than inside gRPC's request thread; the chunks are cut lazily. Manifests are split so that no
     frame carries more than about ``chunk_size`` bytes.
     """
+    frames, segments = declare_frames(
+        message, first, chunk_size=chunk_size, layout=layout, dense=dense, sparse=sparse
+    )
+    return _emit(message, frames, segments, chunk_size, encoded_chunks)
+
+
+def declare_frames(
+    message: type[Any],
+    first: tuple[str, Any],
+    *,
+    chunk_size: int,
+    layout: Sequence[tuple[str, torch.Tensor]] = (),
+    dense: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]]]] = (),
+    sparse: Sequence[tuple[int, Sequence[SparseOut], int]] = (),
+) -> tuple[list[Any], list[Segments]]:
+    """:func:`write_frames`' stream before its chunks: the first frame and the declarations, and the
+    bytes the chunks would carry, per section (views of the tensors where they are contiguous). Read
+    in process by :func:`read_frames` with ``delivered``."""
     check_chunk_size(chunk_size)
     frames = [message(**{first[0]: first[1]})]
     layout_specs = [DenseDecl(name, t.dtype, tuple(t.shape)).to_proto() for name, t in layout]
@@ -296,7 +324,7 @@ def write_frames(
         manifests, data = _declare_sparse(message, section, tensors, encoding, chunk_size)
         frames += manifests
         segments.append((section, data))
-    return _emit(message, frames, segments, chunk_size, encoded_chunks)
+    return frames, segments
 
 
 def write_contributions(
@@ -311,6 +339,23 @@ def write_contributions(
 ) -> Iterator[Any]:
     """An Aggregate stream: per contribution (num_examples, dense tensors, sparse tensors), a
     ``contribution`` frame and its manifests; then every contribution's data in ``section``."""
+    frames, segments = declare_contributions(
+        message, first, contributions, section=section, encoding=encoding, chunk_size=chunk_size
+    )
+    return _emit(message, frames, segments, chunk_size, encoded_chunks)
+
+
+def declare_contributions(
+    message: type[Any],
+    first: tuple[str, Any],
+    contributions: Sequence[tuple[int, Sequence[tuple[str, torch.Tensor]], Sequence[SparseOut]]],
+    *,
+    section: int,
+    encoding: int,
+    chunk_size: int,
+) -> tuple[list[Any], list[Segments]]:
+    """:func:`write_contributions`' stream before its chunks, as :func:`declare_frames` is
+    :func:`write_frames`'."""
     check_chunk_size(chunk_size)
     frames = [message(**{first[0]: first[1]})]
     data: list[memoryview] = []
@@ -322,7 +367,7 @@ def write_contributions(
         ):
             frames += manifests
             data += segment
-    return _emit(message, frames, [(section, data)], chunk_size, encoded_chunks)
+    return frames, [(section, data)]
 
 
 def _declare_dense(

@@ -15,7 +15,7 @@ from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DenseDecl, SparseDecl, WireError
 from paramsel.wire.compact import bitmap_nbytes, elias_fano_nbytes
 from paramsel.wire.seeded import seeded_positions_nbytes
-from paramsel.wire.streams import Received, read_frames
+from paramsel.wire.streams import Received, Segments, read_frames
 
 MODEL = tensor_pb2.SECTION_MODEL
 INITIAL = tensor_pb2.SECTION_INITIAL_MODEL
@@ -25,15 +25,18 @@ SCORES = tensor_pb2.SECTION_SCORES
 RESIDUAL = tensor_pb2.SECTION_RESIDUAL
 
 
-def read_models(frames: Iterable[Any], *, max_bytes: int) -> Received:
+def read_models(
+    frames: Iterable[Any], *, max_bytes: int, delivered: Sequence[Segments] | None = None
+) -> Received:
     """A Select or Push request: the current model and, optionally, the initial model, the caller's
     scores and the caller's residual (checked against the model and the criterion: :func:`check_scores`,
-    :func:`check_residual`)."""
+    :func:`check_residual`). ``delivered``: the tensors' bytes, in process (``read_frames``)."""
     received = read_frames(
         frames,
         first="start",
         dense_sections=frozenset({MODEL, INITIAL, SCORES, RESIDUAL}),
         max_bytes=max_bytes,
+        delivered=delivered,
     )
     if not received.state(MODEL):
         raise WireError("no model was sent: declare the model's tensors in a SECTION_MODEL manifest")
@@ -151,7 +154,9 @@ def check_residual(
             )
 
 
-def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
+def read_pull(
+    frames: Iterable[Any], *, max_bytes: int, delivered: Sequence[Segments] | None = None
+) -> Received:
     """A Pull request: the model's layout, the payload and, in scatter and add modes, the base tensors."""
     received = read_frames(
         frames,
@@ -159,6 +164,7 @@ def read_pull(frames: Iterable[Any], *, max_bytes: int) -> Received:
         dense_sections=frozenset({PAYLOAD, BASE}),
         sparse_sections=frozenset({PAYLOAD}),
         max_bytes=max_bytes,
+        delivered=delivered,
     )
     if not received.layout:
         raise WireError("no layout was sent: declare the model's state in 'layout' frames")
@@ -260,7 +266,9 @@ def pull_mode(value: int) -> engine.PullMode:
     return mode
 
 
-def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
+def read_contributions(
+    frames: Iterable[Any], *, max_bytes: int, delivered: Sequence[Segments] | None = None
+) -> Received:
     """An Aggregate request: contributions, each with its tensors in SECTION_PAYLOAD."""
     received = read_frames(
         frames,
@@ -270,6 +278,7 @@ def read_contributions(frames: Iterable[Any], *, max_bytes: int) -> Received:
         max_bytes=max_bytes,
         unique_names=False,  # a name twice in one contribution counts twice, as in FL4Health
         contributions=True,
+        delivered=delivered,
     )
     if not received.contributions:
         raise WireError("no contributions were sent: open each client's payload with a 'contribution' frame")

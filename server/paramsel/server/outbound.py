@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, WireEr
 from paramsel.wire.codec import choose_encoding
 from paramsel.wire.positions import flat_to_coo
 from paramsel.wire.streams import SparseOut, write_frames
+
+if TYPE_CHECKING:  # calls imports this module
+    from paramsel.server.calls import Aggregated
 
 RESULT = tensor_pb2.SECTION_RESULT
 
@@ -51,12 +55,12 @@ def selection_header(selection: Selection) -> service_pb2.SelectionHeader:
     )
 
 
-def _as(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def cast_values(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return values.to(dtype) if dtype is not None and values.is_floating_point() else values
 
 
 def _cast_need(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> budget.Need | None:
-    """The copy :func:`_as` makes of ``tensor`` (held until the answer is sent), if it makes one."""
+    """The copy :func:`cast_values` makes of ``tensor`` (held until the answer is sent), if it makes one."""
     if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
         return None
     size = budget.itemsize(dtype)
@@ -68,7 +72,7 @@ _SEEDED = tensor_pb2.POSITION_ENCODING_SEEDED
 _SEEDED_ON_REQUEST = (tensor_pb2.POSITION_ENCODING_COMPACT, _SEEDED)
 
 
-def _seeded(selection: Selection, name: str, encoding: int) -> int | None:
+def seeded(selection: Selection, name: str, encoding: int) -> int | None:
     """The seed a sparse tensor of the answer is declared with, when it is written in SEEDED: a random-k
     tensor (its positions drawn from that seed) asked for COMPACT or SEEDED; None otherwise."""
     top_k = selection.top_k
@@ -87,8 +91,8 @@ def select_answer_work(selection: Selection, encoding: int, value_dtype: torch.d
         for t in selection.top_k.tensors:
             entries = t.values.numel()
             try:
-                seeded = _seeded(selection, t.name, encoding) is not None
-                chosen = _SEEDED if seeded else choose_encoding(encoding, entries, t.shape)
+                is_seeded = seeded(selection, t.name, encoding) is not None
+                chosen = _SEEDED if is_seeded else choose_encoding(encoding, entries, t.shape)
             except WireError:  # refused when the answer is built; until then, count the costliest
                 chosen = tensor_pb2.POSITION_ENCODING_COMPACT
             needs += [
@@ -127,12 +131,12 @@ def select_frames(
     if selection.top_k is not None:
         sparse = []
         for t in selection.top_k.tensors:
-            seed = _seeded(selection, t.name, encoding)
+            seed = seeded(selection, t.name, encoding)
             sparse.append(
                 SparseOut(
                     t.name,
                     t.shape,
-                    _as(t.values, value_dtype),
+                    cast_values(t.values, value_dtype),
                     t.positions,
                     encoding=None if seed is None else _SEEDED,
                     position_seed=seed,
@@ -148,7 +152,7 @@ def select_frames(
         return
     assert selection.layers is not None
     named = [
-        (n, _as(t, value_dtype))
+        (n, cast_values(t, value_dtype))
         for n, t in zip(selection.layers.names, selection.layers.tensors, strict=True)
     ]
     yield from write_frames(
@@ -163,13 +167,13 @@ def packed_arrays(
     values and whole tensors cast to ``value_dtype`` (indices, shapes and masks never are)."""
     if selection.top_k is not None:
         tensors = selection.top_k.tensors
-        values = [(t.name, _as(t.values, value_dtype)) for t in tensors]
+        values = [(t.name, cast_values(t.values, value_dtype)) for t in tensors]
         indices = [(t.name, torch.from_numpy(flat_to_coo(t.positions, t.shape))) for t in tensors]
         shapes = [(t.name, torch.tensor(list(t.shape), dtype=torch.int64)) for t in tensors]
         return values + indices + shapes
     assert selection.layers is not None
     return [
-        (n, _as(t, value_dtype))
+        (n, cast_values(t, value_dtype))
         for n, t in zip(selection.layers.names, selection.layers.tensors, strict=True)
     ]
 
@@ -214,7 +218,7 @@ def aggregate_frames(
     count = len(sparse) if sparse is not None else len(layers or [])
     header = ("header", service_pb2.AggregateHeader(contributions=contributions, tensors=count))
     if sparse is not None:
-        out = [_aggregate_out(t, value_dtype, (seeds or {}).get(t.name)) for t in sparse]
+        out = [aggregate_out(t, value_dtype, (seeds or {}).get(t.name)) for t in sparse]
         yield from write_frames(
             service_pb2.AggregateResponse,
             header,
@@ -228,19 +232,33 @@ def aggregate_frames(
         header,
         chunk_size=size,
         encoded_chunks=True,
-        dense=[(RESULT, [(n, _rounded(t, value_dtype)) for n, t in layers or []])],
+        dense=[(RESULT, [(n, rounded(t, value_dtype)) for n, t in layers or []])],
     )
 
 
-def _rounded(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def aggregate_answer(done: Aggregated) -> Iterator[service_pb2.AggregateResponse]:
+    """The answer of an Aggregate (:func:`paramsel.server.calls.aggregate`)."""
+    if done.sparse is not None:
+        return aggregate_frames(
+            done.contributions,
+            done.size,
+            sparse=done.sparse,
+            encoding=done.encoding,
+            value_dtype=done.value_dtype,
+            seeds=done.seeds,
+        )
+    return aggregate_frames(done.contributions, done.size, layers=done.layers, value_dtype=done.value_dtype)
+
+
+def rounded(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """An aggregate's float values rounded to ``dtype`` once (from float64 too; integers untouched)."""
     return values if dtype is None else engine.round_float(values, dtype)
 
 
-def _aggregate_out(
+def aggregate_out(
     t: engine.SparseTensor, value_dtype: torch.dtype | None, seeded: tuple[int, int] | None
 ) -> SparseOut:
-    values = _rounded(t.values, value_dtype)
+    values = rounded(t.values, value_dtype)
     if seeded is not None and seeded[1] == t.values.numel():
         return SparseOut(t.name, t.shape, values, t.positions, tensor_pb2.POSITION_ENCODING_SEEDED, seeded[0])
     return SparseOut(t.name, t.shape, values, t.positions)
