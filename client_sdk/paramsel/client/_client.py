@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from paramsel.client import _embedded
 from paramsel.client._connection import Connection, Resolved, channel_for, in_process, resolve, with_target
-from paramsel.client._errors import ParamselError, invalid_argument, local_errors
+from paramsel.client._errors import ParamselError, StatusCode, invalid_argument, local_errors
 from paramsel.client._retry import Operation, with_retries
 from paramsel.client._types import (
     AggregateHeader,
@@ -35,7 +35,7 @@ from paramsel.client._types import (
 )
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES
-from paramsel.wire.digest import model_digest
+from paramsel.wire.digest import BLAKE3, SHA256, DigestKind, model_digest
 from paramsel.wire.dtypes import DTYPES, dtype_to_proto
 from paramsel.wire.fastframes import frame_parser, serialize_frame
 from paramsel.wire.streams import (
@@ -50,6 +50,14 @@ from paramsel.wire.streams import (
 RESULT = frozenset({tensor_pb2.SECTION_RESULT})
 # The ErrorInfo reason of a server that does not hold the initial model a call names by digest.
 INITIAL_MODEL_NOT_HELD = "INITIAL_MODEL_NOT_HELD"
+# What a server older than ModelDigest.blake3 answers (INVALID_ARGUMENT) to a digest that sets only it.
+_BLAKE3_UNKNOWN = "initial_model_digest.sha256 must be 32 bytes, got 0"
+# Channels (shared per target, never closed) whose server refused a BLAKE3 digest as an older server
+# does: they are sent SHA-256 from then on. Every other channel is sent BLAKE3, with no GetServerInfo
+# round trip first (that server's GetServerInfoResponse.model_digests would list "blake3").
+_digest_kinds: dict[grpc.Channel, DigestKind] = {}
+# A digest as a call names it: the ModelDigest field and its value.
+Digest = tuple[DigestKind, bytes]
 # Uploads this large show a progress bar on a terminal.
 PROGRESS_MIN_BYTES = 64 << 20
 # The client accepts whatever the server sends back; the server bounds what it computes.
@@ -415,21 +423,32 @@ class Client:
 
     def _reusing(
         self,
-        call: Callable[[Mapping[str, torch.Tensor] | None, bytes | None], T],
+        call: Callable[[Mapping[str, torch.Tensor] | None, Digest | None], T],
         initial: Mapping[str, torch.Tensor] | None,
         reuse_initial: bool,
     ) -> T:
         """Names the initial model by digest first and uploads it only if the server lacks it."""
         if initial is None or not reuse_initial:
             return call(initial, None)
-        with local_errors():  # a tensor that cannot travel: refused as it would be when sent
-            digest = model_digest(initial.items())
-        try:
-            return call(None, digest)
-        except ParamselError as error:
-            if error.reason != INITIAL_MODEL_NOT_HELD:
-                raise
-        return call(initial, digest)
+        channel = channel_for(resolve(self._connection))
+        kind = _digest_kinds.get(channel, BLAKE3)
+        while True:
+            with local_errors():  # a tensor that cannot travel: refused as it would be when sent
+                digest = (kind, model_digest(initial.items(), kind))
+            try:
+                return call(None, digest)
+            except ParamselError as error:
+                if (
+                    kind == BLAKE3
+                    and error.status == StatusCode.INVALID_ARGUMENT
+                    and _BLAKE3_UNKNOWN in error.message
+                ):
+                    # A server older than ModelDigest.blake3 (refused before the upload): SHA-256 from now on.
+                    kind = _digest_kinds[channel] = SHA256
+                    continue
+                if error.reason != INITIAL_MODEL_NOT_HELD:
+                    raise
+            return call(initial, digest)
 
     def select(
         self,
@@ -478,7 +497,7 @@ class Client:
             )
         operation = self._operation("Select")
 
-        def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> SelectResult:
+        def call(initial: Mapping[str, torch.Tensor] | None, digest: Digest | None) -> SelectResult:
             start = service_pb2.SelectStart(
                 criterion=typed.to_proto(),
                 position_encoding=int(encoding),  # type: ignore[arg-type]
@@ -486,7 +505,7 @@ class Client:
                 value_dtype=dtype,  # type: ignore[arg-type]
             )
             if digest is not None:
-                start.initial_model_digest.sha256 = digest
+                setattr(start.initial_model_digest, *digest)
 
             def frames() -> Iterator[Any]:
                 return write_frames(
@@ -545,14 +564,14 @@ class Client:
             return PushResult(selection_header(answer.header), answer.tensors)
         operation = self._operation("Push")
 
-        def call(initial: Mapping[str, torch.Tensor] | None, digest: bytes | None) -> PushResult:
+        def call(initial: Mapping[str, torch.Tensor] | None, digest: Digest | None) -> PushResult:
             start = service_pb2.PushStart(
                 criterion=typed.to_proto(),
                 response_chunk_size_bytes=self._chunk_size,
                 value_dtype=dtype,  # type: ignore[arg-type]
             )
             if digest is not None:
-                start.initial_model_digest.sha256 = digest
+                setattr(start.initial_model_digest, *digest)
 
             def frames() -> Iterator[Any]:
                 return write_frames(

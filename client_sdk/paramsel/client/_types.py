@@ -489,6 +489,8 @@ class ServerInfo:
     """Bytes one call may make the server hold (see the service's memory rules)."""
     requires_token: bool
     """Whether calls need a bearer token."""
+    model_digests: tuple[str, ...] = ("sha256",)
+    """Initial-model digest kinds the server accepts; ("sha256",) from a server that lists none."""
     raw: service_pb2.GetServerInfoResponse = field(init=False, repr=False, compare=False)
     """The message as received (made from the fields above when built by hand)."""
 
@@ -504,6 +506,7 @@ class ServerInfo:
             max_chunk_size_bytes=self.max_chunk_size_bytes,
             max_call_bytes=self.max_call_bytes,
             requires_token=self.requires_token,
+            model_digests=list(self.model_digests),
         )
         object.__setattr__(self, "raw", message)
 
@@ -521,6 +524,7 @@ def server_info(message: service_pb2.GetServerInfoResponse) -> ServerInfo:
         message.max_chunk_size_bytes,
         message.max_call_bytes,
         message.requires_token,
+        tuple(message.model_digests) or ("sha256",),
     )
     object.__setattr__(info, "raw", message)
     return info

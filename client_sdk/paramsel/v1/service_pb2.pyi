@@ -871,6 +871,7 @@ class GetServerInfoResponse(google.protobuf.message.Message):
     MAX_CHUNK_SIZE_BYTES_FIELD_NUMBER: builtins.int
     MAX_CALL_BYTES_FIELD_NUMBER: builtins.int
     REQUIRES_TOKEN_FIELD_NUMBER: builtins.int
+    MODEL_DIGESTS_FIELD_NUMBER: builtins.int
     server_version: builtins.str
     """The server's release, e.g. "0.1.0"."""
     api_package: builtins.str
@@ -905,6 +906,12 @@ class GetServerInfoResponse(google.protobuf.message.Message):
     def payload_kinds(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___PayloadKind.ValueType]:
         """Payload kinds Pull applies."""
 
+    @property
+    def model_digests(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """ModelDigest kinds the server accepts, by field name: "sha256" and "blake3". Empty from a server
+        older than this field, which accepts "sha256" only.
+        """
+
     def __init__(
         self,
         *,
@@ -918,7 +925,8 @@ class GetServerInfoResponse(google.protobuf.message.Message):
         max_chunk_size_bytes: builtins.int = ...,
         max_call_bytes: builtins.int = ...,
         requires_token: builtins.bool = ...,
+        model_digests: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["api_package", b"api_package", "criteria", b"criteria", "data_types", b"data_types", "max_call_bytes", b"max_call_bytes", "max_chunk_size_bytes", b"max_chunk_size_bytes", "payload_kinds", b"payload_kinds", "position_encodings", b"position_encodings", "requires_token", b"requires_token", "score_functions", b"score_functions", "server_version", b"server_version"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["api_package", b"api_package", "criteria", b"criteria", "data_types", b"data_types", "max_call_bytes", b"max_call_bytes", "max_chunk_size_bytes", b"max_chunk_size_bytes", "model_digests", b"model_digests", "payload_kinds", b"payload_kinds", "position_encodings", b"position_encodings", "requires_token", b"requires_token", "score_functions", b"score_functions", "server_version", b"server_version"]) -> None: ...
 
 global___GetServerInfoResponse = GetServerInfoResponse

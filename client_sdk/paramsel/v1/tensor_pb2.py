@@ -14,19 +14,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18paramsel/v1/tensor.proto\x12\x0bparamsel.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd1\x01\n\x10SparseTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03nnz\x18\x04 \x01(\x03\x12\x38\n\x11position_encoding\x18\x05 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12\x1c\n\x14positions_size_bytes\x18\x06 \x01(\x03\x12\x15\n\rposition_seed\x18\x07 \x01(\x04\"a\n\x0eTensorManifest\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.paramsel.v1.TensorSpec\"g\n\x0eSparseManifest\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12.\n\x07tensors\x18\x02 \x03(\x0b\x32\x1d.paramsel.v1.SparseTensorSpec\"7\n\x0bStateLayout\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.paramsel.v1.TensorSpec\"R\n\x05\x43hunk\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1d\n\x0bModelDigest\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\n*\xb5\x01\n\x07Section\x12\x17\n\x13SECTION_UNSPECIFIED\x10\x00\x12\x11\n\rSECTION_MODEL\x10\x01\x12\x19\n\x15SECTION_INITIAL_MODEL\x10\x02\x12\x13\n\x0fSECTION_PAYLOAD\x10\x03\x12\x10\n\x0cSECTION_BASE\x10\x04\x12\x12\n\x0eSECTION_RESULT\x10\x05\x12\x12\n\x0eSECTION_SCORES\x10\x06\x12\x14\n\x10SECTION_RESIDUAL\x10\x07*\xf5\x01\n\x10PositionEncoding\x12!\n\x1dPOSITION_ENCODING_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPOSITION_ENCODING_COO_INT64\x10\x01\x12 \n\x1cPOSITION_ENCODING_FLAT_INT64\x10\x02\x12\x1c\n\x18POSITION_ENCODING_BITMAP\x10\x03\x12 \n\x1cPOSITION_ENCODING_ELIAS_FANO\x10\x04\x12\x1d\n\x19POSITION_ENCODING_COMPACT\x10\x05\x12\x1c\n\x18POSITION_ENCODING_SEEDED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18paramsel/v1/tensor.proto\x12\x0bparamsel.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd1\x01\n\x10SparseTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramsel.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03nnz\x18\x04 \x01(\x03\x12\x38\n\x11position_encoding\x18\x05 \x01(\x0e\x32\x1d.paramsel.v1.PositionEncoding\x12\x1c\n\x14positions_size_bytes\x18\x06 \x01(\x03\x12\x15\n\rposition_seed\x18\x07 \x01(\x04\"a\n\x0eTensorManifest\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.paramsel.v1.TensorSpec\"g\n\x0eSparseManifest\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12.\n\x07tensors\x18\x02 \x03(\x0b\x32\x1d.paramsel.v1.SparseTensorSpec\"7\n\x0bStateLayout\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.paramsel.v1.TensorSpec\"R\n\x05\x43hunk\x12%\n\x07section\x18\x01 \x01(\x0e\x32\x14.paramsel.v1.Section\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0bModelDigest\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0e\n\x06\x62lake3\x18\x02 \x01(\x0c*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\n*\xb5\x01\n\x07Section\x12\x17\n\x13SECTION_UNSPECIFIED\x10\x00\x12\x11\n\rSECTION_MODEL\x10\x01\x12\x19\n\x15SECTION_INITIAL_MODEL\x10\x02\x12\x13\n\x0fSECTION_PAYLOAD\x10\x03\x12\x10\n\x0cSECTION_BASE\x10\x04\x12\x12\n\x0eSECTION_RESULT\x10\x05\x12\x12\n\x0eSECTION_SCORES\x10\x06\x12\x14\n\x10SECTION_RESIDUAL\x10\x07*\xf5\x01\n\x10PositionEncoding\x12!\n\x1dPOSITION_ENCODING_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPOSITION_ENCODING_COO_INT64\x10\x01\x12 \n\x1cPOSITION_ENCODING_FLAT_INT64\x10\x02\x12\x1c\n\x18POSITION_ENCODING_BITMAP\x10\x03\x12 \n\x1cPOSITION_ENCODING_ELIAS_FANO\x10\x04\x12\x1d\n\x19POSITION_ENCODING_COMPACT\x10\x05\x12\x1c\n\x18POSITION_ENCODING_SEEDED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramsel.v1.tensor_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_DATATYPE']._serialized_start=711
-  _globals['_DATATYPE']._serialized_end=965
-  _globals['_SECTION']._serialized_start=968
-  _globals['_SECTION']._serialized_end=1149
-  _globals['_POSITIONENCODING']._serialized_start=1152
-  _globals['_POSITIONENCODING']._serialized_end=1397
+  _globals['_DATATYPE']._serialized_start=727
+  _globals['_DATATYPE']._serialized_end=981
+  _globals['_SECTION']._serialized_start=984
+  _globals['_SECTION']._serialized_end=1165
+  _globals['_POSITIONENCODING']._serialized_start=1168
+  _globals['_POSITIONENCODING']._serialized_end=1413
   _globals['_TENSORSPEC']._serialized_start=41
   _globals['_TENSORSPEC']._serialized_end=120
   _globals['_SPARSETENSORSPEC']._serialized_start=123
@@ -40,5 +40,5 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_CHUNK']._serialized_start=595
   _globals['_CHUNK']._serialized_end=677
   _globals['_MODELDIGEST']._serialized_start=679
-  _globals['_MODELDIGEST']._serialized_end=708
+  _globals['_MODELDIGEST']._serialized_end=724
 # @@protoc_insertion_point(module_scope)

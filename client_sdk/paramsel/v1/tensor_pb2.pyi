@@ -395,22 +395,38 @@ class ModelDigest(google.protobuf.message.Message):
     once, before the upload, with FAILED_PRECONDITION and a google.rpc.ErrorInfo whose reason is
     "INITIAL_MODEL_NOT_HELD": the client then calls again with the tensors attached. With both a digest
     and SECTION_INITIAL_MODEL, the server checks the digest against the data (INVALID_ARGUMENT if it
-    differs) and keeps the model for later calls.
+    differs, naming the digest's kind) and keeps the model for later calls.
+
+    Exactly one field is set (non-empty): a digest with neither or both is refused with
+    INVALID_ARGUMENT, as is one of the wrong length. Both kinds hash the same byte string, the model's
+    digest input: its tensors in state order (the SECTION_INITIAL_MODEL declaration order), each as the
+    UTF-8 name's byte length (uint32 LE), the name, the DataType (uint32 LE), the number of dimensions
+    (uint32 LE), each dimension (int64 LE), then the tensor's data bytes as they travel (TensorSpec).
+    A digest names a held model within its own kind only: a model kept under its BLAKE3 digest is not
+    found by its SHA-256 one, and the reverse (such a call gets INITIAL_MODEL_NOT_HELD and uploads).
+    Servers list the kinds they accept in GetServerInfoResponse.model_digests. A server older than
+    the blake3 field reads a digest that sets only blake3 as an empty sha256 and refuses it with
+    INVALID_ARGUMENT ("start.initial_model_digest.sha256 must be 32 bytes, got 0"); it never takes it
+    for another model.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     SHA256_FIELD_NUMBER: builtins.int
+    BLAKE3_FIELD_NUMBER: builtins.int
     sha256: builtins.bytes
-    """SHA-256 over the model's tensors in state order, each as: the UTF-8 name's byte length (uint32
-    LE), the name, the DataType (uint32 LE), the number of dimensions (uint32 LE), each dimension
-    (int64 LE), then the tensor's data bytes as they travel. 32 bytes.
+    """SHA-256 (FIPS 180-4) of the digest input. 32 bytes. Every server accepts it."""
+    blake3: builtins.bytes
+    """BLAKE3 (the default hash mode: no key, no derive-key context) of the digest input, its first 32
+    output bytes. 32 bytes. Accepted by servers whose GetServerInfoResponse.model_digests lists
+    "blake3".
     """
     def __init__(
         self,
         *,
         sha256: builtins.bytes = ...,
+        blake3: builtins.bytes = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["sha256", b"sha256"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["blake3", b"blake3", "sha256", b"sha256"]) -> None: ...
 
 global___ModelDigest = ModelDigest

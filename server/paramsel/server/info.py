@@ -8,6 +8,7 @@ from paramsel.server.config import ServerConfig
 from paramsel.server.criteria import SERVED_SCORE_FUNCTIONS
 from paramsel.v1 import criteria_pb2, service_pb2, tensor_pb2
 from paramsel.wire import DTYPES, MAX_CHUNK_SIZE_BYTES
+from paramsel.wire.digest import DIGEST_KINDS
 
 
 def _version() -> str:
@@ -33,4 +34,5 @@ def server_info(config: ServerConfig) -> service_pb2.GetServerInfoResponse:
         max_chunk_size_bytes=MAX_CHUNK_SIZE_BYTES,
         max_call_bytes=config.limits.max_call_bytes,
         requires_token=bool(config.tokens),
+        model_digests=list(DIGEST_KINDS),
     )

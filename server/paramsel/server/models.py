@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from paramsel.v1 import tensor_pb2
 from paramsel.wire import WireError
-from paramsel.wire.digest import DIGEST_SIZE_BYTES, model_digest
+from paramsel.wire.digest import DIGEST_KINDS, DIGEST_SIZE_BYTES, DigestKind, model_digest
 
 Model = dict[str, torch.Tensor]
+# A named model's key: the ModelDigest field set and its bytes. A model is found only by the kind of
+# digest it was kept under.
+Digest = tuple[DigestKind, bytes]
 
 
 class ModelNotHeldError(Exception):
@@ -23,15 +26,16 @@ class ModelNotHeldError(Exception):
 
 
 class ModelStore:
-    """A bounded, least-recently-used map from digest to model. Thread-safe; models are never mutated."""
+    """A bounded, least-recently-used map from (kind, digest) to model. Thread-safe; models are never
+    mutated."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self._capacity = capacity_bytes
-        self._models: OrderedDict[bytes, tuple[Model, int]] = OrderedDict()
+        self._models: OrderedDict[Hashable, tuple[Model, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, digest: bytes) -> Model | None:
+    def get(self, digest: Hashable) -> Model | None:
         with self._lock:
             entry = self._models.get(digest)
             if entry is None:
@@ -39,7 +43,7 @@ class ModelStore:
             self._models.move_to_end(digest)
             return entry[0]
 
-    def put(self, digest: bytes, model: Model) -> None:
+    def put(self, digest: Hashable, model: Model) -> None:
         size = sum(t.nbytes for t in model.values())
         if size > self._capacity:
             return  # larger than the whole store: keeping it would only evict everything else
@@ -59,16 +63,28 @@ class ModelStore:
             return self._bytes
 
 
-def requested_digest(start: Any) -> bytes | None:
-    """The digest a start names, if any; it must be a SHA-256 (32 bytes)."""
+def requested_digest(start: Any) -> Digest | None:
+    """The digest a start names, if any: exactly one ModelDigest field set, of 32 bytes."""
     if not start.HasField("initial_model_digest"):
         return None
-    digest = bytes(start.initial_model_digest.sha256)
-    if len(digest) != DIGEST_SIZE_BYTES:
+    message = start.initial_model_digest
+    given = [(kind, bytes(getattr(message, kind))) for kind in DIGEST_KINDS if getattr(message, kind)]
+    if len(given) != 1:
         raise WireError(
-            f"start.initial_model_digest.sha256 must be {DIGEST_SIZE_BYTES} bytes, got {len(digest)}"
+            "start.initial_model_digest must set exactly one of "
+            f"{', '.join(DIGEST_KINDS)}, got {'both' if given else 'neither'}"
         )
-    return digest
+    kind, value = given[0]
+    if len(value) != DIGEST_SIZE_BYTES:
+        raise WireError(
+            f"start.initial_model_digest.{kind} must be {DIGEST_SIZE_BYTES} bytes, got {len(value)}"
+        )
+    return kind, value
+
+
+def describe(digest: Digest) -> str:
+    """A digest as error messages name it: its kind and its first 8 bytes."""
+    return f"{digest[0]} {digest[1].hex()[:16]}…"
 
 
 def check_held_early(frames: Iterable[Any], store: ModelStore) -> Iterator[Any]:
@@ -85,7 +101,7 @@ def check_held_early(frames: Iterable[Any], store: ModelStore) -> Iterator[Any]:
         digest = requested_digest(start) if start is not None else None
         if digest is not None and not initial_sent and store.get(digest) is None:
             raise ModelNotHeldError(
-                f"the initial model {digest.hex()[:16]}… is not held by this server; send its tensors"
+                f"the initial model {describe(digest)} is not held by this server; send its tensors"
             )
 
     for frame in frames:
@@ -103,22 +119,26 @@ def check_held_early(frames: Iterable[Any], store: ModelStore) -> Iterator[Any]:
 
 
 def resolve_initial(
-    start: Any, sent: Model | None, store: ModelStore, digest_of: Callable[[Model], bytes] | None = None
+    start: Any,
+    sent: Model | None,
+    store: ModelStore,
+    digest_of: Callable[[Model, DigestKind], bytes] | None = None,
 ) -> Model | None:
     """The initial model for this call: the one sent (checked and kept when named), else the held one."""
     digest = requested_digest(start)
     if digest is None:
         return sent
+    kind, declared = digest
     if sent is not None:
-        actual = (digest_of or (lambda m: model_digest(m.items())))(sent)
-        if actual != digest:
+        actual = (digest_of or (lambda m, k: model_digest(m.items(), k)))(sent, kind)
+        if actual != declared:
             raise WireError(
                 "start.initial_model_digest does not match the SECTION_INITIAL_MODEL tensors sent "
-                f"(declared {digest.hex()[:16]}…, computed {actual.hex()[:16]}…)"
+                f"({kind}: declared {declared.hex()[:16]}…, computed {actual.hex()[:16]}…)"
             )
         store.put(digest, sent)
         return sent
     held = store.get(digest)
     if held is None:  # evicted between the early check and now
-        raise ModelNotHeldError(f"the initial model {digest.hex()[:16]}… is no longer held; send its tensors")
+        raise ModelNotHeldError(f"the initial model {describe(digest)} is no longer held; send its tensors")
     return held
