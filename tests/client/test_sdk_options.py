@@ -89,3 +89,26 @@ def test_local_pull_errors_are_paramsel_errors() -> None:
             exchanger.pull_parameters(payload, model)
         assert err.value.status is StatusCode.INVALID_ARGUMENT
     assert torch.equal(model.weight.detach(), before)
+
+
+def test_local_pull_reads_the_values_of_any_numpy_array() -> None:
+    """The values are read where the packed list holds them when torch can share that memory, and
+    copied first when it cannot (read-only, strided); float64 values are cast. The caller's arrays stay
+    as they were."""
+    exchanger = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
+    indices, shape, names = np.array([[0, 2], [1, 1]]), np.array([2, 3]), np.array(["weight"])
+    read_only = np.array([4.0, 5.0], dtype=np.float32)
+    read_only.flags.writeable = False
+    arrays: list[np.ndarray] = [
+        np.array([4.0, 5.0], dtype=np.float32),
+        read_only,
+        np.array([4.0, 9.0, 5.0], dtype=np.float32)[::2],
+        np.array([4.0, 5.0], dtype=np.float64),
+    ]
+    for values in arrays:
+        before = values.copy()
+        model = nn.Linear(3, 2)
+        exchanger.pull_parameters([values, indices, shape, names], model)
+        assert model.weight.tolist() == [[0.0, 0.0, 4.0], [0.0, 5.0, 0.0]]
+        assert model.weight.dtype == torch.float32
+        np.testing.assert_array_equal(values, before)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from paramsel.engine import InvalidArgument, PullMode, SparseTensor, pull_sparse_into
+from paramsel.engine import InvalidArgument, PullMode, SparseTensor, pull, pull_sparse_into
+from paramsel.wire import positions
 
 
 def _payload(
@@ -88,3 +91,53 @@ def test_a_bad_second_tensor_stops_the_first_from_being_written() -> None:
     with pytest.raises(InvalidArgument, match="'v'"):
         pull_sparse_into({"w": w, "v": v}, payload)
     assert w.tolist() == [[1.0] * 3] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.bfloat16])
+def test_replace_in_blocks_across_block_edges(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    # Blocks of 8 bytes: 2 entries of float32 and int32, 1 of float64; bfloat16 (which numpy cannot
+    # view) is zeroed and scattered whole.
+    monkeypatch.setattr(pull, "_BLOCK_BYTES", 8)
+    w = torch.full((7,), 9, dtype=dtype)
+    storage = w.data_ptr()
+    payload = [SparseTensor("w", (7,), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 2, 6]))]
+    pull_sparse_into({"w": w}, payload)
+    assert w.dtype == dtype
+    assert w.tolist() == [0, 1, 2, 0, 0, 0, 3]
+    assert w.data_ptr() == storage
+    # No position at all: every block is zeroed.
+    pull_sparse_into({"w": w}, [SparseTensor("w", (7,), torch.zeros(0), torch.zeros(0, dtype=torch.int64))])
+    assert w.tolist() == [0] * 7
+
+
+def test_replace_keeps_negative_zero_and_nan_bits() -> None:
+    w = torch.ones(2, 2)
+    values = torch.tensor([-0.0, float("nan")])
+    pull_sparse_into({"w": w}, [SparseTensor("w", (2, 2), values, torch.tensor([0, 3]))])
+    assert w.view(torch.int32).tolist() == [
+        [values.view(torch.int32)[0].item(), 0],
+        [0, values.view(torch.int32)[1].item()],
+    ]
+
+
+@pytest.mark.parametrize("helper", [pull.in_parallel, positions._in_parallel])
+def test_in_parallel_covers_every_item_once_and_raises_a_share_error(
+    monkeypatch: pytest.MonkeyPatch, helper: Callable[[int, Callable[[int, int], None]], None]
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    shares: list[tuple[int, int]] = []
+    helper(50, lambda first, last: shares.append((first, last)))  # 50 // 16 = 3 shares
+    assert sorted(shares) == [(0, 16), (16, 33), (33, 50)]
+    shares.clear()
+    helper(40, lambda first, last: shares.append((first, last)))  # 40 // 16 = 2 shares
+    assert sorted(shares) == [(0, 20), (20, 40)]
+    shares.clear()
+    helper(0, lambda first, last: shares.append((first, last)))
+    assert shares == [(0, 0)]
+
+    def fail_the_last(first: int, last: int) -> None:
+        if last == 50:
+            raise ValueError(f"share {first}-{last}")
+
+    with pytest.raises(ValueError, match="share 33-50"):
+        helper(50, fail_the_last)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from paramsel.wire import WireError
+from paramsel.wire import WireError, positions
 from paramsel.wire.positions import coo_to_flat, flat_to_coo
 
 
@@ -58,3 +58,30 @@ def test_flat_to_coo_edge_cases_and_refusals() -> None:
             WireError, match=r"position out of range for a tensor of shape \[3, 5\] \(15 elements\)"
         ):
             flat_to_coo(torch.tensor([0, bad]), (3, 5))
+
+
+def test_coordinates_are_checked_and_flattened_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunks of 4 rows, reduced 4 side by side: 19 rows are four whole chunks and one of 3 (no lane).
+    monkeypatch.setattr(positions, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(positions, "_LANES", 4)
+    coords = np.array([[i // 5, i % 5] for i in range(19)])
+    assert coo_to_flat(coords, (4, 5), what="t").tolist() == list(range(19))
+    cube = np.array([[i // 12, i // 4 % 3, i % 4] for i in range(24)])
+    assert coo_to_flat(cube, (2, 3, 4), what="t").tolist() == list(range(24))
+    # Out of range only in the last, partial chunk: negative (on axis 1) and past the end (axis 0).
+    low = coords.copy()
+    low[17] = [3, -1]
+    with pytest.raises(WireError, match=r"t: coordinate -1 on axis 1 is out of range for shape \[4, 5\]"):
+        coo_to_flat(low, (4, 5), what="t")
+    high = coords.copy()
+    high[18] = [4, 0]
+    with pytest.raises(WireError, match=r"t: coordinate 4 on axis 0 is out of range for shape \[4, 5\]"):
+        coo_to_flat(high, (4, 5), what="t")
+    # In a whole chunk's lanes; the first axis with a coordinate out of range is named.
+    both = coords.copy()
+    both[3] = [-7, 9]
+    with pytest.raises(WireError, match=r"t: coordinate -7 on axis 0 is out of range"):
+        coo_to_flat(both, (4, 5), what="t")
+    # A dimension of 0 takes no coordinate at all.
+    with pytest.raises(WireError, match=r"t: coordinate 0 on axis 1 is out of range for shape \[4, 0\]"):
+        coo_to_flat(np.zeros((1, 2), dtype=np.int64), (4, 0), what="t")

@@ -23,7 +23,7 @@ from paramsel.client._criteria import (
 )
 from paramsel.client._errors import invalid_argument, local_errors
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
-from paramsel.client._state import NDArrays, load_changed, state_of, to_numpy, to_tensor
+from paramsel.client._state import NDArrays, load_changed, read_only_tensor, state_of, to_numpy, to_tensor
 from paramsel.client._types import DriftPercentage, DriftThreshold, FedPm, ScoreFunction, TopK
 from paramsel.wire import DEFAULT_CHUNK_SIZE_BYTES, WireError
 from paramsel.wire.positions import coo_to_flat
@@ -214,7 +214,8 @@ class SparseCooParameterExchanger:
                         )
                     coords = coords.reshape(-1, len(dense_shape))
                 flat = coo_to_flat(coords, dense_shape, what=what)
-                payload.append((name, dense_shape, to_tensor(v), torch.from_numpy(flat)))
+                # The values are only read: no copy of them (the engine casts them if the dtype differs).
+                payload.append((name, dense_shape, read_only_tensor(v), torch.from_numpy(flat)))
             _embedded.pull_sparse_into(model.state_dict(), payload, mode=mode)
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:

@@ -29,6 +29,15 @@ def to_tensor(array: NDArray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
+def read_only_tensor(array: NDArray) -> torch.Tensor:
+    """A tensor of a numpy array that the caller only reads: the array's own memory when torch can
+    share it (C-contiguous, writeable, native byte order), else a copy (:func:`to_tensor`)."""
+    a = np.asarray(array)
+    if a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative:
+        return torch.from_numpy(a)
+    return to_tensor(a)
+
+
 def load_changed(model: nn.Module, changed: Mapping[str, torch.Tensor]) -> None:
     """Writes the changed tensors into the model's own tensors.
 

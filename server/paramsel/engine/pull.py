@@ -8,8 +8,10 @@ business.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import InvalidArgument
@@ -182,6 +184,70 @@ def _scatter(
     return flat.reshape(spec.shape)
 
 
+_BLOCK_BYTES = 1 << 19
+"""Bytes of a tensor :func:`_replace_in_blocks` zeroes and fills at a time: a block stays in the core's
+cache between the two, so the tensor is written to memory once (zeroing it whole, then scattering into
+it, went over it twice)."""
+
+
+def _replace_in_blocks(target: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> bool:
+    """REPLACE's write of strictly increasing, in-range ``positions`` (``values`` in the target's dtype)
+    into a contiguous ``target``: block by block, zero the block, then write the values that fall in it.
+    False (nothing written) when numpy cannot view the tensor (not on the CPU, or bfloat16)."""
+    try:
+        dense = target.detach().view(-1).numpy()
+        sent = values.numpy()
+    except (TypeError, RuntimeError):
+        return False
+    flat = positions.numpy()
+    block = max(1, _BLOCK_BYTES // max(1, dense.itemsize))
+    starts = np.arange(0, dense.size + block, block, dtype=np.int64)
+    # Positions increase, so each block's share of them is one slice, found by binary search.
+    edges = np.searchsorted(flat, starts).tolist()
+    bounds = starts.tolist()
+
+    def fill(first: int, last: int) -> None:  # blocks [first, last)
+        for b in range(first, last):
+            dense[bounds[b] : bounds[b + 1]] = 0
+            low, high = edges[b], edges[b + 1]
+            if high > low:
+                dense[flat[low:high]] = sent[low:high]
+
+    in_parallel(len(bounds) - 1, fill)
+    return True
+
+
+_MIN_SHARE = 16
+"""Fewest blocks (or chunks) a thread of :func:`in_parallel` takes on."""
+
+
+def in_parallel(count: int, work: Callable[[int, int], None]) -> None:
+    """``work(first, last)`` over ``range(count)`` cut into contiguous shares, one per thread, as many
+    threads as torch uses (``torch.get_num_threads()``) while each has at least :data:`_MIN_SHARE`
+    items; the calling thread takes the first share. numpy lets go of the GIL in the work's array
+    operations, so the shares run side by side. Raises the first share's error, if any."""
+    shares = max(1, min(torch.get_num_threads(), count // _MIN_SHARE))
+    cuts = [count * i // shares for i in range(shares + 1)]
+    errors: list[BaseException] = []
+
+    def run(first: int, last: int) -> None:
+        try:
+            work(first, last)
+        except BaseException as error:  # re-raised in the calling thread
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=run, args=(cuts[i], cuts[i + 1]), daemon=True) for i in range(1, shares)
+    ]
+    for thread in threads:
+        thread.start()
+    run(cuts[0], cuts[1])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def pull_sparse_into(
     targets: State, payload: Sequence[SparseTensor], *, mode: PullMode = PullMode.REPLACE
 ) -> list[str]:
@@ -201,9 +267,11 @@ def pull_sparse_into(
     with torch.no_grad():
         for item, target, positions, increasing in checked:
             if increasing and target.is_contiguous() and mode is not PullMode.ADD:
+                values = item.values.detach().to(device=target.device, dtype=target.dtype)
+                if mode is PullMode.REPLACE and _replace_in_blocks(target, values, positions):
+                    continue
                 if mode is PullMode.REPLACE:
                     target.zero_()
-                values = item.values.detach().to(device=target.device, dtype=target.dtype)
                 target.view(-1).index_copy_(0, positions.to(target.device), values)
             else:
                 general = SparseTensor(item.name, item.shape, item.values.cpu(), positions.cpu())
