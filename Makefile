@@ -96,8 +96,9 @@ compare: setup  ## issue 13's comparison: dense, FL4Health sparse values, sparse
 example: setup  ## the FL4Health-style example client against a separately started paramsel serve
 	scripts/example.sh
 
-bench: setup  ## every issue-3 target side by side; writes benchmarks/results/latest.json
-	$(PY) -m benchmarks.run
+# FL4Health's own push is the baseline: its wheel in .oracle/, on the path as for the differential tests.
+bench: setup $(ORACLE)  ## every issue-3 target and issue 14's FL4Health comparison side by side; writes benchmarks/results/latest.json
+	PYTHONPATH=.oracle $(PY) -m benchmarks.run
 
 serve: setup
 	.venv/bin/paramsel serve

@@ -14,7 +14,11 @@ class Sizes:
     push_params: int = 50_100_000  # targets 1-5 and 8
     push_layers: int = 3
     runs: int = 5  # timed runs per figure (after one warm-up)
-    baseline_runs: int = 3  # FL4Health's in-process push (about 10 s each at full size)
+    # Issue 14's comparison with the real FL4Health 0.4.2: two convolutions and four width x width
+    # Linear layers (3536: 50.1M params), rounds of FL4Health's push and paramsel's three (after one
+    # warm-up round; FL4Health's push takes several seconds at full size).
+    fl4health_width: int = 3536
+    fl4health_rounds: int = 5
     any_size_params: int = 300_000_000
     any_size_layers: int = 4
     concurrency_params: int = 10_000_000
@@ -30,7 +34,8 @@ FULL = Sizes()
 QUICK = Sizes(
     push_params=2_000_000,
     runs=5,
-    baseline_runs=2,
+    fl4health_width=700,
+    fl4health_rounds=3,
     any_size_params=3_000_000,
     concurrency_params=1_000_000,
     concurrency_pushes=8,

@@ -1,43 +1,41 @@
-"""The baseline: FL4Health 0.4.2's top-k sparse COO push, by its cost profile, in this process.
+"""The baseline: the real FL4Health 0.4.2, its own ``SparseCooParameterExchanger``, called in this process.
 
-Written here from its documented behaviour (not copied): scores |w - w0| per state tensor, one
-``torch.cat`` of all flattened scores, a full descending ``torch.sort``, threshold = the k-th largest,
-then per tensor ``torch.where`` masking and ``torch.nonzero`` for the values and (nnz, ndim) indices.
+FL4Health cannot be installed into paramsel's environment (requirements/oracle.txt says why): ``make
+bench`` unpacks its wheel into ``.oracle/`` (the Makefile's ``$(ORACLE)`` target, as for the differential
+tests) and runs the benchmark with ``PYTHONPATH=.oracle``. Nothing of FL4Health is copied here: this
+module only imports it, checks its version and builds its exchanger.
 """
 
 from __future__ import annotations
 
-import math
+import importlib
+import importlib.metadata
+import logging
+from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+VERSION = "0.4.2"
+HOW = "run `make bench`, which installs FL4Health's wheel into .oracle/ and runs with PYTHONPATH=.oracle"
 
 
-@torch.no_grad()
-def push(model: nn.Module, initial_model: nn.Module, sparsity_level: float) -> list[np.ndarray]:
-    """[values..., indices..., shapes..., names] for largest_magnitude_change_scores."""
-    state = model.state_dict()
-    start = initial_model.state_dict()
-    scores = {name: torch.abs(w - start[name]) for name, w in state.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    ordered, _ = torch.sort(flat, descending=True)
-    k = math.ceil(flat.numel() * sparsity_level)
-    threshold = ordered[k - 1].item()
-    del flat, ordered
-    values: list[np.ndarray] = []
-    indices: list[np.ndarray] = []
-    shapes: list[np.ndarray] = []
-    names: list[str] = []
-    for name, w in state.items():
-        if w.dim() == 0:
-            continue
-        masked = torch.where(scores[name] >= threshold, w, torch.zeros((), dtype=w.dtype))
-        coords = torch.nonzero(masked)
-        if coords.shape[0] == 0:
-            continue
-        values.append(masked[coords.unbind(1)].numpy())
-        indices.append(coords.numpy())
-        shapes.append(np.array(list(w.shape), dtype=np.int64))
-        names.append(name)
-    return [*values, *indices, *shapes, np.array(names)]
+def version() -> str:
+    """The importable FL4Health's version; RuntimeError (saying how to get it) when it is missing or another."""
+    try:
+        found = importlib.metadata.version("fl4health")
+        importlib.import_module("fl4health.parameter_exchange.sparse_coo_parameter_exchanger")
+    except (importlib.metadata.PackageNotFoundError, ImportError) as error:
+        raise RuntimeError(f"FL4Health {VERSION} is not importable ({error}): {HOW}") from error
+    if found != VERSION:
+        raise RuntimeError(f"FL4Health {found} found, the baseline is {VERSION}: {HOW}")
+    return found
+
+
+def exchanger(sparsity_level: float) -> Any:
+    """FL4Health's ``SparseCooParameterExchanger(sparsity_level, largest_magnitude_change_scores)``.
+
+    Its per-push INFO line (through Flower's logger) is silenced; the work is unchanged.
+    """
+    version()
+    exchange = importlib.import_module("fl4health.parameter_exchange.sparse_coo_parameter_exchanger")
+    criteria = importlib.import_module("fl4health.parameter_exchange.parameter_selection_criteria")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    return exchange.SparseCooParameterExchanger(sparsity_level, criteria.largest_magnitude_change_scores)

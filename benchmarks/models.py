@@ -1,4 +1,5 @@
-"""Benchmark models: a few large square Linear layers and a BatchNorm (so the state has buffers)."""
+"""Benchmark models: a few large square Linear layers and a BatchNorm (so the state has buffers), and
+issue 14's model (two convolutions and four square Linear layers)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ def _linear_stack(n_params: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*linears.to_empty(device="cpu"), nn.BatchNorm1d(width))
 
 
+def _conv_linear_stack(width: int) -> nn.Sequential:
+    """Issue 14's model: Conv2d(3, 64, 3), Conv2d(64, 128, 3), then four ``width`` x ``width`` Linear layers.
+
+    At ``width`` 3536: 75,648 + 4 x 12,506,832 = 50,102,976 float32 parameters (50.1M, 200 MB), no
+    buffers. Only its state matters here (a push reads ``state_dict()``), so the layers are not chained
+    into a forward pass that would run.
+    """
+    convs = [nn.Conv2d(3, 64, 3, device="meta"), nn.Conv2d(64, 128, 3, device="meta")]
+    linears = [nn.Linear(width, width, device="meta") for _ in range(4)]
+    return nn.Sequential(*convs, *linears).to_empty(device="cpu")
+
+
 def state_entries(model: nn.Module) -> int:
     """N: every entry of the state, parameters and buffers."""
     return sum(t.numel() for t in model.state_dict().values())
@@ -34,8 +47,17 @@ def trained_pair(n_params: int, layers: int, seed: int) -> tuple[nn.Module, nn.M
     Deterministic in ``seed`` (separate processes build identical pairs). The BatchNorm's running
     statistics move too and ``num_batches_tracked`` counts one batch, as after a real round.
     """
+    return _trained(_linear_stack(n_params, layers), seed)
+
+
+def conv_linear_pair(width: int, seed: int) -> tuple[nn.Module, nn.Module]:
+    """(model, initial_model) of issue 14's model (:func:`_conv_linear_stack`), as :func:`trained_pair`."""
+    return _trained(_conv_linear_stack(width), seed)
+
+
+@torch.no_grad()
+def _trained(initial: nn.Module, seed: int) -> tuple[nn.Module, nn.Module]:
     generator = torch.Generator().manual_seed(seed)
-    initial = _linear_stack(n_params, layers)
     for p in initial.parameters():
         p.normal_(0.0, 0.02, generator=generator)
     model = copy.deepcopy(initial)

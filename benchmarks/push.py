@@ -1,9 +1,8 @@
-"""Targets 1 and 2: push time against the transport floor and FL4Health, and the server's memory."""
+"""Targets 1 and 2: push time against the transport floor, and the server's memory (FL4Health: vs_fl4health)."""
 
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from typing import Any
@@ -12,12 +11,11 @@ import grpc
 import numpy as np
 from torch import nn
 
-from benchmarks import fl4health
 from benchmarks.config import Sizes, has_option
 from benchmarks.echo_server import stream_once
 from benchmarks.models import state_bytes
 from benchmarks.procs import PeakRss, Server
-from benchmarks.report import Row
+from benchmarks.report import Row, spread, spread_text
 from paramsel.client import SparseCooParameterExchanger, largest_magnitude_change_scores
 
 SPARSITY = 0.1
@@ -32,12 +30,6 @@ def transport_floor(echo: Server, model: nn.Module, initial: nn.Module, runs: in
     nbytes = sum(t.nbytes for t in tensors)
     median = statistics.median(times)
     return {"seconds": times, "median_s": median, "bytes": nbytes, "gb_per_s": nbytes / median / 1e9}
-
-
-def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(
-        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b, strict=True)
-    )
 
 
 def run(
@@ -63,18 +55,6 @@ def run(
             times.append(seconds)
     median = statistics.median(times)
 
-    base_times: list[float] = []
-    baseline: list[np.ndarray] = []
-    with PeakRss(os.getpid()) as base_peak:
-        for _ in range(sizes.baseline_runs):
-            baseline = []
-            gc.collect()
-            start = time.perf_counter()
-            baseline = fl4health.push(model, initial, SPARSITY)
-            base_times.append(time.perf_counter() - start)
-    base_median = statistics.median(base_times)
-    agrees = _same(packed[:-1], baseline[:-1]) and packed[-1].tolist() == baseline[-1].tolist()
-
     worst = max(m["above_idle"] for m in memory)
     floor_s = floor.get("median_s")
     how = "reuse_initial_model=False" if bypass else "this build has no initial-model cache"
@@ -97,24 +77,9 @@ def run(
             median,
             "s",
             0.6,
-            note=f"{len(times)} runs; {uploaded / 1e6:.0f} MB up; {how}",
+            note=f"{uploaded / 1e6:.0f} MB up; {how}; {spread_text(spread(times), 's')}",
         ),
         floor_row,
-        Row(
-            "fl4health_push_time",
-            "1. FL4Health push in-process (median)",
-            base_median,
-            "s",
-            note=f"{len(base_times)} runs; same selection as paramsel: {agrees}",
-        ),
-        Row(
-            "push_vs_fl4health",
-            "1. push / FL4Health push",
-            median / base_median,
-            "x",
-            verdict="PASS" if agrees and median < base_median else "MISS",
-            note=f"paramsel {base_median / median:.1f}x faster",
-        ),
         Row(
             "selection_memory",
             "2. server peak RSS above idle / uploaded",
@@ -129,11 +94,8 @@ def run(
         "cache_bypassed_with_reuse_initial_model_false": bypass,
         "paramsel_push_seconds": times,
         "paramsel_push_median_s": median,
+        "paramsel_push_spread_s": spread(times),
         "server_memory_per_push": memory,
-        "fl4health_push_seconds": base_times,
-        "fl4health_push_median_s": base_median,
-        "fl4health_client_peak_above_idle_bytes": base_peak.above_idle,
-        "fl4health_agrees_with_paramsel": agrees,
         "transport_floor": floor,
     }
     return rows, figures, packed

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ FEATURE_MISSING = "n/a (feature missing)"
 
 @dataclass
 class Row:
-    """One target: what was measured, the limit it must not exceed (if any), and the verdict."""
+    """One target: what was measured, the limit it must not exceed or the minimum it must reach (if
+    any), and the verdict. ``ratio`` is measured / limit, or measured / minimum."""
 
     target: str
     title: str
@@ -31,17 +33,45 @@ class Row:
     verdict: str = ""
     note: str = ""
     ratio: float | None = field(default=None)
+    minimum: float | None = None
 
     def __post_init__(self) -> None:
-        if self.measured is not None and self.limit:
-            self.ratio = self.measured / self.limit
+        bound = self.limit or self.minimum
+        if self.measured is not None and bound:
+            self.ratio = self.measured / bound
         if not self.verdict:
             if self.measured is None:
                 self.verdict = "ERROR"
-            elif self.limit is None:
-                self.verdict = "INFO"
-            else:
+            elif self.limit is not None:
                 self.verdict = "PASS" if self.measured <= self.limit else "MISS"
+            elif self.minimum is not None:
+                self.verdict = "PASS" if self.measured >= self.minimum else "MISS"
+            else:
+                self.verdict = "INFO"
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """min, quartiles, median and max of repeated figures (the quartiles by the "inclusive" method)."""
+    ordered = sorted(values)
+    if len(ordered) > 1:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {
+        "n": len(ordered),
+        "min": ordered[0],
+        "q1": q1,
+        "median": statistics.median(ordered),
+        "q3": q3,
+        "max": ordered[-1],
+        "values": list(values),
+    }
+
+
+def spread_text(figure: dict[str, Any], unit: str = "", digits: int = 3) -> str:
+    """``min / median / max`` of a :func:`spread`, for a table note."""
+    parts = [f"{figure[key]:.{digits}g}" for key in ("min", "median", "max")]
+    return f"min/median/max {' / '.join(parts)}{' ' + unit if unit else ''} (n={figure['n']})"
 
 
 def missing(target: str, title: str, unit: str, what: str, limit: float | None = None) -> Row:
@@ -60,6 +90,14 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
+def _bound(row: Row) -> str:
+    if row.limit is not None:
+        return f"<= {_fmt(row.limit, row.unit)}"
+    if row.minimum is not None:
+        return f">= {_fmt(row.minimum, row.unit)}"
+    return "-"
+
+
 def table(rows: list[Row]) -> str:
     """The results as a fixed-width table (markdown-compatible)."""
     header = ["target", "measured", "limit", "ratio", "verdict", "note"]
@@ -67,7 +105,7 @@ def table(rows: list[Row]) -> str:
         [
             row.title,
             _fmt(row.measured, row.unit),
-            "-" if row.limit is None else f"<= {_fmt(row.limit, row.unit)}",
+            _bound(row),
             "-" if row.ratio is None else f"{row.ratio:.2f}",
             row.verdict,
             row.note,

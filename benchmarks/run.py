@@ -1,7 +1,12 @@
-"""paramsel's benchmark: every target of issue 3, measured against separately started servers.
+"""paramsel's benchmark: every target of issue 3 and issue 14's comparison with the real FL4Health.
 
-    .venv/bin/python -m benchmarks.run            # the full run (about 2 minutes on 2 cores, 7 GiB peak)
-    .venv/bin/python -m benchmarks.run --quick    # small sizes, well under a minute
+Measured against separately started servers; FL4Health 0.4.2 is its own wheel (benchmarks.vs_fl4health).
+
+    make bench                                     # installs FL4Health's wheel into .oracle/, then the full run
+    PYTHONPATH=.oracle .venv/bin/python -m benchmarks.run            # the full run (5 to 11 minutes on 2 cores)
+    PYTHONPATH=.oracle .venv/bin/python -m benchmarks.run --quick    # small sizes, about 2 minutes
+
+Without FL4Health on the path its rows are ERROR (saying how to get it) and the others run.
 
 Prints the table and writes benchmarks/results/latest.json (or ``--out``).
 """
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import any_size, concurrency, exact_k, payload, pull, push
+from benchmarks import any_size, concurrency, exact_k, payload, pull, push, vs_fl4health
 from benchmarks.config import FULL, QUICK, Sizes
 from benchmarks.models import trained_pair
 from benchmarks.procs import MachineMemory, echo_serve, paramsel_serve
@@ -30,8 +35,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 TARGETS: dict[str, tuple[str, str]] = {
     "push_time": ("1. push time", "s"),
     "push_vs_transport_floor": ("1. push / transport floor", "x"),
-    "fl4health_push_time": ("1. FL4Health push in-process", "s"),
-    "push_vs_fl4health": ("1. push / FL4Health push", "x"),
+    "fl4health_push_time": ("1. FL4Health 0.4.2 push", "s"),
+    "fl4health_vs_cached": ("1. FL4Health push / paramsel remote, initial model cached", "x"),
+    "fl4health_vs_first": ("1. FL4Health push / paramsel remote, first push", "x"),
+    "fl4health_vs_embedded": ("1. FL4Health push / paramsel embedded default", "x"),
     "selection_memory": ("2. server peak RSS above idle / uploaded", "x"),
     "payload_10pct": ("3. server->client bytes per value at 10%", "B"),
     "payload_1pct": ("3. server->client bytes per value at 1%", "B"),
@@ -101,7 +108,7 @@ def _fifty_million(out: Collector, sizes: Sizes) -> None:
     with paramsel_serve() as server:
         out.group(
             "push",
-            [t for t in TARGETS if t.startswith(("push", "fl4health", "selection"))],
+            ["push_time", "push_vs_transport_floor", "selection_memory"],
             pushes,
         )
         out.group(
@@ -116,6 +123,12 @@ def _fifty_million(out: Collector, sizes: Sizes) -> None:
 def measure(sizes: Sizes) -> Collector:
     out = Collector()
     _fifty_million(out, sizes)
+    gc.collect()
+    out.group(
+        "vs_fl4health",
+        ["fl4health_push_time", *(f"fl4health_vs_{mode}" for mode in vs_fl4health.MODES)],
+        lambda: vs_fl4health.run(sizes),
+    )
     gc.collect()
     out.group(
         "any_size", ["any_size_push", "any_size_pull", "any_size_server_memory"], lambda: any_size.run(sizes)
