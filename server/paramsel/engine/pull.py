@@ -8,8 +8,8 @@ business.
 from __future__ import annotations
 
 import enum
-import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -224,28 +224,14 @@ _MIN_SHARE = 16
 def in_parallel(count: int, work: Callable[[int, int], None]) -> None:
     """``work(first, last)`` over ``range(count)`` cut into contiguous shares, one per thread, as many
     threads as torch uses (``torch.get_num_threads()``) while each has at least :data:`_MIN_SHARE`
-    items; the calling thread takes the first share. numpy lets go of the GIL in the work's array
-    operations, so the shares run side by side. Raises the first share's error, if any."""
+    items. numpy lets go of the GIL in the work's array operations, so the shares run side by side. Raises the first failing share's error."""
     shares = max(1, min(torch.get_num_threads(), count // _MIN_SHARE))
+    if shares == 1:
+        work(0, count)
+        return
     cuts = [count * i // shares for i in range(shares + 1)]
-    errors: list[BaseException] = []
-
-    def run(first: int, last: int) -> None:
-        try:
-            work(first, last)
-        except BaseException as error:  # re-raised in the calling thread
-            errors.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(cuts[i], cuts[i + 1]), daemon=True) for i in range(1, shares)
-    ]
-    for thread in threads:
-        thread.start()
-    run(cuts[0], cuts[1])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    with ThreadPoolExecutor(shares) as pool:
+        list(pool.map(work, cuts[:-1], cuts[1:]))  # re-raises a share's error
 
 
 def pull_sparse_into(
