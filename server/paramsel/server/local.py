@@ -25,7 +25,8 @@ What differs from a server:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,15 +92,12 @@ def server_info() -> service_pb2.GetServerInfoResponse:
     return _server_info(EMBEDDED_CONFIG)
 
 
-def select(
-    start: service_pb2.SelectStart, dense: Dense, *, chunk_size: int, keep_frames: bool = False
-) -> Answer:
-    """A Select of the tensors of ``dense`` (section, named tensors), as a server answers it."""
-    frames, segments = declare_frames(
-        service_pb2.SelectRequest, ("start", start), chunk_size=chunk_size, dense=dense
-    )
+@contextmanager
+def _selection(request: type[Any], start: Any, dense: Dense, chunk_size: int) -> Iterator[calls.Selected]:
+    """The servicer's selection of a Select or Push (``request``) of ``dense``, inside its call."""
+    frames, segments = declare_frames(request, ("start", start), chunk_size=chunk_size, dense=dense)
     with _LIMITS.call() as call:
-        selected = calls.selection(
+        yield calls.selection(
             call,
             frames,
             models=_MODELS,
@@ -108,6 +106,13 @@ def select(
             owns_initial=False,
             delivered=segments,
         )
+
+
+def select(
+    start: service_pb2.SelectStart, dense: Dense, *, chunk_size: int, keep_frames: bool = False
+) -> Answer:
+    """A Select of the tensors of ``dense`` (section, named tensors), as a server answers it."""
+    with _selection(service_pb2.SelectRequest, start, dense, chunk_size) as selected:
         encoding, value_dtype = calls.select_answer(selected.start)
         selection = selected.selection
         kept = (
@@ -137,19 +142,7 @@ def select(
 
 def push(start: service_pb2.PushStart, dense: Dense, *, chunk_size: int) -> Answer:
     """A Push of the tensors of ``dense``: FL4Health's packed arrays, each named after its tensor."""
-    frames, segments = declare_frames(
-        service_pb2.PushRequest, ("start", start), chunk_size=chunk_size, dense=dense
-    )
-    with _LIMITS.call() as call:
-        selected = calls.selection(
-            call,
-            frames,
-            models=_MODELS,
-            max_bytes=_UNBOUNDED,
-            default_chunk_size=chunk_size,
-            owns_initial=False,
-            delivered=segments,
-        )
+    with _selection(service_pb2.PushRequest, start, dense, chunk_size) as selected:
         value_dtype = inbound.value_dtype(selected.start.value_dtype)
         inputs = _storages(selected.received)
         arrays = [(n, _own(t, inputs)) for n, t in outbound.packed_arrays(selected.selection, value_dtype)]
