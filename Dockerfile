@@ -93,11 +93,11 @@ RUN groupadd --system --gid 10001 paramsel \
     && useradd --system --uid 10001 --gid paramsel --create-home --home-dir /home/paramsel \
        --shell /usr/sbin/nologin paramsel
 
-# MALLOC_MMAP_THRESHOLD_: glibc returns large freed blocks at once (server/paramsel/server/memory.py
-# says why; `paramsel serve` sets the same itself).
+# GLIBC_TUNABLES: glibc's malloc faults large blocks in as huge pages and returns them at once when
+# freed (server/paramsel/server/memory.py says why; `paramsel serve` otherwise restarts itself with them).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    MALLOC_MMAP_THRESHOLD_=131072
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304
 
 USER 10001:10001
 WORKDIR /home/paramsel

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 
 from paramsel.server.config import Limits, ServerConfig
 from paramsel.server.health_check import DEFAULT_TIMEOUT_SECONDS, default_target, run_health
+from paramsel.server.memory import allocator_environment
 from paramsel.server.security import TOKENS_ENV, ConfigError, load_tokens
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -236,6 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as err:  # ConfigError too
         return usage_error(err)
+    if args.own_process:
+        _restart_with_allocator_tunables()
     from paramsel.server.app import serve  # torch with it: only once the settings are known to be usable
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -251,6 +255,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"paramsel serve: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _restart_with_allocator_tunables() -> None:
+    """Runs this command again, in place (same pid), with glibc's malloc tuned for the server (see
+    :mod:`paramsel.server.memory`): tunables are read only when a process starts. Returns when there is
+    nothing to add (the second time round, or not glibc)."""
+    environment = allocator_environment(os.environ)
+    if environment is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
 
 
 def _number(text: str) -> float:
@@ -299,6 +315,9 @@ def _health(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Each subcommand sets ``run``: a function of the parsed arguments returning the exit code."""
     args = _parser().parse_args(argv)
+    # From the command line, ``serve`` owns its process and may restart it with other settings; called
+    # with arguments (from Python), it runs in the caller's process as it is.
+    args.own_process = argv is None
     return int(args.run(args))
 
 
