@@ -21,6 +21,7 @@ class Sizes:
     fl4health_rounds: int = 5
     any_size_params: int = 300_000_000
     any_size_layers: int = 4
+    any_size_runs: int = 2  # timed 300M pushes (after one warm-up)
     concurrency_params: int = 10_000_000
     concurrency_layers: int = 3
     concurrency_levels: tuple[int, ...] = (1, 2, 4, 8)

@@ -47,6 +47,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "exact_k_time": ("5. exact-k time / default", "x"),
     "any_size_push": ("6. push, any size", "s"),
     "any_size_pull": ("6. pull, any size", "s"),
+    "any_size_linear": ("6. 300M push / 6 x the 50M push", "x"),
     "any_size_server_memory": ("6. server peak RSS above idle / uploaded", "x"),
     "concurrency_1": ("7. 1 client: throughput", "push/s"),
     "concurrency_2": ("7. 2 concurrent clients: throughput", "push/s"),
@@ -130,8 +131,11 @@ def measure(sizes: Sizes) -> Collector:
         lambda: vs_fl4health.run(sizes),
     )
     gc.collect()
+    fifty_million = out.figures.get("push", {}).get("paramsel_push_median_s")
     out.group(
-        "any_size", ["any_size_push", "any_size_pull", "any_size_server_memory"], lambda: any_size.run(sizes)
+        "any_size",
+        ["any_size_push", "any_size_pull", "any_size_linear", "any_size_server_memory"],
+        lambda: any_size.run(sizes, fifty_million),
     )
     gc.collect()
     out.group(

@@ -38,6 +38,7 @@ TARGETS = [
     "exact_k_time",
     "any_size_push",
     "any_size_pull",
+    "any_size_linear",
     "any_size_server_memory",
     "concurrency_1",
     "concurrency_2",
