@@ -93,11 +93,12 @@ RUN groupadd --system --gid 10001 paramsel \
     && useradd --system --uid 10001 --gid paramsel --create-home --home-dir /home/paramsel \
        --shell /usr/sbin/nologin paramsel
 
-# GLIBC_TUNABLES: glibc's malloc faults large blocks in as huge pages and returns them at once when
-# freed (server/paramsel/server/memory.py says why; `paramsel serve` otherwise restarts itself with them).
+# GLIBC_TUNABLES: glibc's malloc keeps freed memory for the next call (the server gives it back once
+# idle) and faults it in as huge pages (server/paramsel/server/memory.py says why; `paramsel serve`
+# otherwise restarts itself with them).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776
 
 USER 10001:10001
 WORKDIR /home/paramsel

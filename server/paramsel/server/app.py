@@ -20,7 +20,7 @@ from paramsel.server import observability
 from paramsel.server.admission import Admission
 from paramsel.server.config import ServerConfig
 from paramsel.server.limits import CallLimits
-from paramsel.server.memory import return_freed_memory
+from paramsel.server.memory import IdleTrim, return_freed_memory
 from paramsel.server.security import TokenAuthInterceptor, server_credentials
 from paramsel.server.servicer import ParameterSelectionServicer, limits_of
 from paramsel.v1 import service_pb2
@@ -275,8 +275,9 @@ def create_server(
 
 
 def serve(config: ServerConfig, *, announce: Any = print) -> None:
-    """Runs until SIGTERM or SIGINT, then drains gracefully. The process's freed memory goes back to the
-    system as calls end (see :mod:`paramsel.server.memory`): ``serve`` owns its process, so it may."""
+    """Runs until SIGTERM or SIGINT, then drains gracefully. The process's free memory goes back to the
+    system once no call has run for a while (see :mod:`paramsel.server.memory`): ``serve`` owns its
+    process, so it may."""
     return_freed_memory()
     stopping = threading.Event()
 
@@ -291,6 +292,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     announce(f"paramsel serving on {config.host}:{running.port}", flush=True)
     # Woken every second: the kernel may hand SIGTERM to any of gRPC's threads, and then nothing interrupts
     # an untimed wait here, where Python runs signal handlers; the signal would be left pending for ever.
+    idle = IdleTrim()
     while not stopping.wait(SIGNAL_POLL_SECONDS):
-        pass
+        idle.tick(running.limits.active_calls, running.limits.finished_calls)
     running.stop()

@@ -185,6 +185,7 @@ class CallLimits:
         self.limits = limits
         self._lock = threading.Condition()
         self._active = 0
+        self._finished = 0
         self._inflight = 0
         self._draining = False
 
@@ -192,6 +193,12 @@ class CallLimits:
     def active_calls(self) -> int:
         with self._lock:
             return self._active
+
+    @property
+    def finished_calls(self) -> int:
+        """Calls admitted and ended (however they ended) since the server started."""
+        with self._lock:
+            return self._finished
 
     @property
     def inflight_bytes(self) -> int:
@@ -227,6 +234,7 @@ class CallLimits:
         finally:
             with self._lock:
                 self._active -= 1
+                self._finished += 1
                 self._inflight -= call.reserved
                 self._lock.notify_all()
 

@@ -1,29 +1,32 @@
-"""How ``paramsel serve``'s process allocates: large blocks go back to the system as calls end, and are
-faulted in as transparent huge pages.
+"""How ``paramsel serve``'s process allocates: memory stays with the process while calls keep coming,
+goes back to the system once it is idle, and is faulted in as transparent huge pages.
 
-**Freed memory goes back.** glibc's malloc serves blocks above a threshold with their own ``mmap``,
-which ``free`` unmaps at once; smaller blocks come from heaps that are seldom returned. The threshold
-starts at 128 KiB but rises (up to 32 MiB on 64-bit) each time such a block is freed, so a server that
-has received a few large tensors keeps later ones of up to 32 MiB, and every scratch buffer below, in
-heaps that stay as large as their busiest moment. Measured on 2 cores: idle RSS went from 236 MB to
-1,062 MB after 12 sequential pushes of 50 M parameters, and to 3,643 MB after 4 rounds of 4 concurrent
-ones. Fixing the threshold (which also stops its rise) returns the large blocks when they are freed.
+**Why keep it.** A 50 M-parameter push makes the server hold about 1.5 GB for a moment (the received
+models, the scores, the selection's scratch). Returned to the system at the end of each call (glibc
+unmaps every large block as it is freed), it must be faulted in again by the next call; on a virtual
+machine whose host takes back the guest's free memory (as on the machines the benchmark ran on: 2 cores,
+a Firecracker guest) that costs more than the work: a cached push of 50.1M parameters took 0.66 s
+returning it, 0.44 s keeping it; a first push (both models uploaded) 1.64 s and 0.88 s.
 
-It is fixed at 4 MiB, not lower: a call streams its tensors in chunks of 1 MiB (gRPC's message buffer,
-the frame's bytes), and below the threshold those come back from the heaps, already faulted in, chunk
-after chunk; with 128 KiB every chunk was a fresh ``mmap`` whose pages the kernel faulted in and zeroed,
-three times per uploaded byte.
+**Why give it back.** Kept for ever, heaps stay as large as their busiest moment: idle RSS went from
+236 MB to 1,062 MB after 12 sequential pushes of 50 M parameters, and to 3,643 MB after 4 rounds of 4
+concurrent ones. So the server gives back what its heaps hold free (``malloc_trim(0)``: the top of
+each heap and every free page inside them) once no call has run for :data:`IDLE_SECONDS`, as jemalloc's
+decay does (:class:`IdleTrim`, run by :func:`paramsel.server.app.serve`).
 
-**Huge pages.** A 50 M-parameter push faults in some 1.5 GB a call (the received model, the scores,
-the selection's scratch), 4 KiB at a time. glibc 2.35+ can ask for transparent huge pages on the blocks
-it maps (the ``glibc.malloc.hugetlb=1`` tunable: ``madvise(MADV_HUGEPAGE)``, effective where the
-kernel's THP mode is ``madvise`` or ``always``), 2 MiB a fault. Measured here (issue 14): a cached push of
-50.1 M parameters 0.75 s → 0.54 s, a first push 1.55 s → 1.15 s, the server's peak RSS unchanged.
-Tunables are read when a process starts, so ``paramsel serve`` re-executes itself once with them in
-``$GLIBC_TUNABLES`` (:func:`allocator_environment`); the image sets them in its environment instead.
+**The settings** (glibc's tunables, :data:`SERVER_TUNABLES`): ``glibc.malloc.mmap_max=0`` serves every
+block from the heaps, so freeing one keeps its pages; ``glibc.malloc.trim_threshold`` (1 TiB) stops
+``free`` from trimming on its own; ``glibc.malloc.hugetlb=1`` (glibc 2.35+) asks for transparent huge
+pages where the heaps grow, 2 MiB a fault instead of 4 KiB (effective where the kernel's THP mode is
+``madvise`` or ``always``). Tunables are read when a process starts, so ``paramsel serve`` re-executes
+itself once with them added to ``$GLIBC_TUNABLES`` (:func:`allocator_environment`); the image sets them
+in its environment instead.
 
-An operator's own choice stands: ``$MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` in
-``$GLIBC_TUNABLES`` keeps its threshold, a ``glibc.malloc.hugetlb`` keeps its huge-page setting.
+An operator's own choice stands: with any ``glibc.malloc.*`` tunable in ``$GLIBC_TUNABLES`` or any
+``MALLOC_*_`` variable (``MALLOC_MMAP_THRESHOLD_``, ...) set, nothing is added, and where no tunable
+can be set (a glibc before 2.35) the mmap threshold is fixed by ``mallopt`` instead
+(:func:`return_freed_memory`: large blocks unmapped when freed, small ones in heaps the idle trim gives
+back).
 """
 
 from __future__ import annotations
@@ -33,16 +36,24 @@ import ctypes.util
 import logging
 import os
 import platform
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 log = logging.getLogger("paramsel.server")
 
 ENV = "MALLOC_MMAP_THRESHOLD_"
 TUNABLES_ENV = "GLIBC_TUNABLES"
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
-THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"
-_HUGE_PAGES_SINCE = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+"""The ``mallopt`` fallback's threshold: the 1 MiB chunks of a stream stay in the heaps."""
+SERVER_TUNABLES = (
+    ("glibc.malloc.hugetlb", "1"),
+    ("glibc.malloc.mmap_max", "0"),
+    ("glibc.malloc.trim_threshold", str(1 << 40)),
+)
+IDLE_SECONDS = 10.0
+"""How long the server goes without a call before it gives its free memory back."""
+_TUNABLES_SINCE = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
@@ -52,49 +63,100 @@ def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, _, value in pairs}
 
 
-def _threshold_is_the_operators(environ: Mapping[str, str]) -> bool:
-    return bool(environ.get(ENV)) or THRESHOLD_TUNABLE in _tunables(environ)
+def operator_chose(environ: Mapping[str, str]) -> bool:
+    """Whether the environment already sets malloc's behaviour (a glibc.malloc tunable, a MALLOC_*_)."""
+    return any(name.startswith("glibc.malloc.") for name in _tunables(environ)) or any(
+        name.startswith("MALLOC_") and name.endswith("_") and value for name, value in environ.items()
+    )
 
 
 def allocator_environment(
     environ: Mapping[str, str], libc: tuple[str, str] | None = None
 ) -> dict[str, str] | None:
-    """The environment for ``paramsel serve`` to re-execute itself in, so that glibc's malloc starts
-    with huge pages and the 4 MiB threshold; None when there is nothing to add (not glibc, a glibc
-    before 2.35, or the operator already chose: see the module's notes)."""
+    """The environment for ``paramsel serve`` to re-execute itself in (``environ`` with
+    :data:`SERVER_TUNABLES` added to ``$GLIBC_TUNABLES``); None when there is nothing to add: not
+    glibc, a glibc before 2.35, or the operator already chose (see the module's notes)."""
     name, version = libc if libc is not None else platform.libc_ver()
     try:
         release = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:
         return None
-    if name != "glibc" or release < _HUGE_PAGES_SINCE:
+    if name != "glibc" or release < _TUNABLES_SINCE or operator_chose(environ):
         return None
-    tunables = _tunables(environ)
-    if HUGE_PAGES_TUNABLE in tunables:
-        return None
-    added = [f"{HUGE_PAGES_TUNABLE}=1"]
-    if not _threshold_is_the_operators(environ):
-        added.append(f"{THRESHOLD_TUNABLE}={MMAP_THRESHOLD_BYTES}")
+    added = [f"{tunable}={value}" for tunable, value in SERVER_TUNABLES]
     existing = environ.get(TUNABLES_ENV, "")
     return {**environ, TUNABLES_ENV: ":".join([existing, *added] if existing else added)}
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fixes glibc's mmap threshold at ``threshold`` bytes; True when it is in effect (here, or from
-    ``$MALLOC_MMAP_THRESHOLD_`` or ``$GLIBC_TUNABLES``), False where the C library is not glibc."""
-    if _threshold_is_the_operators(os.environ):
-        log.debug("malloc's mmap threshold is the environment's (%s or %s)", ENV, TUNABLES_ENV)
-        return True
+def _libc() -> Any | None:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
-        log.debug("no mallopt in the C library (%s): freed memory is returned as it decides", name)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    return libc
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fixes glibc's mmap threshold at ``threshold`` bytes, unless the environment set malloc's
+    behaviour (``paramsel serve``'s own tunables included); True when either is in effect, False where
+    the C library is not glibc."""
+    if operator_chose(os.environ):
+        log.debug("malloc's settings are the environment's (%s)", TUNABLES_ENV)
+        return True
+    libc = _libc()
+    if libc is None:
+        log.debug("no mallopt in the C library: freed memory is returned as it decides")
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    done = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    done = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     if not done:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) was refused: idle memory may stay high", threshold)
     return done
+
+
+def trim() -> bool:
+    """Gives the heaps' free memory back to the system (``malloc_trim(0)``); False where there is no
+    glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim(0)
+    return True
+
+
+class IdleTrim:
+    """Calls ``release`` once no call has run for ``idle_seconds`` since the last one ended, once per
+    idle spell. :meth:`tick` is called periodically with the server's counts."""
+
+    def __init__(
+        self,
+        idle_seconds: float = IDLE_SECONDS,
+        release: Callable[[], object] = trim,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._idle_seconds = idle_seconds
+        self._release = release
+        self._clock = clock
+        self._seen_finished = 0
+        self._quiet_since: float | None = None
+
+    def tick(self, active: int, finished: int) -> bool:
+        """``active``: calls running now; ``finished``: calls ended since the server started. True
+        when this tick gave the memory back."""
+        now = self._clock()
+        if active or finished != self._seen_finished:
+            # Busy, or a call ended since the last tick: the idle spell starts (again) now.
+            self._seen_finished = finished
+            self._quiet_since = None if active else now
+            return False
+        if self._quiet_since is None or now - self._quiet_since < self._idle_seconds:
+            return False
+        self._quiet_since = None  # once per idle spell
+        self._release()
+        log.debug("idle for %.0f s: free memory given back", self._idle_seconds)
+        return True
