@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -141,3 +144,49 @@ def test_in_parallel_covers_every_item_once_and_raises_a_share_error(
 
     with pytest.raises(ValueError, match="share 33-50"):
         helper(50, fail_the_last)
+
+
+@pytest.mark.parametrize("helper", [pull.in_parallel, positions._in_parallel])
+def test_in_parallel_waits_for_every_share_before_raising(
+    monkeypatch: pytest.MonkeyPatch, helper: Callable[[int, Callable[[int, int], None]], None]
+) -> None:
+    """The calling thread's own share fails: the pool's shares still run to their end first (they
+    write into the caller's tensors), then its error is raised."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ended: list[int] = []
+
+    def work(first: int, last: int) -> None:
+        if first == 0:
+            raise ValueError("the first share")
+        time.sleep(0.2)
+        ended.append(first)
+
+    with pytest.raises(ValueError, match="the first share"):
+        helper(40, work)
+    assert ended == [20]
+
+
+def _in_a_forked_child(helper: Callable[[int, Callable[[int, int], None]], None], queue: Any) -> None:
+    shares: list[tuple[int, int]] = []
+    helper(40, lambda first, last: shares.append((first, last)))
+    queue.put(sorted(shares))
+
+
+@pytest.mark.parametrize("helper", [pull.in_parallel, positions._in_parallel])
+def test_in_parallel_works_in_a_forked_child(
+    monkeypatch: pytest.MonkeyPatch, helper: Callable[[int, Callable[[int, int], None]], None]
+) -> None:
+    """The pool's threads are not in a forked child: it starts its own instead of waiting for ever."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    helper(40, lambda first, last: None)  # the parent's pool is running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_in_a_forked_child, args=(helper, queue))
+    child.start()
+    try:
+        assert queue.get(timeout=120) == [(0, 20), (20, 40)]
+    finally:
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0

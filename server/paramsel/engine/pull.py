@@ -8,8 +8,11 @@ business.
 from __future__ import annotations
 
 import enum
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -218,20 +221,56 @@ def _replace_in_blocks(target: torch.Tensor, values: torch.Tensor, positions: to
 
 
 _MIN_SHARE = 16
-"""Fewest blocks (or chunks) a thread of :func:`in_parallel` takes on."""
+"""Fewest items a thread of :func:`in_parallel` takes on."""
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    """The process's threads for :func:`in_parallel`, started at the first use and kept (a pool per call
+    spent a fifth of a 50M pull starting threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="paramsel-pull")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads are not there, so a new pool is started when needed."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def in_parallel(count: int, work: Callable[[int, int], None]) -> None:
     """``work(first, last)`` over ``range(count)`` cut into contiguous shares, one per thread, as many
     threads as torch uses (``torch.get_num_threads()``) while each has at least :data:`_MIN_SHARE`
-    items. numpy lets go of the GIL in the work's array operations, so the shares run side by side. Raises the first failing share's error."""
+    items: the calling thread takes the first share, the process's pool the others. numpy lets go of
+    the GIL in the work's array operations, so the shares run side by side. Returns once every share
+    has ended; raises the first failing share's error."""
     shares = max(1, min(torch.get_num_threads(), count // _MIN_SHARE))
     if shares == 1:
         work(0, count)
         return
     cuts = [count * i // shares for i in range(shares + 1)]
-    with ThreadPoolExecutor(shares) as pool:
-        list(pool.map(work, cuts[:-1], cuts[1:]))  # re-raises a share's error
+    others = [_shared_pool().submit(work, first, last) for first, last in pairwise(cuts[1:])]
+    error: BaseException | None = None
+    try:
+        work(cuts[0], cuts[1])
+    except BaseException as err:  # the other shares still write: wait for them before raising
+        error = err
+    for share in others:
+        try:
+            share.result()
+        except BaseException as err:
+            error = error or err
+    if error is not None:
+        raise error
 
 
 def pull_sparse_into(
