@@ -136,6 +136,8 @@ SERVE_ERRORS = [
     (("--metrics-port", "70000"), "metrics_port must be in [0, 65535]"),
     (("--grace-seconds", "-1"), "--grace-seconds: must be 0 or more"),
     (("--grace-seconds", "nan"), "--grace-seconds: must be a finite number"),
+    (("--idle-release-seconds", "-1"), "--idle-release-seconds: must be 0 or more"),
+    (("--idle-release-seconds", "inf"), "--idle-release-seconds: must be a finite number"),
     (("--progress-timeout-seconds", "0"), "--progress-timeout-seconds: must be positive"),
     (("--progress-timeout-seconds", "inf"), "--progress-timeout-seconds: must be a finite number"),
     (("--progress-timeout-seconds", "soon"), "--progress-timeout-seconds: not a number"),

@@ -3,7 +3,7 @@ tuned for it (memory kept between calls, huge pages), unless the operator chose 
 
 Before, 12 sequential pushes of 50 M parameters left the idle server at 1,062 MB (236 MB before them):
 glibc's heaps kept the freed blocks. `paramsel serve` now keeps them only while calls keep coming, and
-gives them back once idle for paramsel.server.memory.IDLE_SECONDS.
+gives them back once idle for --idle-release-seconds.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from support import proc_status, serve_process, wait_for
 
 from paramsel.client import Client, Connection, ScoreFunction, TopK
+from paramsel.server.config import ServerConfig
 from paramsel.server.memory import (
     ENV,
-    IDLE_SECONDS,
     SERVER_TUNABLES,
     TUNABLES_ENV,
     IdleTrim,
@@ -29,6 +29,7 @@ from paramsel.server.memory import (
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMETERS = 50_000_000
+IDLE = 5  # --idle-release-seconds: the default's minute would only make the test wait
 PUSHES = 12
 
 
@@ -59,7 +60,7 @@ def test_idle_rss_after_12_pushes_of_50m_parameters_stays_within_1_5x(
     small = {"w": torch.randn(1000, generator=generator)}
     model = {"w": torch.randn(PARAMETERS, generator=generator)}
     log = tmp_path / "serve.log"
-    with serve_process(log=log) as (proc, target):
+    with serve_process("--idle-release-seconds", str(IDLE), log=log) as (proc, target):
         client = Client(connection=Connection(target, timeout_seconds=600))
         client.push(criterion, small)  # everything a call imports or caches once is in "before"
         _wait_for_pushes(log, 1)
@@ -72,7 +73,7 @@ def test_idle_rss_after_12_pushes_of_50m_parameters_stays_within_1_5x(
         # Kept while the calls came (the next push finds its memory faulted in), given back once idle.
         after = wait_for(
             lambda: (rss := _rss_mb(proc.pid)) <= 1.5 * before and rss,
-            timeout=IDLE_SECONDS + 120,
+            timeout=IDLE + 120,
             what=f"idle RSS within 1.5x of {before:.0f} MB (now {_rss_mb(proc.pid):.0f} MB)",
         )
         assert proc.poll() is None
@@ -138,6 +139,13 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_the_idle_release_delay_is_a_setting() -> None:
+    assert ServerConfig().idle_release_seconds == 60.0
+    assert ServerConfig(idle_release_seconds=0).idle_release_seconds == 0
+    with pytest.raises(ValueError, match="idle_release_seconds must be a number >= 0"):
+        ServerConfig(idle_release_seconds=-1)
 
 
 def test_idle_trim_gives_memory_back_once_per_idle_spell() -> None:

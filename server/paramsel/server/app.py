@@ -292,7 +292,7 @@ def serve(config: ServerConfig, *, announce: Any = print) -> None:
     announce(f"paramsel serving on {config.host}:{running.port}", flush=True)
     # Woken every second: the kernel may hand SIGTERM to any of gRPC's threads, and then nothing interrupts
     # an untimed wait here, where Python runs signal handlers; the signal would be left pending for ever.
-    idle = IdleTrim()
+    idle = IdleTrim(config.idle_release_seconds)
     while not stopping.wait(SIGNAL_POLL_SECONDS):
         idle.tick(running.limits.active_calls, running.limits.finished_calls)
     running.stop()

@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         help="drain time on SIGTERM (default %(default)s)",
     )
     s.add_argument(
+        "--idle-release-seconds",
+        type=_non_negative_seconds,
+        default=defaults.idle_release_seconds,
+        help="give free memory back to the system once no call has run for this long; until then the "
+        "next call reuses it (default %(default)s)",
+    )
+    s.add_argument(
         "--progress-timeout-seconds",
         type=_positive_seconds,
         default=defaults.progress_timeout_seconds,
@@ -206,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         chunk_size_bytes=args.chunk_size_bytes,
         max_workers=args.max_workers,
         grace_seconds=args.grace_seconds,
+        idle_release_seconds=args.idle_release_seconds,
         progress_timeout_seconds=args.progress_timeout_seconds,
         max_calls_per_peer=args.max_calls_per_peer,
         model_cache_bytes=args.model_cache_bytes,

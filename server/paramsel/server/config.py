@@ -65,6 +65,11 @@ class ServerConfig:
     grace_seconds: float = 10.0
     """How long ``stop`` lets in-flight calls finish."""
 
+    idle_release_seconds: float = 60.0
+    """``serve`` gives its free memory back to the system once no call has run for this long; until
+    then the next call reuses it, already faulted in (:mod:`paramsel.server.memory`). 0: as soon as
+    the server is idle (checked every second)."""
+
     progress_timeout_seconds: float = 30.0
     """Longest a call may wait on its client - for the next request frame, or for the client to take the
     next response frame - before the server ends it with DEADLINE_EXCEEDED, freeing its slot and the
@@ -121,6 +126,8 @@ class ServerConfig:
             )
         if not (math.isfinite(self.grace_seconds) and self.grace_seconds >= 0):
             raise ValueError(f"grace_seconds must be a number >= 0, got {self.grace_seconds}")
+        if not (math.isfinite(self.idle_release_seconds) and self.idle_release_seconds >= 0):
+            raise ValueError(f"idle_release_seconds must be a number >= 0, got {self.idle_release_seconds}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate file and its key file (--tls-cert and --tls-key)")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

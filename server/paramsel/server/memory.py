@@ -11,8 +11,11 @@ returning it, 0.44 s keeping it; a first push (both models uploaded) 1.64 s and 
 **Why give it back.** Kept for ever, heaps stay as large as their busiest moment: idle RSS went from
 236 MB to 1,062 MB after 12 sequential pushes of 50 M parameters, and to 3,643 MB after 4 rounds of 4
 concurrent ones. So the server gives back what its heaps hold free (``malloc_trim(0)``: the top of
-each heap and every free page inside them) once no call has run for :data:`IDLE_SECONDS`, as jemalloc's
-decay does (:class:`IdleTrim`, run by :func:`paramsel.server.app.serve`).
+each heap and every free page inside them) once no call has run for ``--idle-release-seconds``
+(``ServerConfig.idle_release_seconds``, 60 s by default: :class:`IdleTrim`, run by
+:func:`paramsel.server.app.serve`). Like tcmalloc's gradual release or jemalloc's decay, memory is
+held a while after use: a minute covers the gaps between an FL round's pushes, the memory is what the
+busiest moment needed (and the limits are sized for), and an idle server still shrinks back.
 
 **The settings** (glibc's tunables, :data:`SERVER_TUNABLES`): ``glibc.malloc.mmap_max=0`` serves every
 block from the heaps, so freeing one keeps its pages; ``glibc.malloc.trim_threshold`` (1 TiB) stops
@@ -51,8 +54,6 @@ SERVER_TUNABLES = (
     ("glibc.malloc.mmap_max", "0"),
     ("glibc.malloc.trim_threshold", str(1 << 40)),
 )
-IDLE_SECONDS = 10.0
-"""How long the server goes without a call before it gives its free memory back."""
 _TUNABLES_SINCE = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
@@ -135,7 +136,7 @@ class IdleTrim:
 
     def __init__(
         self,
-        idle_seconds: float = IDLE_SECONDS,
+        idle_seconds: float,
         release: Callable[[], object] = trim,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
