@@ -30,6 +30,7 @@ from paramsel.engine.budget import Need, Work
 from paramsel.engine.state import TensorSpec
 from paramsel.server import inbound
 from paramsel.server.limits import CallLimits, Limits
+from paramsel.server.memory import ENV, TUNABLES_ENV
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import WireLimitError
 from paramsel.wire.streams import read_frames, write_frames
@@ -158,10 +159,17 @@ def upload_and_plan(request: list[Any]) -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
-    """``paramsel serve`` with the default limits; yields its pid and address."""
+    """``paramsel serve`` with the default limits; yields its pid and address.
+
+    Its malloc unmaps every block above 128 KiB as it is freed (an operator's tunable, which the server
+    leaves alone), as the server did before it kept its memory between calls: what a call holds at peak
+    is then what its RSS grows by, not hidden by memory an earlier call left in the heaps."""
     log = tmp_path_factory.mktemp("selection-budget") / "serve.log"
-    with serve_process("--progress-timeout-seconds", str(TIMEOUT), log=log) as (proc, target):
-        yield proc.pid, target
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TUNABLES_ENV, "glibc.malloc.mmap_threshold=131072")
+        patch.delenv(ENV, raising=False)
+        with serve_process("--progress-timeout-seconds", str(TIMEOUT), log=log) as (proc, target):
+            yield proc.pid, target
 
 
 def call(target: str, method: str, request: list[Any]) -> list[Any]:
