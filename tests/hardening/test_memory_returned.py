@@ -8,21 +8,32 @@ gives them back once idle for --idle-release-seconds.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from support import proc_status, serve_process, wait_for
 
-from paramsel.client import Client, Connection, ScoreFunction, TopK
+from paramsel.client import Client, Connection, ParamselError, ScoreFunction, StatusCode, TopK
+from paramsel.engine import FailedPrecondition
+from paramsel.server import local
 from paramsel.server.config import ServerConfig
 from paramsel.server.memory import (
     ENV,
+    IDLE_RELEASE_ENV,
     SERVER_TUNABLES,
     TUNABLES_ENV,
     IdleTrim,
+    KeptMemory,
     allocator_environment,
+    idle_release_seconds,
     operator_chose,
     return_freed_memory,
 )
@@ -193,3 +204,145 @@ def test_paramsel_serve_leaves_an_operators_tunables_alone(monkeypatch: pytest.M
     monkeypatch.setenv(TUNABLES_ENV, "glibc.malloc.hugetlb=0")
     with serve_process() as (proc, _target):
         assert _environment_of(proc.pid)[TUNABLES_ENV] == "glibc.malloc.hugetlb=0"
+
+
+# --- the service run in the caller's process ---------------------------------------------------------
+
+CHILD = Path(__file__).with_name("kept_memory_child.py")
+MB = 2**20
+
+
+def _in_process_push(environ: dict[str, str], watch_seconds: float) -> dict[str, Any]:
+    """RSS around an in-process push of 40 M parameters (160 MB of scores, and more, freed at its end),
+    in a fresh process with ``environ`` added."""
+    env = {k: v for k, v in os.environ.items() if k not in (TUNABLES_ENV, ENV, IDLE_RELEASE_ENV)}
+    env.pop("PARAMSEL_TARGET", None)
+    done = subprocess.run(
+        [sys.executable, str(CHILD), str(watch_seconds)],
+        env={**env, **environ},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_in_process_calls_keep_their_memory_then_give_it_back_when_idle() -> None:
+    seen = _in_process_push({IDLE_RELEASE_ENV: "1"}, watch_seconds=30)
+    before, after = seen["before"], seen["after"]
+    assert after - before >= 120 * MB, "the push's freed blocks were not kept"
+    # Given back once idle for 1 s (the watcher looks every second).
+    given_back = [t for t, rss in seen["seen"] if rss < before + 60 * MB]
+    assert given_back, f"RSS stayed at {seen['seen'][-1][1] / MB:.0f} MB (before: {before / MB:.0f} MB)"
+    assert given_back[0] >= 0.5  # not at once: kept for the next call first
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{IDLE_RELEASE_ENV: "0"}, {TUNABLES_ENV: "glibc.malloc.mmap_threshold=131072"}],
+    ids=["idle-release-0", "operators-tunable"],
+)
+def test_in_process_calls_leave_malloc_alone_when_told(environ: dict[str, str]) -> None:
+    seen = _in_process_push(environ, watch_seconds=0)
+    # Small blocks stay in the heaps as ever (glibc keeps up to its dynamic threshold, 32 MiB at most).
+    assert seen["after"] - seen["before"] <= 60 * MB, "freed blocks were kept"
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+        def mallopt(param: int, value: int) -> int:
+            self.calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(pad: int) -> int:
+            self.calls.append(("malloc_trim", pad, 0))
+            return 1
+
+        self.mallopt, self.malloc_trim = mallopt, malloc_trim
+
+
+KEEP = [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # M_MMAP_MAX 0, M_TRIM_THRESHOLD
+GIVE_BACK = [("malloc_trim", 0, 0), ("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024)]
+
+
+def test_kept_memory_keeps_at_the_first_call_and_gives_back_once_idle() -> None:
+    libc = _FakeLibc()
+    kept = KeptMemory({IDLE_RELEASE_ENV: "0.2"}, libc=lambda: libc, poll_seconds=0.01)
+    with kept.call():
+        assert libc.calls == KEEP
+        with kept.call():  # nested or concurrent calls change nothing more
+            pass
+        assert libc.calls == KEEP
+    wait_for(lambda: not kept.keeping, what="the idle release")
+    assert libc.calls == KEEP + GIVE_BACK
+    wait_for(lambda: kept._watcher is None, what="the watcher to end")
+    with kept.call():  # kept again by the next call
+        pass
+    assert libc.calls == KEEP + GIVE_BACK + KEEP
+    assert kept.release() is True  # given back now, on request
+    assert libc.calls == KEEP + GIVE_BACK + KEEP + GIVE_BACK
+    assert kept.release() is False  # nothing kept
+
+
+def test_kept_memory_is_not_given_back_while_a_call_runs() -> None:
+    libc = _FakeLibc()
+    kept = KeptMemory({IDLE_RELEASE_ENV: "0.05"}, libc=lambda: libc, poll_seconds=0.01)
+    with kept.call():
+        time.sleep(0.3)  # far past the idle delay, but busy
+        assert libc.calls == KEEP
+    wait_for(lambda: not kept.keeping, what="the idle release")
+
+
+def test_a_forked_child_goes_back_to_mallocs_defaults() -> None:
+    libc = _FakeLibc()
+    kept = KeptMemory({}, libc=lambda: libc, poll_seconds=3600)
+    with kept.call():
+        pass
+    kept.after_fork_in_child()
+    assert libc.calls == KEEP + GIVE_BACK[1:]  # nothing to trim in a child; the defaults back
+    assert not kept.keeping
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{IDLE_RELEASE_ENV: "0"}, {ENV: "65536"}, {TUNABLES_ENV: "glibc.malloc.hugetlb=0"}],
+)
+def test_kept_memory_changes_nothing_when_told_not_to(environ: dict[str, str]) -> None:
+    libc = _FakeLibc()
+    kept = KeptMemory(environ, libc=lambda: libc)
+    with kept.call():
+        pass
+    assert libc.calls == []
+    assert not kept.keeping
+
+
+def test_kept_memory_changes_nothing_without_glibc() -> None:
+    kept = KeptMemory({}, libc=lambda: None)
+    with kept.call():
+        pass
+    assert not kept.keeping
+
+
+@pytest.mark.parametrize("raw", ["-1", "soon", "inf", "nan"])
+def test_a_bad_idle_release_setting_is_named(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FailedPrecondition, match=r"\$PARAMSEL_IDLE_RELEASE_SECONDS must be a number"):
+        idle_release_seconds({IDLE_RELEASE_ENV: raw})
+    # Through the SDK, as the status the service's table gives it; the call runs nothing.
+    local.KEPT.release()  # read when memory is not being kept already
+    monkeypatch.setenv(IDLE_RELEASE_ENV, raw)
+    monkeypatch.delenv(TUNABLES_ENV, raising=False)
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ParamselError) as caught:
+        Client().push(TopK(0.1, ScoreFunction.LARGEST_FINAL_MAGNITUDE), {"w": torch.arange(10.0)})
+    assert caught.value.status is StatusCode.FAILED_PRECONDITION
+    assert IDLE_RELEASE_ENV in caught.value.message
+
+
+def test_the_idle_release_setting_defaults_to_a_minute() -> None:
+    assert idle_release_seconds({}) == 60.0
+    assert idle_release_seconds({IDLE_RELEASE_ENV: " "}) == 60.0
+    assert idle_release_seconds({IDLE_RELEASE_ENV: "2.5"}) == 2.5

@@ -21,10 +21,15 @@ What differs from a server:
 - An error that is a bug (any exception the status table does not know) is raised as it is, not as
   INTERNAL with an incident id.
 - The initial model is never overwritten with scores (a server may write over the copy it received).
+
+Like ``paramsel serve``, the process keeps the memory its calls free while they keep coming and gives
+it back once idle (:data:`KEPT`; ``$PARAMSEL_IDLE_RELEASE_SECONDS``, 60 s by default, 0 to leave malloc
+alone).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ from paramsel.server import calls, inbound, outbound
 from paramsel.server.config import Limits, ServerConfig
 from paramsel.server.info import server_info as _server_info
 from paramsel.server.limits import CallLimits
+from paramsel.server.memory import KeptMemory
 from paramsel.server.models import ModelStore
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import WireError
@@ -57,6 +63,11 @@ _LIMITS = CallLimits(
 )
 # Never holds a model: an in-process call sends its initial model, never a digest.
 _MODELS = ModelStore(0)
+KEPT = KeptMemory()
+"""Freed memory kept while in-process calls keep coming, as ``paramsel serve`` keeps it (see
+:class:`~paramsel.server.memory.KeptMemory`)."""
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: KEPT.after_fork_in_child())
 EMBEDDED_CONFIG = ServerConfig(host="127.0.0.1", port=0, reflection=False)
 """The configuration of the loopback server the SDK starts for ``target="embedded-grpc"``."""
 
@@ -93,10 +104,17 @@ def server_info() -> service_pb2.GetServerInfoResponse:
 
 
 @contextmanager
+def _call() -> Iterator[Any]:
+    """One call: admitted as the servicer admits it, its memory kept for the next."""
+    with KEPT.call(), _LIMITS.call() as call:
+        yield call
+
+
+@contextmanager
 def _selection(request: type[Any], start: Any, dense: Dense, chunk_size: int) -> Iterator[calls.Selected]:
     """The servicer's selection of a Select or Push (``request``) of ``dense``, inside its call."""
     frames, segments = declare_frames(request, ("start", start), chunk_size=chunk_size, dense=dense)
-    with _LIMITS.call() as call:
+    with _call() as call:
         yield calls.selection(
             call,
             frames,
@@ -166,7 +184,7 @@ def pull(
         dense=dense,
         sparse=sparse,
     )
-    with _LIMITS.call() as call:
+    with _call() as call:
         _, changed, received = calls.pull(
             call, frames, max_bytes=_UNBOUNDED, default_chunk_size=chunk_size, delivered=segments
         )
@@ -191,7 +209,7 @@ def aggregate(
         encoding=encoding,
         chunk_size=chunk_size,
     )
-    with _LIMITS.call() as call:
+    with _call() as call:
         done = calls.aggregate(
             call, frames, max_bytes=_UNBOUNDED, default_chunk_size=chunk_size, delivered=segments
         )

@@ -1,0 +1,42 @@
+"""Run by test_memory_returned.py in a process of its own: one in-process push of 40 M parameters, then
+the process's RSS (VmRSS) every 0.1 s for up to argv[1] seconds, until it is back within 60 MB of what
+it was before the push, as JSON on stdout."""
+
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from paramsel.client import Client, ScoreFunction, TopK
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+g = torch.Generator().manual_seed(0)
+model = {"w": torch.randn(40_000_000, generator=g)}
+initial = {"w": torch.randn(40_000_000, generator=g)}
+client = Client()
+criterion = TopK(0.1, ScoreFunction.LARGEST_MAGNITUDE_CHANGE)
+client.push(criterion, {"w": model["w"][:1000]}, {"w": initial["w"][:1000]})
+gc.collect()
+before = rss()
+result = client.push(criterion, model, initial)
+del result
+gc.collect()
+after = rss()
+seen = [(0.0, after)]
+start = time.monotonic()
+while time.monotonic() - start < float(sys.argv[1]):
+    time.sleep(0.1)
+    seen.append((time.monotonic() - start, rss()))
+    if seen[-1][1] < before + 60 * 2**20:
+        break
+print(json.dumps({"before": before, "after": after, "seen": seen}))
