@@ -8,7 +8,10 @@ this process; :mod:`benchmarks.fl4health`), then paramsel's, three ways:
 - ``first``: against a separately started ``paramsel serve`` that does not hold the initial model yet
   (the SDK names it by digest, is told to send it, and uploads both models);
 - ``cached``: the same exchanger pushing again with the same initial model (only the model goes up);
-- ``embedded``: the SDK with no target (whatever it does then: an embedded server, or in process).
+- ``embedded``: the SDK with no target (whatever it does then: an embedded server, or in process), in a
+  process of its own that keeps its state between rounds, as a user's client would
+  (:mod:`benchmarks.embedded_worker`): the service run in process keeps the memory its calls free, for
+  the whole process, and FL4Health's and the remote pushes are measured with glibc's defaults.
 
 They run in rounds, one push of each per round, so that the machine's drift touches all alike; the
 first round is a warm-up. Each round gives the initial model a new value at one entry (a new round's
@@ -20,24 +23,28 @@ same names. The ratios are FL4Health's median over paramsel's median; their spre
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from benchmarks import fl4health
 from benchmarks.config import Sizes
-from benchmarks.models import conv_linear_pair, sent_values, state_bytes, state_entries
-from benchmarks.procs import paramsel_serve
+from benchmarks.models import conv_linear_pair, digest, new_round, sent_values, state_bytes, state_entries
+from benchmarks.procs import ROOT, paramsel_serve
 from benchmarks.report import Row, spread, spread_text
 from paramsel.client import ENV_TARGET, SparseCooParameterExchanger, largest_magnitude_change_scores
 
 SPARSITY = 0.1
+SEED = 14
 MODES = ("cached", "first", "embedded")
 # The issue's minimums: FL4Health's push time over paramsel's.
 MINIMUM = {"cached": 20.0, "first": 10.0, "embedded": 40.0}
@@ -66,22 +73,43 @@ def differences(ours: list[Any], theirs: list[Any]) -> list[str]:
     return found
 
 
-@contextmanager
-def _no_target() -> Iterator[None]:
-    """$PARAMSEL_TARGET unset for the block, so that no target means the SDK's own default."""
-    saved = os.environ.pop(ENV_TARGET, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[ENV_TARGET] = saved
+class _EmbeddedWorker:
+    """:mod:`benchmarks.embedded_worker`: the embedded default in a process of its own, without
+    $PARAMSEL_TARGET (no target means the SDK's own default); its stderr goes to a file."""
 
+    def __init__(self, width: int, seed: int, log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != ENV_TARGET}
+        self._log = log
+        cmd = [sys.executable, "-m", "benchmarks.embedded_worker", str(width), str(seed)]
+        with log.open("w") as err:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env
+            )
+        self._read()  # "ready": the models are built
 
-@torch.no_grad()
-def _new_round(initial: nn.Module, round_: int) -> None:
-    """A new value at one entry of the initial model (a different entry each round)."""
-    first = next(iter(initial.state_dict().values())).view(-1)
-    first[round_ % first.numel()] += 0.001
+    def _read(self) -> str:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the embedded worker ended: {self._log.read_text()[-2000:]}")
+        return line
+
+    def push(self, round_: int) -> tuple[float, str]:
+        """(seconds, digest) of the round's push."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"{round_}\n")
+        self._proc.stdin.flush()
+        answer = json.loads(self._read())
+        return float(answer["seconds"]), str(answer["digest"])
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 def _timed(push: Callable[..., list[Any]], *args: Any) -> tuple[float, list[Any]]:
@@ -91,34 +119,54 @@ def _timed(push: Callable[..., list[Any]], *args: Any) -> tuple[float, list[Any]
     return time.perf_counter() - start, packed
 
 
-def run(sizes: Sizes) -> tuple[list[Row], dict[str, Any]]:
+def _rounds(
+    rounds: int,
+    target: str,
+    embedded: _EmbeddedWorker,
+    model: nn.Module,
+    initial: nn.Module,
+    seconds: dict[str, list[float]],
+    mismatches: list[str],
+) -> int:
+    """The timed rounds (round 0, a warm-up, is not counted); returns how many values a push sends."""
     baseline = fl4health.exchanger(SPARSITY)
-    model, initial = conv_linear_pair(sizes.fl4health_width, seed=14)
+    remote = SparseCooParameterExchanger(SPARSITY, largest_magnitude_change_scores, target=target)
+    sent = 0
+    for round_ in range(rounds + 1):
+        new_round(initial, round_)
+        config = {"current_server_round": round_ + 1}
+        took: dict[str, float] = {}
+        took["fl4health"], expected = _timed(baseline.push_parameters, model, initial, config)
+        took["embedded"], ours_digest = embedded.push(round_)
+        if ours_digest != digest(expected):
+            mismatches.append(f"round {round_} embedded: arrays differ from FL4Health's")
+        took["first"], ours = _timed(remote.push_parameters, model, initial, config)
+        mismatches += [f"round {round_} first{d}" for d in differences(ours, expected)]
+        took["cached"], ours = _timed(remote.push_parameters, model, initial, config)
+        mismatches += [f"round {round_} cached{d}" for d in differences(ours, expected)]
+        sent = sent_values(expected)
+        del ours, expected
+        if round_:
+            for key, value in took.items():
+                seconds[key].append(value)
+    return sent
+
+
+def run(sizes: Sizes) -> tuple[list[Row], dict[str, Any]]:
+    model, initial = conv_linear_pair(sizes.fl4health_width, seed=SEED)
     entries = state_entries(model)
     model_bytes = state_bytes(model)
     label = f"{entries / 1e6:.1f}M params"
     seconds: dict[str, list[float]] = {"fl4health": [], **{mode: [] for mode in MODES}}
     mismatches: list[str] = []
-    sent = 0
-    with paramsel_serve() as server, _no_target():
-        remote = SparseCooParameterExchanger(SPARSITY, largest_magnitude_change_scores, target=server.target)
-        embedded = SparseCooParameterExchanger(SPARSITY, largest_magnitude_change_scores)
-        for round_ in range(sizes.fl4health_rounds + 1):  # round 0 is the warm-up
-            _new_round(initial, round_)
-            config = {"current_server_round": round_ + 1}
-            took: dict[str, float] = {}
-            took["fl4health"], expected = _timed(baseline.push_parameters, model, initial, config)
-            took["embedded"], ours = _timed(embedded.push_parameters, model, initial, config)
-            mismatches += [f"round {round_} embedded{d}" for d in differences(ours, expected)]
-            took["first"], ours = _timed(remote.push_parameters, model, initial, config)
-            mismatches += [f"round {round_} first{d}" for d in differences(ours, expected)]
-            took["cached"], ours = _timed(remote.push_parameters, model, initial, config)
-            mismatches += [f"round {round_} cached{d}" for d in differences(ours, expected)]
-            sent = sent_values(expected)
-            del ours, expected
-            if round_:
-                for key, value in took.items():
-                    seconds[key].append(value)
+    with paramsel_serve() as server, tempfile.TemporaryDirectory() as logs:
+        embedded = _EmbeddedWorker(sizes.fl4health_width, SEED, Path(logs) / "embedded.log")
+        try:
+            sent = _rounds(
+                sizes.fl4health_rounds, server.target, embedded, model, initial, seconds, mismatches
+            )
+        finally:
+            embedded.close()
     del model, initial
     gc.collect()
 

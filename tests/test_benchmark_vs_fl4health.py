@@ -4,14 +4,16 @@ of repeated figures, and rows with a minimum to reach."""
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import fl4health
-from benchmarks.models import conv_linear_pair, state_entries
+from benchmarks.models import conv_linear_pair, digest, new_round, state_entries
 from benchmarks.report import Row, spread, spread_text
-from benchmarks.vs_fl4health import differences
+from benchmarks.vs_fl4health import SEED, _EmbeddedWorker, differences
+from paramsel.client import ENV_TARGET, SparseCooParameterExchanger, largest_magnitude_change_scores
 
 
 def _packed() -> list[np.ndarray]:
@@ -99,3 +101,22 @@ def test_without_fl4health_the_error_says_how_to_get_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(RuntimeError, match=r"make bench"):
         fl4health.exchanger(0.1)
+
+
+def test_the_embedded_worker_pushes_what_this_process_pushes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded default, in its own process, builds the same models and answers each round with the
+    digest of the same packed list as a push here (the digest the comparison checks against FL4Health's)."""
+    monkeypatch.delenv(ENV_TARGET, raising=False)
+    worker = _EmbeddedWorker(8, SEED, tmp_path / "embedded.log")
+    try:
+        model, initial = conv_linear_pair(8, seed=SEED)
+        exchanger = SparseCooParameterExchanger(0.1, largest_magnitude_change_scores)
+        for round_ in range(2):
+            new_round(initial, round_)
+            seconds, theirs = worker.push(round_)
+            assert seconds > 0
+            assert theirs == digest(exchanger.push_parameters(model, initial))
+    finally:
+        worker.close()
