@@ -4,20 +4,18 @@ it was before the push, as JSON on stdout."""
 
 import gc
 import json
+import os
 import sys
 import time
 
 import torch
+from support import proc_status  # tests/ is on PYTHONPATH (test_memory_returned.py puts it there)
 
 from paramsel.client import Client, ScoreFunction, TopK
 
 
 def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return proc_status(os.getpid(), "VmRSS")
 
 
 g = torch.Generator().manual_seed(0)

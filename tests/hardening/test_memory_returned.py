@@ -217,6 +217,7 @@ def _in_process_push(environ: dict[str, str], watch_seconds: float) -> dict[str,
     in a fresh process with ``environ`` added."""
     env = {k: v for k, v in os.environ.items() if k not in (TUNABLES_ENV, ENV, IDLE_RELEASE_ENV)}
     env.pop("PARAMSEL_TARGET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run(
         [sys.executable, str(CHILD), str(watch_seconds)],
         env={**env, **environ},

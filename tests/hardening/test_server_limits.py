@@ -7,6 +7,7 @@ import ctypes
 import gc
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import grpc
 import pytest
 import torch
 from reserved import reserved_bytes
-from support import assert_serving, metric, start_server, wait_for
+from support import assert_serving, metric, proc_status, start_server, wait_for
 
 from paramsel.server import inbound
 from paramsel.server.app import RunningServer
@@ -272,11 +273,7 @@ def test_inflight_bytes_across_calls() -> None:
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return proc_status(os.getpid(), "VmRSS")
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
