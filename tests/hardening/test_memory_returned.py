@@ -103,7 +103,10 @@ def test_the_threshold_is_set_or_left_to_the_environment(monkeypatch: pytest.Mon
 
 
 GLIBC = ("glibc", "2.36")
-OURS = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+OURS = (
+    "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+    ":glibc.malloc.arena_max=1"
+)
 
 
 def test_the_server_environment_adds_the_tunables() -> None:

@@ -21,8 +21,13 @@ busiest moment needed (and the limits are sized for), and an idle server still s
 block from the heaps, so freeing one keeps its pages; ``glibc.malloc.trim_threshold`` (1 TiB) stops
 ``free`` from trimming on its own; ``glibc.malloc.hugetlb=1`` (glibc 2.35+) asks for transparent huge
 pages where the heaps grow, 2 MiB a fault instead of 4 KiB (effective where the kernel's THP mode is
-``madvise`` or ``always``). Tunables are read when a process starts, so ``paramsel serve`` re-executes
-itself once with them added to ``$GLIBC_TUNABLES`` (:func:`allocator_environment`); the image sets them
+``madvise`` or ``always``); ``glibc.malloc.arena_max=1`` makes every thread allocate from the one
+main heap: in the arena of another thread (the server's calls run on gRPC's worker threads) a block
+larger than such an arena's 64 MiB heaps is mmapped whatever ``mmap_max`` says, and unmapped when
+freed, so a 300M-parameter push faulted in its 300 MB tensors afresh each time (about 10,000 faults
+and 1.5 to 2 s a push, against none at 50M, whose tensors fit those heaps).
+
+Tunables are read when a process starts, so ``paramsel serve`` re-executes itself once with them added to ``$GLIBC_TUNABLES`` (:func:`allocator_environment`); the image sets them
 in its environment instead.
 
 An operator's own choice stands: with any ``glibc.malloc.*`` tunable in ``$GLIBC_TUNABLES`` or any
@@ -55,6 +60,7 @@ SERVER_TUNABLES = (
     ("glibc.malloc.hugetlb", "1"),
     ("glibc.malloc.mmap_max", "0"),
     ("glibc.malloc.trim_threshold", str(1 << 40)),
+    ("glibc.malloc.arena_max", "1"),
 )
 _TUNABLES_SINCE = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
