@@ -94,8 +94,8 @@ RUN groupadd --system --gid 10001 paramsel \
        --shell /usr/sbin/nologin paramsel
 
 # GLIBC_TUNABLES: glibc's malloc keeps freed memory for the next call (the server gives it back once
-# idle), in one heap for every thread, and faults it in as huge pages (server/paramsel/server/memory.py says why; `paramsel serve`
-# otherwise restarts itself with them).
+# idle), in one heap for every thread, and faults it in as huge pages (server/paramsel/server/memory.py
+# says why; `paramsel serve` otherwise restarts itself with them).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=1

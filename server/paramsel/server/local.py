@@ -67,7 +67,7 @@ KEPT = KeptMemory()
 """Freed memory kept while in-process calls keep coming, as ``paramsel serve`` keeps it (see
 :class:`~paramsel.server.memory.KeptMemory`)."""
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: KEPT.after_fork_in_child())
+    os.register_at_fork(after_in_child=KEPT.after_fork_in_child)
 EMBEDDED_CONFIG = ServerConfig(host="127.0.0.1", port=0, reflection=False)
 """The configuration of the loopback server the SDK starts for ``target="embedded-grpc"``."""
 

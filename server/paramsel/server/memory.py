@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -97,7 +98,10 @@ def allocator_environment(
     return {**environ, TUNABLES_ENV: ":".join([existing, *added] if existing else added)}
 
 
+@functools.cache
 def _libc() -> Any | None:
+    """glibc, with the argument types of the two functions used here; None for another C library.
+    Loaded once: ``find_library`` runs ``ldconfig`` in a subprocess."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -106,6 +110,8 @@ def _libc() -> Any | None:
         return None
     libc.malloc_trim.argtypes = (ctypes.c_size_t,)
     libc.malloc_trim.restype = ctypes.c_int
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
     return libc
 
 
@@ -120,12 +126,7 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     if libc is None:
         log.debug("no mallopt in the C library: freed memory is returned as it decides")
         return False
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    libc.mallopt.restype = ctypes.c_int
-    done = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    if not done:
-        log.warning("mallopt(M_MMAP_THRESHOLD, %d) was refused: idle memory may stay high", threshold)
-    return done
+    return _mallopt(libc, _M_MMAP_THRESHOLD, threshold)
 
 
 def trim() -> bool:
@@ -292,8 +293,7 @@ class KeptMemory:
 
     def _release(self) -> None:  # under the lock
         self._libc.malloc_trim(0)
-        _mallopt(self._libc, _M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        _mallopt(self._libc, _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _restore_defaults(self._libc)
         self._keeping = False
         self._idle = None
         log.debug("in-process calls idle: free memory given back, malloc's defaults restored")
@@ -313,12 +313,17 @@ class KeptMemory:
         self._lock = threading.Lock()
         self._reset()
         if libc is not None:
-            _mallopt(libc, _M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-            _mallopt(libc, _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            _restore_defaults(libc)
 
 
-def _mallopt(libc: Any, param: int, value: int) -> None:
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    libc.mallopt.restype = ctypes.c_int
-    if not libc.mallopt(param, value):
-        log.warning("mallopt(%d, %d) was refused", param, value)
+def _restore_defaults(libc: Any) -> None:
+    _mallopt(libc, _M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    _mallopt(libc, _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+
+
+def _mallopt(libc: Any, param: int, value: int) -> bool:
+    """``mallopt(param, value)``; False, with a warning, when glibc refuses it."""
+    done = bool(libc.mallopt(param, value))
+    if not done:
+        log.warning("mallopt(%d, %d) was refused: freed memory may not be kept or given back", param, value)
+    return done
