@@ -7,9 +7,10 @@ each round number read from stdin gives the initial model that round's new value
 (:func:`benchmarks.models.new_round`), pushes, and prints one JSON line: the push's seconds and the
 digest of the packed list it returned (:func:`benchmarks.models.digest`).
 
-In a process of its own because the service run in process keeps the memory its calls free
-(:class:`paramsel.server.memory.KeptMemory`, process-wide while calls keep coming): FL4Health's push and
-the remote pushes, measured in the parent, then run with glibc's defaults, as they do for their users.
+In a process of its own, as a user's client has one way of calling: the SDK keeps the memory its calls
+free for the whole process while calls keep coming (:data:`paramsel.wire.memory.KEPT`), and the parent
+gives it back before each of FL4Health's pushes, which run with glibc's defaults as they do for their
+users.
 """
 
 from __future__ import annotations

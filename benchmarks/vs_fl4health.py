@@ -10,8 +10,12 @@ this process; :mod:`benchmarks.fl4health`), then paramsel's, three ways:
 - ``cached``: the same exchanger pushing again with the same initial model (only the model goes up);
 - ``embedded``: the SDK with no target (whatever it does then: an embedded server, or in process), in a
   process of its own that keeps its state between rounds, as a user's client would
-  (:mod:`benchmarks.embedded_worker`): the service run in process keeps the memory its calls free, for
-  the whole process, and FL4Health's and the remote pushes are measured with glibc's defaults.
+  (:mod:`benchmarks.embedded_worker`).
+
+The SDK's calls keep the memory they free for the next call, for the whole process, until it has been
+idle a minute (:data:`paramsel.wire.memory.KEPT`). FL4Health's push is measured as its users run it,
+with glibc's defaults: each round gives the kept memory back and restores them first (``KEPT.release()``,
+not timed), so the first remote push of a round starts from the defaults too.
 
 They run in rounds, one push of each per round, so that the machine's drift touches all alike; the
 first round is a warm-up. Each round gives the initial model a new value at one entry (a new round's
@@ -42,6 +46,7 @@ from benchmarks.models import conv_linear_pair, digest, new_round, sent_values, 
 from benchmarks.procs import ROOT, paramsel_serve
 from benchmarks.report import Row, spread, spread_text
 from paramsel.client import ENV_TARGET, SparseCooParameterExchanger, largest_magnitude_change_scores
+from paramsel.wire.memory import KEPT
 
 SPARSITY = 0.1
 SEED = 14
@@ -136,6 +141,7 @@ def _rounds(
         new_round(initial, round_)
         config = {"current_server_round": round_ + 1}
         took: dict[str, float] = {}
+        KEPT.release()  # glibc's defaults for FL4Health (see the module's notes)
         took["fl4health"], expected = _timed(baseline.push_parameters, model, initial, config)
         took["embedded"], ours_digest = embedded.push(round_)
         if ours_digest != digest(expected):

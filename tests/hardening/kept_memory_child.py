@@ -1,6 +1,6 @@
-"""Run by test_memory_returned.py in a process of its own: one in-process push of 40 M parameters, then
-the process's RSS (VmRSS) every 0.1 s for up to argv[1] seconds, until it is back within 60 MB of what
-it was before the push, as JSON on stdout."""
+"""Run by test_memory_returned.py in a process of its own: one push of 40 M parameters, in process or to
+the server at argv[3] when given, then the process's RSS (VmRSS) every 0.1 s for up to argv[1] seconds,
+until it is back within argv[2] MB of what it was before the push, as JSON on stdout."""
 
 import gc
 import json
@@ -21,7 +21,7 @@ def rss() -> int:
 g = torch.Generator().manual_seed(0)
 model = {"w": torch.randn(40_000_000, generator=g)}
 initial = {"w": torch.randn(40_000_000, generator=g)}
-client = Client()
+client = Client(target=sys.argv[3]) if len(sys.argv) > 3 else Client()
 criterion = TopK(0.1, ScoreFunction.LARGEST_MAGNITUDE_CHANGE)
 client.push(criterion, {"w": model["w"][:1000]}, {"w": initial["w"][:1000]})
 gc.collect()
@@ -35,6 +35,6 @@ start = time.monotonic()
 while time.monotonic() - start < float(sys.argv[1]):
     time.sleep(0.1)
     seen.append((time.monotonic() - start, rss()))
-    if seen[-1][1] < before + 60 * 2**20:
+    if seen[-1][1] < before + float(sys.argv[2]) * 2**20:
         break
 print(json.dumps({"before": before, "after": after, "seen": seen}))

@@ -30,9 +30,10 @@ from paramsel.engine.budget import Need, Work
 from paramsel.engine.state import TensorSpec
 from paramsel.server import inbound
 from paramsel.server.limits import CallLimits, Limits
-from paramsel.server.memory import ENV, TUNABLES_ENV
+from paramsel.server.memory import ENV
 from paramsel.v1 import criteria_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from paramsel.wire import WireLimitError
+from paramsel.wire.memory import TUNABLES_ENV
 from paramsel.wire.streams import read_frames, write_frames
 
 MODEL, INITIAL = tensor_pb2.SECTION_MODEL, tensor_pb2.SECTION_INITIAL_MODEL

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from paramsel.client import _embedded
 from paramsel.client._connection import Connection, Resolved, channel_for, in_process, resolve, with_target
 from paramsel.client._errors import ParamselError, StatusCode, invalid_argument, local_errors
+from paramsel.client._memory import kept_memory
 from paramsel.client._retry import Operation, with_retries
 from paramsel.client._types import (
     AggregateHeader,
@@ -419,7 +420,8 @@ class Client:
             except grpc.RpcError as error:
                 raise ParamselError.from_rpc_error(error) from None
 
-        return with_retries(operation, attempt)
+        with kept_memory():
+            return with_retries(operation, attempt)
 
     def _reusing(
         self,

@@ -20,7 +20,7 @@ which depends on nothing of it: with the SDK alone installed, that work raises
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch too is imported only with the work: `paramsel health` imports this module
@@ -80,6 +80,10 @@ def start_server() -> Any:
     return create_server(EMBEDDED_CONFIG)
 
 
+_KEEPS_MEMORY = frozenset({"select", "push", "pull", "aggregate"})
+"""The rpcs of :func:`run_local` whose memory is kept for the next call (:mod:`paramsel.client._memory`)."""
+
+
 def run_local(rpc: str, *args: Any, **kwargs: Any) -> Any:
     """The rpc ``rpc`` (a function of ``paramsel.server.local``: select, push, pull, aggregate,
     server_info) run in this process; what the service refuses raises the :class:`ParamselError` the
@@ -93,9 +97,11 @@ def run_local(rpc: str, *args: Any, **kwargs: Any) -> Any:
         from paramsel.server.status import status_of
 
     from paramsel.client._errors import ParamselError, StatusCode
+    from paramsel.client._memory import kept_memory
 
     try:
-        return getattr(local, rpc)(*args, **kwargs)
+        with kept_memory() if rpc in _KEEPS_MEMORY else nullcontext():
+            return getattr(local, rpc)(*args, **kwargs)
     except ParamselError:
         raise
     except Exception as error:

@@ -20,11 +20,12 @@ from paramsel.server import observability
 from paramsel.server.admission import Admission
 from paramsel.server.config import ServerConfig
 from paramsel.server.limits import CallLimits
-from paramsel.server.memory import IdleTrim, return_freed_memory
+from paramsel.server.memory import return_freed_memory
 from paramsel.server.security import TokenAuthInterceptor, server_credentials
 from paramsel.server.servicer import ParameterSelectionServicer, limits_of
 from paramsel.v1 import service_pb2
 from paramsel.wire.fastframes import frame_parser, serialize_frame
+from paramsel.wire.memory import IdleTrim
 
 log = logging.getLogger("paramsel.server")
 

@@ -23,13 +23,12 @@ What differs from a server:
 - The initial model is never overwritten with scores (a server may write over the copy it received).
 
 Like ``paramsel serve``, the process keeps the memory its calls free while they keep coming and gives
-it back once idle (:data:`KEPT`; ``$PARAMSEL_IDLE_RELEASE_SECONDS``, 60 s by default, 0 to leave malloc
-alone).
+it back once idle: the SDK runs every call inside :data:`paramsel.wire.memory.KEPT`
+(``$PARAMSEL_IDLE_RELEASE_SECONDS``, 60 s by default, 0 to leave malloc alone).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from paramsel.server import calls, inbound, outbound
 from paramsel.server.config import Limits, ServerConfig
 from paramsel.server.info import server_info as _server_info
 from paramsel.server.limits import CallLimits
-from paramsel.server.memory import KeptMemory
 from paramsel.server.models import ModelStore
 from paramsel.v1 import service_pb2, tensor_pb2
 from paramsel.wire import WireError
@@ -63,11 +61,6 @@ _LIMITS = CallLimits(
 )
 # Never holds a model: an in-process call sends its initial model, never a digest.
 _MODELS = ModelStore(0)
-KEPT = KeptMemory()
-"""Freed memory kept while in-process calls keep coming, as ``paramsel serve`` keeps it (see
-:class:`~paramsel.server.memory.KeptMemory`)."""
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=KEPT.after_fork_in_child)
 EMBEDDED_CONFIG = ServerConfig(host="127.0.0.1", port=0, reflection=False)
 """The configuration of the loopback server the SDK starts for ``target="embedded-grpc"``."""
 
@@ -105,8 +98,8 @@ def server_info() -> service_pb2.GetServerInfoResponse:
 
 @contextmanager
 def _call() -> Iterator[Any]:
-    """One call: admitted as the servicer admits it, its memory kept for the next."""
-    with KEPT.call(), _LIMITS.call() as call:
+    """One call, admitted as the servicer admits it."""
+    with _LIMITS.call() as call:
         yield call
 
 
