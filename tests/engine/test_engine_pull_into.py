@@ -113,14 +113,29 @@ def test_replace_in_blocks_across_block_edges(monkeypatch: pytest.MonkeyPatch, d
     assert w.tolist() == [0] * 7
 
 
-def test_replace_keeps_negative_zero_and_nan_bits() -> None:
+@pytest.mark.parametrize("block_bytes", [8, 1 << 19])  # blocks of 2 entries, and the default
+def test_replace_densifies_as_adding_into_zeros(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """As FL4Health's to_dense() does, and pull_sparse: a -0.0 sent arrives as +0.0 (0 + -0.0), a NaN
+    keeps its bits, every other value is itself; the values' dtype first, then the model's."""
+    monkeypatch.setattr(pull, "_BLOCK_BYTES", block_bytes)
+    nan = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)  # a quiet NaN with a payload
+    values = torch.cat([torch.tensor([-0.0, -2.5]), nan])
+    payload = [SparseTensor("w", (2, 2), values, torch.tensor([0, 1, 3]))]
     w = torch.ones(2, 2)
-    values = torch.tensor([-0.0, float("nan")])
-    pull_sparse_into({"w": w}, [SparseTensor("w", (2, 2), values, torch.tensor([0, 3]))])
-    assert w.view(torch.int32).tolist() == [
-        [values.view(torch.int32)[0].item(), 0],
-        [0, values.view(torch.int32)[1].item()],
-    ]
+    pull_sparse_into({"w": w}, payload)
+    bits = w.view(torch.int32).view(-1).tolist()
+    assert bits == [0, torch.tensor(-2.5).view(torch.int32).item(), 0, 0x7FC00123]
+    general = pull.pull_sparse([pull.TensorSpec("w", torch.float32, (2, 2))], payload)["w"]
+    assert general.view(torch.int32).view(-1).tolist() == bits
+    # float64 values into a float32 model: -1e-320 is not zero in float64, and its cast is -0.0.
+    w64 = torch.ones(2)
+    tiny = [SparseTensor("w", (2,), torch.tensor([-0.0, -1e-320], dtype=torch.float64), torch.tensor([0, 1]))]
+    pull_sparse_into({"w": w64}, tiny)
+    assert torch.signbit(w64).tolist() == [False, True]
+    # SCATTER writes what was sent, bits and all (paramsel's own mode: nothing is densified).
+    w = torch.ones(2, 2)
+    pull_sparse_into({"w": w}, payload, mode=PullMode.SCATTER)
+    assert torch.signbit(w).view(-1).tolist()[:2] == [True, True]
 
 
 @pytest.mark.parametrize("helper", [pull.in_parallel, positions._in_parallel])

@@ -292,7 +292,12 @@ def pull_sparse_into(
     with torch.no_grad():
         for item, target, positions, increasing in checked:
             if increasing and target.is_contiguous() and mode is not PullMode.ADD:
-                values = item.values.detach().to(device=target.device, dtype=target.dtype)
+                values = item.values.detach()
+                if mode is PullMode.REPLACE and (values.is_floating_point() or values.is_complex()):
+                    # Densifying adds the values into zeros (as FL4Health's to_dense() does): a -0.0 sent
+                    # arrives as +0.0, in the values' dtype before the cast; x + 0 is x for any other x.
+                    values = values + 0
+                values = values.to(device=target.device, dtype=target.dtype)
                 if mode is PullMode.REPLACE and _replace_in_blocks(target, values, positions):
                     continue
                 if mode is PullMode.REPLACE:
