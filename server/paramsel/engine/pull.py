@@ -193,16 +193,22 @@ cache between the two, so the tensor is written to memory once (zeroing it whole
 it, went over it twice)."""
 
 
-def _replace_in_blocks(target: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> bool:
+def _replace_in_blocks(
+    target: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, add_zero: bool
+) -> bool:
     """REPLACE's write of strictly increasing, in-range ``positions`` (``values`` in the target's dtype)
-    into a contiguous ``target``: block by block, zero the block, then write the values that fall in it.
-    False (nothing written) when numpy cannot view the tensor (not on the CPU, or bfloat16)."""
+    into a contiguous ``target``: block by block, zero the block, then write the values that fall in it,
+    plus 0 when ``add_zero`` (a -0.0 becomes +0.0, as densifying gives it: the values' share of a block is
+    still in cache; torch's own add here would start its OpenMP threads, which spin on after it and
+    slowed this pull's numpy threads by half). False (nothing written) when numpy cannot view the
+    tensor (not on the CPU, or bfloat16)."""
     try:
         dense = target.detach().view(-1).numpy()
         sent = values.numpy()
     except (TypeError, RuntimeError):
         return False
     flat = positions.numpy()
+    zero = dense.dtype.type(0)
     block = max(1, _BLOCK_BYTES // max(1, dense.itemsize))
     starts = np.arange(0, dense.size + block, block, dtype=np.int64)
     # Positions increase, so each block's share of them is one slice, found by binary search.
@@ -214,7 +220,7 @@ def _replace_in_blocks(target: torch.Tensor, values: torch.Tensor, positions: to
             dense[bounds[b] : bounds[b + 1]] = 0
             low, high = edges[b], edges[b + 1]
             if high > low:
-                dense[flat[low:high]] = sent[low:high]
+                dense[flat[low:high]] = sent[low:high] + zero if add_zero else sent[low:high]
 
     in_parallel(len(bounds) - 1, fill)
     return True
@@ -293,13 +299,16 @@ def pull_sparse_into(
         for item, target, positions, increasing in checked:
             if increasing and target.is_contiguous() and mode is not PullMode.ADD:
                 values = item.values.detach()
-                if mode is PullMode.REPLACE and (values.is_floating_point() or values.is_complex()):
-                    # Densifying adds the values into zeros (as FL4Health's to_dense() does): a -0.0 sent
-                    # arrives as +0.0, in the values' dtype before the cast; x + 0 is x for any other x.
-                    values = values + 0
+                # REPLACE densifies by adding the values into zeros, as FL4Health's to_dense() does: a -0.0
+                # sent arrives as +0.0 (x + 0 is x for any other x), in the values' dtype, then cast.
+                densify = mode is PullMode.REPLACE and (values.is_floating_point() or values.is_complex())
+                if densify and values.dtype != target.dtype:
+                    values, densify = values + 0, False  # done: the cast comes after
                 values = values.to(device=target.device, dtype=target.dtype)
-                if mode is PullMode.REPLACE and _replace_in_blocks(target, values, positions):
+                if mode is PullMode.REPLACE and _replace_in_blocks(target, values, positions, densify):
                     continue
+                if densify:
+                    values = values + 0
                 if mode is PullMode.REPLACE:
                     target.zero_()
                 target.view(-1).index_copy_(0, positions.to(target.device), values)
