@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from paramsel.engine import InvalidArgument, PullMode, SparseTensor, pull, pull_sparse_into
+from paramsel.engine import InvalidArgument, PullMode, SparseTensor, TensorSpec, pull, pull_sparse_into
 from paramsel.wire import positions
 
 
@@ -125,7 +125,7 @@ def test_replace_densifies_as_adding_into_zeros(monkeypatch: pytest.MonkeyPatch,
     pull_sparse_into({"w": w}, payload)
     bits = w.view(torch.int32).view(-1).tolist()
     assert bits == [0, torch.tensor(-2.5).view(torch.int32).item(), 0, 0x7FC00123]
-    general = pull.pull_sparse([pull.TensorSpec("w", torch.float32, (2, 2))], payload)["w"]
+    general = pull.pull_sparse([TensorSpec("w", torch.float32, (2, 2))], payload)["w"]
     assert general.view(torch.int32).view(-1).tolist() == bits
     # float64 values into a float32 model: -1e-320 is not zero in float64, and its cast is -0.0.
     w64 = torch.ones(2)
