@@ -102,7 +102,7 @@ def test_push_select_pull_match_fl4health(
 def test_pull_of_negative_zero_and_nan_matches_fl4health(dtype: type) -> None:
     """FL4Health densifies by adding the values into zeros: a -0.0 sent arrives as +0.0; a NaN keeps its
     bits; a float64 value too small for float32 arrives as its cast (-0.0 for -1e-320)."""
-    values = np.array([-0.0, np.nan, -1e-320 if dtype is np.float64 else -2.5, 7.0], dtype=dtype)
+    values: np.ndarray = np.array([-0.0, np.nan, -1e-320 if dtype is np.float64 else -2.5, 7.0], dtype=dtype)
     packed = [values, np.array([[0, 0], [0, 2], [1, 1], [1, 2]]), np.array([2, 3]), np.array(["weight"])]
     start = OneTensor(weight=torch.full((2, 3), 5.0))
     scores = "largest_magnitude_change_scores"
