@@ -181,13 +181,13 @@ class KeptMemory:
         self._active = 0
         self._finished = 0
         self._keeping = False
-        self.glibc: Any = None
+        self._libc: Any = None
         self._idle: IdleTrim | None = None
         self._watcher: threading.Thread | None = None
 
     @contextmanager
     def call(self) -> Iterator[None]:
-        """Around one in-process call."""
+        """Around one of the SDK's calls (to a server or run in process)."""
         with self._lock:
             self._active += 1
             try:
@@ -215,7 +215,7 @@ class KeptMemory:
                 return
             mallopt(libc, _M_MMAP_MAX, 0)
             mallopt(libc, _M_TRIM_THRESHOLD, _KEPT_TRIM_THRESHOLD)
-            self.glibc = libc
+            self._libc = libc
             self._keeping = True
             self._idle = IdleTrim(seconds, release=self._release, clock=self._clock)
         if self._watcher is None:
@@ -238,11 +238,11 @@ class KeptMemory:
             return True
 
     def _release(self) -> None:  # under the lock
-        self.glibc.malloc_trim(0)
-        _restore_defaults(self.glibc)
+        self._libc.malloc_trim(0)
+        _restore_defaults(self._libc)
         self._keeping = False
         self._idle = None
-        log.debug("in-process calls idle: free memory given back, malloc's defaults restored")
+        log.debug("the SDK's calls idle: free memory given back, malloc's defaults restored")
 
     def _watch(self) -> None:
         while True:
@@ -255,7 +255,7 @@ class KeptMemory:
 
     def after_fork_in_child(self) -> None:
         """The child has no watcher: it goes back to glibc's defaults (a later call keeps again)."""
-        libc = self.glibc if self._keeping else None
+        libc = self._libc if self._keeping else None
         self._lock = threading.Lock()
         self._reset()
         if libc is not None:
