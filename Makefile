@@ -13,7 +13,7 @@ setup: $(STAMP)
 # with its dev and demo extras), every package at the version of requirements/dev.lock (transitive ones
 # included), and the demo's Flower App (demo/, editable: its dependencies are the demo extra's);
 # the check fails first when the lock no longer meets requirements/constraints.txt (run make lock).
-$(STAMP): client_sdk/pyproject.toml server/pyproject.toml demo/pyproject.toml requirements/constraints.txt $(LOCK)
+$(STAMP): client_sdk/pyproject.toml server/pyproject.toml server/paramsel/engine/_fastpull.c demo/pyproject.toml requirements/constraints.txt $(LOCK)
 	python3 scripts/check_lock.py --lock-only
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet -c $(LOCK) -e ./client_sdk -e "./server[dev,demo]" -e ./demo

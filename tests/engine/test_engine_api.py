@@ -12,6 +12,7 @@ ENGINE_DIR = Path(engine.__file__).parent
 def test_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
         "Contribution",
+        "CooTensor",
         "EngineError",
         "FailedPrecondition",
         "InvalidArgument",
@@ -34,6 +35,7 @@ def test_public_names_are_pinned() -> None:
         "pull_layers",
         "pull_sparse",
         "pull_sparse_into",
+        "replace_coo_into",
         "round_float",
         "sample_fedpm_masks",
         "score_tensors",

@@ -146,6 +146,16 @@ def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None
     engine.pull_sparse_into(targets, sparse, mode=pull_mode)
 
 
+def replace_coo_into(targets: State, payload: SparseParts) -> bool:
+    """A replace pull of FL4Health's (nnz, ndim) coordinates (the last of each part) in one native pass
+    per thread; False, with nothing written, when the engine's native module is not built or declines
+    (then flatten and call :func:`pull_sparse_into`)."""
+    with _needs_paramsel("A pull, applied to the model in this process,"):
+        import paramsel.engine as engine
+
+    return engine.replace_coo_into(targets, [engine.CooTensor(*part) for part in payload])
+
+
 def pull_layers(model: State, payload: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Whole layers, cast to the model's dtypes (checked against its names and shapes)."""
     with _needs_paramsel("A pull, applied to the model in this process,"):

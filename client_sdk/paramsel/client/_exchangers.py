@@ -201,7 +201,7 @@ class SparseCooParameterExchanger:
         mode = _pull_mode(self.pull_mode)
         values, (indices, shapes, names) = self.parameter_packer.unpack_parameters(parameters)
         with local_errors():
-            payload = []
+            parts = []
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True):
                 dense_shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
                 what = f"payload tensor '{name}'"
@@ -213,10 +213,18 @@ class SparseCooParameterExchanger:
                             f"{what}: indices of shape {coords.shape} do not fit a {len(dense_shape)}-d tensor"
                         )
                     coords = coords.reshape(-1, len(dense_shape))
-                flat = coo_to_flat(coords, dense_shape, what=what)
                 # The values are only read: no copy of them (the engine casts them if the dtype differs).
-                payload.append((name, dense_shape, read_only_tensor(v), torch.from_numpy(flat)))
-            _embedded.pull_sparse_into(model.state_dict(), payload, mode=mode)
+                parts.append((name, dense_shape, read_only_tensor(v), coords, what))
+            state = model.state_dict()
+            if mode == "replace" and _embedded.replace_coo_into(
+                state, [(name, shape, v, read_only_tensor(coords)) for name, shape, v, coords, _ in parts]
+            ):
+                return  # the usual case: one native pass, every coordinate checked first
+            payload = [
+                (name, shape, v, torch.from_numpy(coo_to_flat(coords, shape, what=what)))
+                for name, shape, v, coords, what in parts
+            ]
+            _embedded.pull_sparse_into(state, payload, mode=mode)
 
     def pack_parameters(self, model_weights: NDArrays, additional_parameters: SparseInfo) -> NDArrays:
         return self.parameter_packer.pack_parameters(model_weights, additional_parameters)

@@ -9,7 +9,15 @@ from .errors import EngineError, FailedPrecondition, InvalidArgument
 from .fedpm import sample_fedpm_masks
 from .layers import LayerResult, drift_norms, select_layers_by_percentage, select_layers_by_threshold
 from .per_coordinate import aggregate_per_coordinate
-from .pull import PullMode, pull_fedpm, pull_layers, pull_sparse, pull_sparse_into
+from .pull import (
+    CooTensor,
+    PullMode,
+    pull_fedpm,
+    pull_layers,
+    pull_sparse,
+    pull_sparse_into,
+    replace_coo_into,
+)
 from .random_k import PositionDraw, SparseUpdateResult, select_random_k
 from .rounding import round_float
 from .scores import ScoreFunction, score_tensors
@@ -19,6 +27,7 @@ from .updates import UpdateSelection, select_sparse_update
 
 __all__ = [
     "Contribution",
+    "CooTensor",
     "EngineError",
     "FailedPrecondition",
     "InvalidArgument",
@@ -41,6 +50,7 @@ __all__ = [
     "pull_layers",
     "pull_sparse",
     "pull_sparse_into",
+    "replace_coo_into",
     "round_float",
     "sample_fedpm_masks",
     "score_tensors",

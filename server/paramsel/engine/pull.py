@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -317,3 +318,95 @@ def pull_sparse_into(
                 base = {item.name: target.cpu()}
                 target.copy_(pull_sparse(specs, [general], mode=mode, base=base)[item.name])
     return [item.name for item in payload]
+
+
+try:
+    from . import _fastpull  # built from _fastpull.c when the distribution is installed
+except ImportError:  # installed without a C compiler: pulls run numpy's passes
+    _fastpull = None  # type: ignore[assignment]
+
+_NATIVE_DTYPES = frozenset(
+    {torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
+)
+"""The dtypes :func:`replace_coo_into` writes: the floats it adds 0 to in C (float32, float64) and the
+ones written as they are."""
+
+
+@dataclass(frozen=True)
+class CooTensor:
+    """A sparse tensor in FL4Health's layout: ``coords`` is (nnz, len(shape)) int64, a coordinate per row,
+    ``values`` the 1-D values in the same order."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: torch.Tensor
+    coords: torch.Tensor
+
+
+def replace_coo_into(targets: State, payload: Sequence[CooTensor]) -> bool:
+    """REPLACE's pull of FL4Health's coordinates straight into ``targets`` (the model's own tensors), by
+    the native module (:mod:`paramsel.engine._fastpull`): every tensor's coordinates are checked first
+    (each inside its axis, their flat row-major positions strictly increasing), then each tensor is
+    rebuilt a cache-sized span at a time (zeros, the values over them, floats plus 0 as densifying gives
+    them) and each span written once. True when the payload was written.
+
+    False, with nothing written, when the native module was not built or the payload is not its case:
+    names or shapes that do not match the model, values in another dtype than the model's, a dtype it
+    does not write (float16, bfloat16, complex), a tensor off the CPU or not contiguous, a coordinate
+    out of range, repeated or out of order positions. The caller then flattens the coordinates and calls
+    :func:`pull_sparse_into`, which handles or refuses each of those, with its own messages.
+
+    Why native: the same work in numpy is separate passes over the tensor and the (nnz, ndim) int64
+    coordinates (range check, flattening, order check, zeroing and scattering), each compute-bound on
+    strided columns; together they took 2.2 to 4.4 times a plain ``copy_`` of the tensors written
+    (BENCHMARKS.md, target 8), and no library does the checked conversion and scatter in one pass
+    (torch's sparse ``to_dense()``, FL4Health's pull, is slower still). The module's threads are
+    torch's own OpenMP threads (see _fastpull.c): a pool of ours had to share the cores with them while
+    they spin on after a torch operation.
+    """
+    if _fastpull is None:
+        return False
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in targets.items()]
+    try:
+        _specs_for(specs, [(item.name, tuple(item.shape)) for item in payload])
+    except InvalidArgument:
+        return False
+    writes = [_native_write(targets[item.name], item) for item in payload]
+    if any(write is None for write in writes):
+        return False
+    with torch.no_grad():
+        for write in writes:
+            assert write is not None
+            write()
+    return True
+
+
+def _native_write(target: torch.Tensor, item: CooTensor) -> Callable[[], None] | None:
+    """The write of ``item`` into ``target`` once its coordinates have been checked; None when the
+    native pass does not take it (see :func:`replace_coo_into`)."""
+    values, coords, shape = item.values.detach(), item.coords, tuple(int(d) for d in item.shape)
+    if (
+        target.device.type != "cpu"
+        or values.device.type != "cpu"
+        or coords.device.type != "cpu"
+        or not target.is_contiguous()
+        or target.dtype not in _NATIVE_DTYPES
+        or values.dtype != target.dtype
+        or values.dim() != 1
+        or coords.dtype != torch.int64
+        or coords.dim() != 2
+        or not shape
+        or coords.shape != (values.numel(), len(shape))
+    ):
+        return None
+    rows = np.ascontiguousarray(coords.numpy())
+    sent = np.ascontiguousarray(values.numpy())
+    if not _fastpull.check(rows, shape, torch.get_num_threads()):
+        return None
+    add_zero = target.dtype in (torch.float32, torch.float64)
+
+    def write() -> None:
+        dense = target.detach().view(-1).numpy()
+        _fastpull.write(dense, dense.itemsize, add_zero, rows, shape, sent, torch.get_num_threads())
+
+    return write
