@@ -147,9 +147,9 @@ def pull_sparse_into(targets: State, payload: SparseParts, *, mode: str) -> None
 
 
 def replace_coo_into(targets: State, payload: SparseParts) -> bool:
-    """A replace pull of FL4Health's (nnz, ndim) coordinates (the last of each part) in one native pass
-    per thread; False, with nothing written, when the engine's native module is not built or declines
-    (then flatten and call :func:`pull_sparse_into`)."""
+    """A replace pull of FL4Health's (nnz, ndim) coordinates (the last of each part) by the engine's
+    native module; False, with nothing written, when it is not built or declines (then flatten and call
+    :func:`pull_sparse_into`)."""
     with _needs_paramsel("A pull, applied to the model in this process,"):
         import paramsel.engine as engine
 

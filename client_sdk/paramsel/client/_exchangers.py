@@ -22,6 +22,7 @@ from paramsel.client._criteria import (
     select_scores_and_sample_masks,
 )
 from paramsel.client._errors import invalid_argument, local_errors
+from paramsel.client._memory import kept_memory
 from paramsel.client._packing import SparseInfo, pack_layers, pack_sparse, unpack_layers, unpack_sparse
 from paramsel.client._state import NDArrays, load_changed, read_only_tensor, state_of, to_numpy, to_tensor
 from paramsel.client._types import DriftPercentage, DriftThreshold, FedPm, ScoreFunction, TopK
@@ -200,7 +201,9 @@ class SparseCooParameterExchanger:
         """
         mode = _pull_mode(self.pull_mode)
         values, (indices, shapes, names) = self.parameter_packer.unpack_parameters(parameters)
-        with local_errors():
+        # Kept memory, as around every call of the SDK: the pull's temporaries (4 bytes per position)
+        # come from memory the last pull freed instead of pages faulted in afresh.
+        with local_errors(), kept_memory():
             parts = []
             for v, i, shape, name in zip(values, indices, shapes, names, strict=True):
                 dense_shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
@@ -219,7 +222,7 @@ class SparseCooParameterExchanger:
             if mode == "replace" and _embedded.replace_coo_into(
                 state, [(name, shape, v, read_only_tensor(coords)) for name, shape, v, coords, _ in parts]
             ):
-                return  # the usual case: one native pass, every coordinate checked first
+                return  # the usual case: native passes, every coordinate checked first
             payload = [
                 (name, shape, v, torch.from_numpy(coo_to_flat(coords, shape, what=what)))
                 for name, shape, v, coords, what in parts

@@ -345,10 +345,11 @@ class CooTensor:
 
 def replace_coo_into(targets: State, payload: Sequence[CooTensor]) -> bool:
     """REPLACE's pull of FL4Health's coordinates straight into ``targets`` (the model's own tensors), by
-    the native module (:mod:`paramsel.engine._fastpull`): every tensor's coordinates are checked first
-    (each inside its axis, their flat row-major positions strictly increasing), then each tensor is
-    rebuilt a cache-sized span at a time (zeros, the values over them, floats plus 0 as densifying gives
-    them) and each span written once. True when the payload was written.
+    the native module (:mod:`paramsel.engine._fastpull`): every tensor's coordinates are read once and
+    checked (each inside its axis, their flat row-major positions strictly increasing) into 4-byte flat
+    positions, then each tensor is written from those (zeros, the values over them, floats plus 0 as
+    densifying gives them), a cache-sized span at a time. A 0-d tensor gets its one value (or 0). True
+    when the payload was written.
 
     False, with nothing written, when the native module was not built or the payload is not its case:
     names or shapes that do not match the model, values in another dtype than the model's, a dtype it
@@ -395,18 +396,30 @@ def _native_write(target: torch.Tensor, item: CooTensor) -> Callable[[], None] |
         or values.dim() != 1
         or coords.dtype != torch.int64
         or coords.dim() != 2
-        or not shape
         or coords.shape != (values.numel(), len(shape))
     ):
         return None
+    add_zero = target.dtype in (torch.float32, torch.float64)
+    if not shape:  # a 0-d tensor (a BatchNorm's num_batches_tracked): its one value, or 0
+        if values.numel() > 1:
+            return None  # repeated: numpy's passes sum them
+
+        def write_scalar() -> None:
+            if values.numel() == 0:
+                target.zero_()
+            else:
+                target.copy_(values.reshape(()) + 0 if add_zero else values.reshape(()))
+
+        return write_scalar
     rows = np.ascontiguousarray(coords.numpy())
     sent = np.ascontiguousarray(values.numpy())
-    if not _fastpull.check(rows, shape, torch.get_num_threads()):
+    # The flat positions, 4 bytes each where they fit: the write reads them instead of the coordinates.
+    flats = np.empty(rows.shape[0], dtype=np.uint32 if target.numel() <= 1 << 32 else np.uint64)
+    if not _fastpull.flatten(rows, shape, flats, torch.get_num_threads()):
         return None
-    add_zero = target.dtype in (torch.float32, torch.float64)
 
     def write() -> None:
         dense = target.detach().view(-1).numpy()
-        _fastpull.write(dense, dense.itemsize, add_zero, rows, shape, sent, torch.get_num_threads())
+        _fastpull.write(dense, dense.itemsize, add_zero, flats, sent, torch.get_num_threads())
 
     return write
