@@ -4,6 +4,8 @@ results and against numpy's passes (pull_sparse_into), which serve every pull wh
 from __future__ import annotations
 
 import math
+import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -348,3 +350,29 @@ def test_replace_coo_into_a_0d_tensor_beside_others(dtype: torch.dtype) -> None:
     # Repeated: numpy's passes sum them.
     twice = CooTensor("n", (), torch.ones(2, dtype=dtype), torch.zeros((2, 0), dtype=torch.int64))
     _declined(targets, [twice])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_pulls_after_its_parent_ran_parallel_regions() -> None:
+    # GNU OpenMP is not fork-safe: a child using the parent's thread team waits forever. The child
+    # pulls on one thread instead; an alarm ends it (non-zero status) if it hangs all the same.
+    shape = (400, 1000)  # 400 000 elements: two threads' shares in the parent
+    rows, flat = _sorted_rows(40_000, shape, 5)
+    values = torch.ones(flat.size)
+    item = CooTensor("w", shape, values, torch.from_numpy(rows))
+    parent = {"w": torch.full(shape, 2.0)}
+    torch.ones(1_000_000).add_(1)  # a torch parallel region, as training leaves behind
+    assert replace_coo_into(parent, [item])
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's verdict is its exit status
+        # Nothing here runs a torch parallel region: the child's torch would wait forever as well.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler: end the child
+        signal.alarm(60)
+        child = {"w": torch.from_numpy(np.full(shape, 3.0, dtype=np.float32))}
+        done = (
+            replace_coo_into(child, [item]) and child["w"].numpy().tobytes() == parent["w"].numpy().tobytes()
+        )
+        os._exit(0 if done else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the child was ended by a signal (status {status}): it hung"
+    assert os.WEXITSTATUS(status) == 0, "the child's pull wrote other values than its parent's"

@@ -244,10 +244,22 @@ def _shared_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+_forked = False
+"""True in a process forked from the one that imported this module (see :func:`_native_threads`)."""
+
+
 def _forget_pool() -> None:
     """In a forked child: the parent's threads are not there, so a new pool is started when needed."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    global _pool, _pool_lock, _forked
+    _pool, _pool_lock, _forked = None, threading.Lock(), True
+
+
+def _native_threads() -> int:
+    """The threads the native module may use: torch's, but one in a forked child. GNU OpenMP, whose
+    threads the module shares with torch, is not fork-safe: a child whose parent has run a parallel
+    region waits forever in its first one (torch's own operations there do too, unless the child
+    sets one thread, as torch's DataLoader workers do); one thread never starts the team."""
+    return 1 if _forked else torch.get_num_threads()
 
 
 if hasattr(os, "register_at_fork"):
@@ -415,11 +427,11 @@ def _native_write(target: torch.Tensor, item: CooTensor) -> Callable[[], None] |
     sent = np.ascontiguousarray(values.numpy())
     # The flat positions, 4 bytes each where they fit: the write reads them instead of the coordinates.
     flats = np.empty(rows.shape[0], dtype=np.uint32 if target.numel() <= 1 << 32 else np.uint64)
-    if not _fastpull.flatten(rows, shape, flats, torch.get_num_threads()):
+    if not _fastpull.flatten(rows, shape, flats, _native_threads()):
         return None
 
     def write() -> None:
         dense = target.detach().view(-1).numpy()
-        _fastpull.write(dense, dense.itemsize, add_zero, flats, sent, torch.get_num_threads())
+        _fastpull.write(dense, dense.itemsize, add_zero, flats, sent, _native_threads())
 
     return write
