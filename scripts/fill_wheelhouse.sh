@@ -43,8 +43,13 @@ target+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platf
 quiet=(--quiet --disable-pip-version-check)
 
 # paramsel's own wheels only tell pip their requirements (the server's names paramsel-client, found
-# beside it); the image builds its own from the sources.
-"$py" -m pip wheel "${quiet[@]}" --no-deps --wheel-dir "$tmp/paramsel" ./client_sdk ./server
+# beside it); the image builds its own from the sources. The server's is built here without its C
+# module (a copy of the folder, its ext-modules table taken out): with it, the wheel is tagged for
+# this machine (linux_x86_64), which the manylinux platforms below refuse; the requirements are the same.
+cp -rL server "$tmp/server"
+find "$tmp/server" \( -name '*.so' -o -name build -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+sed -i '/^\[\[tool\.setuptools\.ext-modules\]\]/,/^optional = true/d' "$tmp/server/pyproject.toml"
+"$py" -m pip wheel "${quiet[@]}" --no-deps --wheel-dir "$tmp/paramsel" ./client_sdk "$tmp/server"
 paramsel_wheel=$(echo "$tmp"/paramsel/paramsel-*.whl)
 
 mkdir -p "$tmp/wheels"
