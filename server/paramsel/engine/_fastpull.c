@@ -118,6 +118,13 @@ static inline uint64_t flat_of(const uint64_t *row, const Shape *s, int *ok) {
 FLATTEN_2D(flatten_2d_u32, uint32_t)
 FLATTEN_2D(flatten_2d_u64, uint64_t)
 
+static inline void store_flat(char *out, int width, Py_ssize_t i, uint64_t flat) {
+    if (width == 4)
+        ((uint32_t *)out)[i] = (uint32_t)flat;
+    else
+        ((uint64_t *)out)[i] = flat;
+}
+
 /* flatten() of rows [first, last) (a thread's share), checked from row first - 1 on. */
 static int flatten_rows(const uint64_t *c, const Shape *s, Py_ssize_t first, Py_ssize_t last, char *out,
                         int width) {
@@ -126,10 +133,7 @@ static int flatten_rows(const uint64_t *c, const Shape *s, Py_ssize_t first, Py_
     Py_ssize_t i = first;
     uint64_t previous = flat_of(c + (first > 0 ? first - 1 : 0) * s->ndim, s, &ok);
     if (first == 0) {
-        if (width == 4)
-            ((uint32_t *)out)[0] = (uint32_t)previous;
-        else
-            ((uint64_t *)out)[0] = previous;
+        store_flat(out, width, 0, previous);
         i = 1;
     }
     if (s->ndim == 2) /* the common case, without the loop over axes */
@@ -138,10 +142,7 @@ static int flatten_rows(const uint64_t *c, const Shape *s, Py_ssize_t first, Py_
     for (; ok && i < last; i++) {
         const uint64_t flat = flat_of(c + i * s->ndim, s, &ok);
         ok &= flat > previous;
-        if (width == 4)
-            ((uint32_t *)out)[i] = (uint32_t)flat;
-        else
-            ((uint64_t *)out)[i] = flat;
+        store_flat(out, width, i, flat);
         previous = flat;
     }
     return ok;
